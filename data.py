@@ -1,0 +1,563 @@
+"""Datasets and audio I/O shared by cavp.py and tpavi.py (SPEC 1.1-1.3)."""
+import csv
+import math
+import os
+import re
+import struct
+import tempfile
+import wave
+
+import numpy as np
+import torch
+import torchaudio
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+
+class DataError(Exception):
+    """Bad input data; the message is one line naming the file and what to do."""
+
+    def __init__(self, msg):
+        # a DataLoader worker re-raises with the whole traceback as the message: keep our line
+        if "\nOriginal Traceback" in msg:
+            msg = msg.rstrip().rsplit("\n", 1)[-1].split("DataError: ", 1)[-1]
+        super().__init__(msg)
+
+
+# SPEC 1.1: index 0 = background, then the 21 VPO classes in ascending COCO category id
+# (the release uses 92/93/94 for male/female/baby, CAVP App. A).
+VPO_CLASSES = ["background", "car", "motorcycle", "airplane", "bus", "bird", "cat", "dog",
+               "horse", "sheep", "cow", "elephant", "zebra", "sports ball", "skateboard",
+               "tennis racket", "mouse", "keyboard", "cell phone", "male", "female", "baby"]
+VPO_COCO_IDS = [3, 4, 5, 6, 16, 17, 18, 19, 20, 21, 22, 24, 37, 41, 43, 74, 76, 77, 92, 93, 94]
+# CAVP Table 7: visual label -> VGGSound labels
+VPO_AUDIO_LABELS = {
+    "bird": ["mynah bird singing"],
+    "keyboard": ["typing on computer keyboard"],
+    "bus": ["driving buses"],
+    "cat": ["cat purring", "cat meowing", "cat caterwauling"],
+    "dog": ["dog growling", "dog bow-wow", "dog whimpering", "dog howling", "dog barking",
+            "dog baying"],
+    "horse": ["horse neighing", "horse clip-clop"],
+    "car": ["car passing by", "car engine idling", "car engine starting", "race car, auto racing",
+            "car engine knocking"],
+    "sports ball": ["shot football"],
+    "airplane": ["airplane", "airplane flyby"],
+    "sheep": ["sheep bleating"],
+    "cow": ["cow lowing"],
+    "motorcycle": ["driving motorcycle"],
+    "mouse": ["mouse clicking"],
+    "cell phone": ["cell phone buzzing"],
+    "elephant": ["elephant trumpeting"],
+    "zebra": ["zebra braying"],
+    "tennis racket": ["playing tennis"],
+    "skateboard": ["skateboarding"],
+    "male": ["male speech, man speaking", "male singing"],
+    "female": ["female speech, woman speaking"],
+    "baby": ["baby babbling", "baby crying", "baby laughter"],
+}
+AVSS_NUM_CLASSES = 71
+SAMPLE_RATE = 16000
+JITTER = 0.4  # train colour jitter: brightness / contrast / saturation factor in 1 +- 0.4
+SCALE = (0.5, 2.0)  # train random scale range
+
+
+# ---------------------------------------------------------------- WAV I/O (SPEC 1.3)
+def _decode_pcm(raw, width, channels, is_float, path):
+    if is_float and width in (4, 8):
+        x = np.frombuffer(raw, dtype="<f4" if width == 4 else "<f8").astype(np.float32)
+    elif width == 1:
+        x = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 2:
+        x = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
+    elif width == 3:
+        b = np.frombuffer(raw[:len(raw) // 3 * 3], dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        x = np.where(v >= 1 << 23, v - (1 << 24), v).astype(np.float32) / float(1 << 23)
+    elif width == 4:
+        x = (np.frombuffer(raw, dtype="<i4").astype(np.float64) / 2147483648.0).astype(np.float32)
+    else:
+        raise DataError(f"{path}: unsupported WAV sample width {8 * width} bit; "
+                        "convert it to 16-bit PCM")
+    n = len(x) // channels
+    return np.ascontiguousarray(x[:n * channels].reshape(n, channels).T)
+
+
+def _read_riff(path):
+    """Minimal RIFF reader for what `wave` (3.11) rejects: IEEE float and WAVE_FORMAT_EXTENSIBLE."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise DataError(f"{path}: not a RIFF/WAVE file; convert it to a 16-bit PCM .wav")
+    pos, fmt, raw = 12, None, None
+    while pos + 8 <= len(data):
+        cid, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
+        body = data[pos + 8:pos + 8 + size]
+        if cid == b"fmt ":
+            fmt = body
+        elif cid == b"data":
+            raw = body
+        pos += 8 + size + (size & 1)
+    if fmt is None or raw is None or len(fmt) < 16:
+        raise DataError(f"{path}: WAV without fmt/data chunk; re-encode it as 16-bit PCM .wav")
+    tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", fmt[:16])
+    if tag == 0xFFFE and len(fmt) >= 26:  # WAVE_FORMAT_EXTENSIBLE: sub-format GUID starts at 24
+        tag = struct.unpack("<H", fmt[24:26])[0]
+    if tag not in (1, 3) or channels < 1:
+        raise DataError(f"{path}: unsupported WAV format tag {tag}; convert it to 16-bit PCM .wav")
+    return _decode_pcm(raw, bits // 8, channels, tag == 3, path), rate
+
+
+def read_wav(path):
+    """Read a WAV file -> (float32 array (C, N) in [-1, 1], sample_rate)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: audio file not found; check --audio-root / --data-root")
+    try:
+        with wave.open(path, "rb") as w:
+            c, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
+            raw = w.readframes(n)
+    except (wave.Error, EOFError):
+        return _read_riff(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read WAV ({e}); re-encode it as 16-bit PCM .wav") from e
+    return _decode_pcm(raw, width, c, False, path), rate
+
+
+def write_wav(path, wave_, sample_rate=SAMPLE_RATE):
+    """Write (N,) or (C, N) float audio as 16-bit PCM, clipped to [-1, 1], atomically."""
+    x = np.asarray(wave_.detach().cpu() if torch.is_tensor(wave_) else wave_, dtype=np.float64)
+    x = x[None] if x.ndim == 1 else x
+    pcm = np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype("<i2").T.tobytes()
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".wav.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f, wave.open(f, "wb") as w:
+            w.setnchannels(x.shape[0])
+            w.setsampwidth(2)
+            w.setframerate(int(sample_rate))
+            w.writeframes(pcm)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def fit_length(x, n, centre=True):
+    """Crop the last axis to n samples around the middle (or from the start if not `centre`);
+    repeat-pad shorter signals (SPEC 1.3)."""
+    length = x.shape[-1]
+    if length < n:
+        x = x.repeat(*([1] * (x.dim() - 1)), -(-n // length))
+        return x[..., :n]
+    start = (length - n) // 2 if centre else 0
+    return x[..., start:start + n]
+
+
+def load_clip(path, sample_rate=SAMPLE_RATE, seconds=3.0, centre=True):
+    """Read a WAV, resample to `sample_rate`, `seconds` crop (centred) / repeat-pad -> (C, N)."""
+    x, rate = read_wav(path)
+    if x.shape[1] == 0:
+        raise DataError(f"{os.fspath(path)}: WAV has no samples; replace the file")
+    x = torch.from_numpy(x)
+    if rate != sample_rate:
+        x = torchaudio.functional.resample(x, rate, sample_rate)
+    return fit_length(x, int(round(seconds * sample_rate)), centre)
+
+
+class LogMel(torch.nn.Module):
+    """SPEC 1.3 front end: (B, C, N) waveform -> (B, C, frames, 64) scaled log-mel, per channel."""
+
+    def __init__(self, sample_rate=SAMPLE_RATE, frames=None):
+        super().__init__()
+        self.frames = frames
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=sample_rate, n_fft=512, win_length=400, hop_length=160, n_mels=64,
+            f_min=125.0, f_max=3800.0, power=2.0, window_fn=torch.hann_window)
+
+    def forward(self, wave_):
+        x = self.mel(wave_.float()).transpose(-1, -2)  # (B, C, frames, 64)
+        if self.frames is not None:
+            x = x[..., :self.frames, :]
+        return 20.0 * torch.log10(x.clamp_min(1e-5)) / 100.0  # 20*log10(max(x,1e-5))/100
+
+
+# ---------------------------------------------------------------- image helpers
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def _open_image(path, mode):
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert(mode) if mode else im.copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read image ({e}); re-download or replace the file") from e
+
+
+def read_image(path, size=None):
+    """RGB image -> float (3, H, W) in [0, 1]; optional bilinear resize to (size, size)."""
+    im = _open_image(path, "RGB")
+    if size is not None:
+        im = im.resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255.0
+
+
+def _resize_mask(arr, size):
+    return arr if size is None else np.asarray(Image.fromarray(arr).resize((size, size), Image.NEAREST))
+
+
+def normalize(img):
+    return (img - MEAN) / STD
+
+
+def _missing(paths, what, fix):
+    """Raise one DataError naming the first missing file (checked at construction time)."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"{missing[0]} not found{more}, listed in {what}; {fix}")
+
+
+def _read_csv(path, required, fix):
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found; {fix}")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = [{k: (v if isinstance(v, str) else "").strip() for k, v in r.items() if k is not None}
+                    for r in reader]
+            header = [h.strip() for h in reader.fieldnames or []]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read CSV ({e}); re-download it") from e
+    absent = [c for c in required if c not in header]
+    if absent:
+        raise DataError(f"{path}: missing column(s) {', '.join(absent)}; expected {', '.join(required)}")
+    return rows, header
+
+
+def _limit(items, limit):
+    return items if limit is None else items[:limit]
+
+
+# ---------------------------------------------------------------- VPO (SPEC 1.1)
+VPO_SUBSETS = {"ss": "VPO-SS", "ms": "VPO-MS", "msmi": "VPO-MSMI"}
+_VPO_LUT = np.full(256, -1, dtype=np.int64)
+_VPO_LUT[0], _VPO_LUT[255] = 0, 255
+_VPO_LUT[VPO_COCO_IDS] = np.arange(1, len(VPO_COCO_IDS) + 1)
+_VPO_SPLITS = {"train": "train", "val": "test", "test": "test"}  # the release's "val" is the test set
+_VPO_COLUMNS = ["cateName", "img_Id", "ann_Ids", "cateId", "vgg_file", "split", "audio_pos"]
+
+
+def coco_to_vpo(mask, path="mask"):
+    """Map COCO category ids (0 bg, 92/93/94 male/female/baby, 255 ignore) to 0..21 / 255."""
+    mask = np.asarray(mask)
+    bad = mask[(mask > 255) | (_VPO_LUT[np.clip(mask, 0, 255)] < 0)]
+    if bad.size:
+        raise DataError(f"{path}: mask value {int(bad.flat[0])} is not a VPO COCO class id "
+                        f"({VPO_COCO_IDS}, 0, 255); fix the mask or rebuild with vpo_make.py")
+    return _VPO_LUT[mask.astype(np.int64)]
+
+
+def _int_field(value, path, column):
+    ids = re.findall(r"-?\d+", str(value))
+    if not ids:
+        raise DataError(f"{path}: column {column} has no integer in {value!r}; fix the CSV row")
+    return int(ids[0])
+
+
+class VPODataset(torch.utils.data.Dataset):
+    """VPO-SS/MS/MSMI in the released layout (SPEC 1.1); see the API contract for the sample dict.
+
+    root holds VPO-SS/, VPO-MS/, VPO-MSMI/; audio_root (default root/audio) holds {vgg_file}.wav
+    (vgg_file may already end in .wav). SS: one sample per CSV row; MS/MSMI: one per image with
+    one CSV row per sound source. train=True: colour jitter, h-flip (mirrors the stereo),
+    scale 0.5-2.0 and a random `crop` (None: no crop); all randomness drawn from torch's RNG.
+    """
+
+    def __init__(self, root, subset, split, audio_root=None, stereo=True, train=False, crop=512,
+                 limit=None):
+        if subset not in VPO_SUBSETS:
+            raise DataError(f"unknown VPO subset {subset!r}; use one of {sorted(VPO_SUBSETS)}")
+        if split not in ("train", "val", "test"):
+            raise DataError(f"unknown VPO split {split!r}; use train or test")
+        root = os.fspath(root)
+        self.dir = os.path.join(root, VPO_SUBSETS[subset])
+        build = ("build the built-in VPO with `python vpo_make.py --synthetic --out data` "
+                 "or pass --data-root")
+        if not os.path.isdir(self.dir):
+            raise DataError(f"{self.dir} not found: {build}")
+        self.audio_root = os.fspath(audio_root) if audio_root is not None else os.path.join(root, "audio")
+        if not os.path.isdir(self.audio_root):
+            raise DataError(f"{self.audio_root} not found: pass --audio-root (folder of {{vgg_file}}.wav)")
+        self.subset, self.stereo, self.train, self.crop = subset, stereo, train, crop
+        self.csv = os.path.join(self.dir, f"vpo_{subset}_data_stereo.csv")
+        rows, _ = _read_csv(self.csv, _VPO_COLUMNS + (["multi_instance"] if subset == "msmi" else []),
+                            build)
+        bad = [r["split"] for r in rows if r["split"] not in _VPO_SPLITS]
+        if bad:
+            raise DataError(f"{self.csv}: split value {bad[0]!r} is not train/val/test; fix the CSV")
+        rows = [r for r in rows if _VPO_SPLITS[r["split"]] == _VPO_SPLITS[split]]
+        self.samples = _limit(self._group([self._parse(r) for r in rows]), limit)
+        if not self.samples:
+            raise DataError(f"{self.csv}: no rows with split {split!r}; check the CSV or --data-root")
+        _missing([p for s in self.samples for p in (s["image"], s["mask"])], self.csv,
+                 "re-download the VPO release or rebuild with vpo_make.py")
+        _missing([src[1] for s in self.samples for src in s["sources"]], self.csv,
+                 "pass --audio-root pointing at the VGGSound wav folder")
+
+    def _parse(self, r):
+        img = _int_field(r["img_Id"], self.csv, "img_Id")
+        cate = _int_field(r["cateId"], self.csv, "cateId")
+        if cate not in VPO_COCO_IDS:
+            raise DataError(f"{self.csv}: cateId {cate} (img_Id {img}) is not a VPO class id; fix the CSV")
+        try:
+            alpha = float(r["audio_pos"])
+        except ValueError:
+            alpha = math.nan
+        if not 0.0 <= alpha <= 1.0:
+            raise DataError(f"{self.csv}: audio_pos {r['audio_pos']!r} (img_Id {img}) is not in [0, 1]; "
+                            "fix the CSV")
+        vgg = r["vgg_file"]
+        wav = os.path.join(self.audio_root, vgg if vgg.lower().endswith(".wav") else vgg + ".wav")
+        return dict(cate_name=r["cateName"], img=img, ann=_int_field(r["ann_Ids"], self.csv, "ann_Ids"),
+                    cls=VPO_COCO_IDS.index(cate) + 1, wav=wav, alpha=alpha)
+
+    def _group(self, rows):
+        if self.subset == "ss":
+            return [dict(name=f"{r['img']:012d}_{r['ann']:012d}",
+                         image=os.path.join(self.dir, "data", r["cate_name"], f"{r['img']:012d}.jpg"),
+                         mask=os.path.join(self.dir, "mask", r["cate_name"],
+                                           f"{r['img']:012d}_{r['ann']:012d}.png"),
+                         sources=[(r["cls"], r["wav"], r["alpha"])]) for r in rows]
+        by_img = {}
+        for r in rows:
+            s = by_img.setdefault(r["img"], dict(
+                name=f"{r['img']:012d}", image=os.path.join(self.dir, "data", f"{r['img']:012d}.jpg"),
+                mask=os.path.join(self.dir, "mask", f"{r['img']:012d}.png"), sources=[]))
+            s["sources"].append((r["cls"], r["wav"], r["alpha"]))
+        return list(by_img.values())
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _mask(self, path):
+        arr = np.asarray(_open_image(path, None))
+        if arr.ndim != 2:
+            raise DataError(f"{path}: mask must be a single-channel PNG of COCO ids, got shape {arr.shape}")
+        return torch.from_numpy(coco_to_vpo(arr, path).astype(np.uint8))
+
+    def _augment(self, img, mask):
+        """Joint train augmentation; returns (image, mask, flipped)."""
+        for adjust in (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation):
+            img = adjust(img, float(torch.empty(1).uniform_(1 - JITTER, 1 + JITTER)))
+        flip = bool(torch.rand(1) < 0.5)
+        if flip:
+            img, mask = img.flip(-1), mask.flip(-1)
+        s = float(torch.empty(1).uniform_(SCALE[0], SCALE[1]))
+        size = [max(1, round(img.shape[-2] * s)), max(1, round(img.shape[-1] * s))]
+        img = TF.resize(img, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        mask = TF.resize(mask[None], size, interpolation=TF.InterpolationMode.NEAREST)[0]
+        img = normalize(img.clamp(0, 1))
+        if self.crop is not None:
+            img, mask = random_crop(img, mask, self.crop)
+        return img, mask, flip
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        img = read_image(s["image"])
+        mask = self._mask(s["mask"])
+        if mask.shape != img.shape[1:]:
+            raise DataError(f"{s['mask']}: mask size {tuple(mask.shape)} != image size "
+                            f"{tuple(img.shape[1:])} of {s['image']}")
+        if self.train:
+            img, mask, flip = self._augment(img, mask)
+        else:
+            img, flip = normalize(img), False
+        alphas = [1.0 - a if flip else a for _, _, a in s["sources"]]  # SPEC 1.1: flip -> 1 - alpha
+        wave_, audio_classes = 0.0, torch.zeros(len(VPO_CLASSES))
+        for (cls, wav, _), a in zip(s["sources"], alphas):
+            w = load_clip(wav).mean(0, keepdim=True)
+            # SPEC 1.1: L = (1 - alpha) * w, R = alpha * w, sources panned one by one then summed
+            wave_ = wave_ + (torch.cat([(1 - a) * w, a * w]) if self.stereo else w)
+            audio_classes[cls] = 1.0
+        mask = mask.long()
+        image_classes = torch.zeros(len(VPO_CLASSES))
+        present = mask.unique()
+        image_classes[present[(present > 0) & (present < len(VPO_CLASSES))]] = 1.0
+        audio_pos = torch.tensor(alphas[0] if len(alphas) == 1 else -1.0)
+        return dict(image=img, mask=mask, wave=wave_, audio_classes=audio_classes,
+                    image_classes=image_classes, audio_pos=audio_pos, name=s["name"])
+
+
+def random_crop(img, mask, crop):
+    """Pad (image 0 == mean after normalisation, mask 255) up to `crop`, then a random crop x crop."""
+    h, w = img.shape[-2:]
+    ph, pw = max(crop - h, 0), max(crop - w, 0)
+    if ph or pw:
+        img = torch.nn.functional.pad(img, (0, pw, 0, ph), value=0.0)
+        mask = torch.nn.functional.pad(mask, (0, pw, 0, ph), value=255)
+    h, w = img.shape[-2:]
+    y = int(torch.randint(0, h - crop + 1, (1,)))
+    x = int(torch.randint(0, w - crop + 1, (1,)))
+    return img[..., y:y + crop, x:x + crop], mask[..., y:y + crop, x:x + crop]
+
+
+def pad_collate(batch):
+    """Stack sample dicts, padding every tensor to the largest shape in the batch.
+
+    Fill: 255 for `mask`, 0 otherwise (image 0 == ImageNet mean after normalisation; AVSBench
+    clips of different length get silent audio / invalid frames). Strings -> list.
+    """
+    out = {}
+    for key in batch[0]:
+        vals = [b[key] for b in batch]
+        if not torch.is_tensor(vals[0]):
+            out[key] = vals
+            continue
+        shape = [max(v.shape[d] for v in vals) for d in range(vals[0].dim())]
+        padded = vals[0].new_full((len(vals), *shape), 255 if key == "mask" else 0)
+        for j, v in enumerate(vals):
+            padded[(j, *[slice(0, n) for n in v.shape])] = v
+        out[key] = padded
+    return out
+
+
+# ---------------------------------------------------------------- AVSBench (SPEC 1.2)
+def avss_palette(num_classes=AVSS_NUM_CLASSES):
+    """(71, 3) uint8 colours of the released AVSS label2idx.json order: the bits of class j are
+    spread over R, G, B (bit 0 -> R, 1 -> G, 2 -> B), filled from the most significant bit down."""
+    pal = np.zeros((num_classes, 3), dtype=np.int64)
+    for j in range(num_classes):
+        lab, shift = j, 7
+        while lab > 0:
+            for c in range(3):
+                pal[j, c] |= ((lab >> c) & 1) << shift
+            lab, shift = lab >> 3, shift - 1
+    return pal.astype(np.uint8)
+
+
+_AVSS_CODES = {int(r) << 16 | int(g) << 8 | int(b): j for j, (r, g, b) in enumerate(avss_palette())}
+
+
+def decode_avss(rgb, path="mask"):
+    """Colour mask (H, W, 3) -> class ids (H, W) in 0..70; an unknown colour raises DataError."""
+    rgb = np.asarray(rgb).astype(np.int64)
+    codes = rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]
+    uniq, inv = np.unique(codes, return_inverse=True)
+    lut = np.array([_AVSS_CODES.get(int(c), -1) for c in uniq])
+    if (lut < 0).any():
+        c = int(uniq[lut < 0][0])
+        raise DataError(f"{path}: colour {(c >> 16, c >> 8 & 255, c & 255)} is not in the AVSS "
+                        "71-class palette; replace the mask with the released labels_rgb PNG")
+    return lut[inv.reshape(codes.shape)].astype(np.uint8)
+
+
+def binary_mask(im):
+    """AVSBench-Objects gt PNG (grey, palette or RGB) -> uint8 {0,1}: foreground = any channel > 0."""
+    arr = np.asarray(im.convert("RGB") if im.mode == "P" else im)
+    return ((arr[..., :3].max(-1) if arr.ndim == 3 else arr) > 0).astype(np.uint8)
+
+
+_AVS_TASKS = {  # task -> (release folder, CSV, data folder)
+    "s4": ("Single-source", "s4_meta_data.csv", "s4_data"),
+    "ms3": ("Multi-sources", "ms3_meta_data.csv", "ms3_data"),
+    "avss": ("AVSBench-semantic", "metadata.csv", ""),
+}
+_AVSS_FRAMES = {"v1s": 5, "v1m": 5, "v2": 10}
+
+
+class AVSBenchDataset(torch.utils.data.Dataset):
+    """AVSBench-Objects S4/MS3 and AVSBench-Semantics in their released layouts (SPEC 1.2).
+
+    root: the folder with the task CSV, or its parent holding Single-source/, Multi-sources/
+    or AVSBench-semantic/. Every clip is returned with T = `frames` frames (default 5 for
+    s4/ms3, 10 for avss): shorter clips (AVSS v1, 5 frames) are padded with zero images
+    (== mean), 255 masks and silent audio, longer ones truncated; `valid` (T,) bool marks real
+    frames, so all samples batch with pad_collate. Masks: s4/ms3 binary {0,1}, avss 0..70
+    (colour PNG decoded with the release palette); unlabelled frames (S4 train frames 2..5,
+    AVSS v1s train frames 1..4) are 255. size: frames resized to size x size (masks nearest),
+    None keeps the original size. Audio: 1 s per frame from the clip start at 16 kHz,
+    wave (C, T*16000), mono (channels averaged) unless stereo=True (then 2 channels).
+    """
+
+    def __init__(self, root, task, split, size=224, stereo=False, limit=None, frames=None):
+        if task not in _AVS_TASKS:
+            raise DataError(f"unknown AVSBench task {task!r}; use one of {sorted(_AVS_TASKS)}")
+        if split not in ("train", "val", "test"):
+            raise DataError(f"unknown AVSBench split {split!r}; use train, val or test")
+        folder, csv_name, data = _AVS_TASKS[task]
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise DataError(f"{root} not found: download AVSBench and pass --data-root")
+        self.dir = root if os.path.isfile(os.path.join(root, csv_name)) else os.path.join(root, folder)
+        self.csv = os.path.join(self.dir, csv_name)
+        self.task, self.split, self.size, self.stereo = task, split, size, stereo
+        self.frames = frames or (10 if task == "avss" else 5)
+        rows, header = _read_csv(self.csv, ["uid", "label", "split"] if task == "avss" else ["split"],
+                                 f"download AVSBench ({folder}/{csv_name}) and pass --data-root")
+        if task == "s4" and len(header) < 3:
+            raise DataError(f"{self.csv}: expected name, start, category, split columns")
+        base = os.path.join(self.dir, data)
+        self.samples = _limit([self._clip(base, r, header) for r in rows
+                               if r["split"] == split], limit)
+        if not self.samples:
+            raise DataError(f"{self.csv}: no clips with split {split!r}; check the CSV or --data-root")
+        _missing([p for s in self.samples for p in s["frames"] + [m for m in s["masks"] if m] + [s["wav"]]],
+                 self.csv, "re-download AVSBench or fix --data-root")
+
+    def _clip(self, base, r, header):
+        name = r[header[0]]
+        if self.task == "avss":
+            name, label = r["uid"], r["label"]
+            if label not in _AVSS_FRAMES:
+                raise DataError(f"{self.csv}: label {label!r} of {name} not in v1s/v1m/v2; fix the CSV")
+            n = min(_AVSS_FRAMES[label], self.frames)
+            clip = os.path.join(self.dir, label, name)
+            frames = [os.path.join(clip, "frames", f"{i}.jpg") for i in range(n)]
+            masks = [os.path.join(clip, "labels_rgb", f"{i}.png") for i in range(n)]
+            wav, semi = os.path.join(clip, "audio.wav"), label == "v1s"
+        else:  # S4 folders add split/category levels to visual_frames and category to the rest
+            s4, n = self.task == "s4", min(5, self.frames)
+            cat = (r[header[2]],) if s4 else ()
+            frame_dir = os.path.join(base, "visual_frames", *((self.split, *cat) if s4 else ()), name)
+            frame_name = "{}_{}.png" if s4 else "{}.mp4_{}.png"
+            frames = [os.path.join(frame_dir, frame_name.format(name, i)) for i in range(1, n + 1)]
+            masks = [os.path.join(base, "gt_masks", self.split, *cat, name, f"{name}_{i}.png")
+                     for i in range(1, n + 1)]
+            wav, semi = os.path.join(base, "audio_wav", self.split, *cat, f"{name}.wav"), s4
+        if semi and self.split == "train":  # semi-supervised: only the first frame is labelled
+            masks = masks[:1] + [None] * (n - 1)
+        return dict(name=name, frames=frames, masks=masks, wav=wav)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _label(self, path):
+        im = _open_image(path, None)
+        if self.task == "avss":
+            return decode_avss(np.asarray(im.convert("RGB")), path)
+        return binary_mask(im)
+
+    def __getitem__(self, i):
+        s, t = self.samples[i], self.frames
+        imgs = [normalize(read_image(p, self.size)) for p in s["frames"]]
+        h, w = imgs[0].shape[1:]
+        masks = [torch.from_numpy(_resize_mask(self._label(m), self.size).copy()) if m
+                 else torch.full((h, w), 255, dtype=torch.uint8) for m in s["masks"]]
+        n = len(imgs)
+        image = torch.zeros(t, 3, h, w)
+        mask = torch.full((t, h, w), 255, dtype=torch.long)
+        try:
+            image[:n], mask[:n] = torch.stack(imgs), torch.stack(masks).long()
+        except RuntimeError as e:
+            raise DataError(f"{s['frames'][0]}: frames/masks of clip {s['name']} differ in size ({e}); "
+                            "pass size=224") from e
+        x = load_clip(s["wav"], seconds=n, centre=False)
+        x = (x[:2] if x.shape[0] >= 2 else x.repeat(2, 1)) if self.stereo else x.mean(0, keepdim=True)
+        wave_ = torch.zeros(x.shape[0], t * SAMPLE_RATE)
+        wave_[:, :x.shape[1]] = x
+        valid = torch.arange(t) < n
+        return dict(image=image, mask=mask, wave=wave_, valid=valid, name=s["name"])

@@ -1,0 +1,133 @@
+"""cavp.py end to end on the tiny built-in VPO: shapes, attention, training runs, resume, DDP, errors."""
+import json
+import math
+import os
+import subprocess
+import sys
+from argparse import Namespace
+
+import pytest
+import torch
+
+import cavp
+import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+
+
+def run(*argv, check=True, torchrun=False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
+        else [sys.executable]
+    proc = subprocess.run(cmd + [os.path.join(ROOT, "cavp.py"), *map(str, argv)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def quick(tiny_vpo, out, *extra):
+    return ["--data", "vpo_msmi", "--data-root", tiny_vpo, "--out", out, "--workers", "0", "--batch-size", "4",
+            "--limit", "8", "--log-every", "1", *extra]
+
+
+@pytest.mark.parametrize("fusion,attn,mono", [("ca", "sigmoid", False), ("ca", "softmax", True),
+                                              ("ca", "minmax", False), ("tpavi", "sigmoid", False)])
+def test_shapes(fusion, attn, mono):
+    args = Namespace(backbone="resnet18", pretrained="none", output_stride=8, fusion=fusion, attn=attn, heads=4,
+                     mono=mono)
+    model = cavp.CAVPModel(args, num_classes=22).eval()
+    image, mel = torch.randn(2, 3, 64, 48), torch.randn(4, 1 if mono else 2, 300, 64)
+    with torch.no_grad():
+        logits, z, attn_map = model(image, mel)
+    assert logits.shape == (4, 22, 64, 48)
+    assert z.shape == (4, 304, 16, 12)
+    assert attn_map.shape == (4, 16, 12)
+    # the first and second halves share the image features but not the audio
+    assert not torch.allclose(logits[:2], logits[2:])
+
+
+def test_attention_activations():
+    s = torch.randn(2, 4, 30, 1) * 3
+    for name, check in [("sigmoid", lambda a: torch.allclose(a, torch.sigmoid(s))),
+                        ("softmax", lambda a: torch.allclose(a.sum(2), torch.ones(2, 4, 1))),
+                        ("minmax", lambda a: torch.allclose(a.amin(2), torch.zeros(2, 4, 1)) and
+                         torch.allclose(a.amax(2), torch.ones(2, 4, 1), atol=1e-5))]:
+        block = cavp.CrossAttention(8, 4, name)
+        assert check(block.activation(s)), name
+
+
+def test_flip_keeps_stereo_side(tiny_vpo):
+    """Through the training augmentation, a single source's stereo side matches its mask's side."""
+    ds = data.VPODataset(tiny_vpo, "msmi", "train", train=True, crop=None)
+    torch.manual_seed(0)
+    checked = 0
+    for _ in range(3):
+        for i in range(len(ds)):
+            s = ds[i]
+            if s["audio_pos"] < 0 or abs(float(s["audio_pos"]) - 0.5) < 0.15:
+                continue
+            ys, xs = torch.nonzero((s["mask"] > 0) & (s["mask"] != 255), as_tuple=True)
+            com = xs.float().mean() / s["mask"].shape[1]
+            left, right = s["wave"].abs().sum(1)
+            assert (com < 0.5) == bool(left > right), (i, float(com), float(left), float(right))
+            assert abs(float(s["audio_pos"]) - float(com)) < 0.15
+            checked += 1
+    assert checked >= 4
+
+
+def test_train_eval_stereo_and_mono(tiny_vpo, tmp_path):
+    for mono in (False, True):
+        out = tmp_path / f"run{int(mono)}"
+        proc = run(*quick(tiny_vpo, out, "--epochs", "1", "--max-iters", "2", "--overlays", "2",
+                          *(["--mono"] if mono else [])))
+        assert "img/s" in proc.stdout and "eta" in proc.stdout
+        assert "mIoU" in proc.stdout and "background" in proc.stdout  # per-class table
+        for name in ("last.pt", "best.pt", "metrics.json", "log.txt"):
+            assert (out / name).is_file(), name
+        assert len(list((out / "overlays").glob("*.png"))) == 2
+        m = json.loads((out / "metrics.json").read_text())
+        for key in ("miou", "mean_fbeta", "mean_fdr"):
+            assert math.isfinite(m["final"][key])
+        assert m["final"]["miou"] == m["best"]["miou"]
+        ckpt = torch.load(out / "last.pt", weights_only=False)
+        assert ckpt["iteration"] == 2 and ckpt["args"]["mono"] == mono
+    proc = run("--data", "vpo_msmi", "--data-root", tiny_vpo, "--eval-only", "--ckpt", out / "best.pt",
+               "--out", tmp_path / "ev", "--workers", "0", "--limit", "4")
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["eval"]["miou"] >= 0
+
+
+def test_resume_is_exact(tiny_vpo, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(*quick(tiny_vpo, straight, "--epochs", "2", "--eval-every", "2"))
+    run(*quick(tiny_vpo, split, "--epochs", "2", "--eval-every", "2", "--max-iters", "2"))
+    assert torch.load(split / "last.pt", weights_only=False)["iteration"] == 2
+    run(*quick(tiny_vpo, split, "--epochs", "2", "--eval-every", "2", "--resume", split / "last.pt"))
+    a = torch.load(straight / "last.pt", weights_only=False)
+    b = torch.load(split / "last.pt", weights_only=False)
+    assert a["iteration"] == b["iteration"] == 4
+    for k, v in a["model"].items():
+        assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-6), k
+    assert torch.equal(a["bank"]["count"], b["bank"]["count"])
+
+
+def test_ddp_gloo_one_step(tiny_vpo, tmp_path):
+    out = tmp_path / "ddp"
+    proc = run(*quick(tiny_vpo, out, "--epochs", "1", "--max-iters", "1"), torchrun=True)
+    assert (out / "last.pt").is_file()
+    assert "SyncBatchNorm needs CUDA" in proc.stdout
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--data-root", "/nonexistent/vpo"], "/nonexistent/vpo"),
+    (["--pos-share", "2"], "--pos-share"),
+    (["--eval-only"], "--ckpt"),
+    (["--data", "vpo_xx"], "--data"),
+    (["--resume", "/nonexistent/last.pt"], "/nonexistent/last.pt"),
+])
+def test_clear_errors(tiny_vpo, tmp_path, argv, needle):
+    base = ["--data-root", tiny_vpo, "--out", tmp_path / "e", "--workers", "0"]
+    proc = run(*base, *argv, check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert needle in proc.stderr.strip().splitlines()[-1]
