@@ -293,17 +293,25 @@ class CAVPModel(nn.Module):
             nn.Conv2d(256, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
             nn.Conv2d(256, num_classes, 1))
 
-    def forward(self, image, mel):
-        """image (B,3,H,W); mel (A,C,T,F) with A a multiple of B: the image features are computed once
-        and fused with every audio in turn (Eq. 1 re-pairs). Returns logits (A,K,H,W), fused
-        features z (A,D,h,w) and attention maps (A,h,w)."""
+    def forward(self, image, mel, perm=None, extra_idx=None):
+        """image (B,3,H,W), mel (B+k,C,T,F): the B paired clips, then k memory-bank clips.
+
+        Without perm: logits (B,K,H,W), fused features z (B,D,h,w), attention maps (B,h,w).
+        With perm (Eq. 1): image i is also fused with audio perm[i], or with bank clip m when
+        extra_idx[m] == i; z and the attention maps then hold the B pairs followed by the B
+        re-pairs. Image features and the B audio embeddings are computed once and reused; the
+        classifier runs on the original pairs only, the only ones with a CE term (Eq. 5).
+        """
         feat = self.visual(image)
         b, d, h, w = feat.shape
-        reps = mel.shape[0] // b
-        tokens = feat.flatten(2).transpose(1, 2).repeat(reps, 1, 1)
-        z, attn = self.fusion(tokens, self.audio(mel))
+        tokens = feat.flatten(2).transpose(1, 2)
+        u_a = self.audio(mel)
+        if perm is not None:
+            repaired = u_a[perm].index_copy(0, extra_idx, u_a[b:])
+            u_a, tokens = torch.cat([u_a[:b], repaired]), tokens.repeat(2, 1, 1)
+        z, attn = self.fusion(tokens, u_a)
         z = z.transpose(1, 2).reshape(-1, d, h, w)
-        logits = F.interpolate(self.classifier(z), size=image.shape[2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(self.classifier(z[:b]), size=image.shape[2:], mode="bilinear", align_corners=False)
         return logits, z, attn.reshape(-1, h, w)
 
 
@@ -332,16 +340,18 @@ class WaveBank:
 
 
 def repair(batch, bank, pos_share, use_bank):
-    """Eq. (1): B random audio re-pairings of the B images. A share of the mismatched re-pairs of
-    single-source images gets a bank waveform of the image's own class, panned at the image's
-    object position (App. B). Returns the re-paired waves, audio classes and the match flags.
+    """Eq. (1): image i is re-paired with the audio of image perm[i]. A share of the mismatched
+    re-pairs of single-source images instead gets a bank waveform of the image's own class, panned
+    at the image's object position (App. B). Returns perm, the bank clips (k,C,N) and the k
+    re-pairs they go to, the re-paired audio classes and the match flags (audio set == image's).
 
     The released stereo trainer computes this replacement and then discards it; here it is used.
     """
     wave, t, pos = batch["wave"], batch["audio_classes"], batch["audio_pos"]
     perm = torch.randperm(wave.shape[0], device=wave.device)
-    wave2, t2 = wave[perm].clone(), t[perm].clone()
+    t2 = t[perm].clone()
     match = (t2 == t).all(1)
+    extra, idx = [], []
     if use_bank:
         for i in torch.nonzero(~match).flatten().tolist():
             if pos[i] < 0 or torch.rand(()) >= pos_share:
@@ -349,9 +359,11 @@ def repair(batch, bank, pos_share, use_bank):
             w = bank.draw(int(t[i].argmax()))
             if w is None:
                 continue
-            wave2[i] = torch.stack([(1 - pos[i]) * w, pos[i] * w]) if wave.shape[1] == 2 else w[None]
+            extra.append(torch.stack([(1 - pos[i]) * w, pos[i] * w]) if wave.shape[1] == 2 else w[None])
+            idx.append(i)
             t2[i], match[i] = t[i], True
-    return wave2, t2, match
+    extra = torch.stack(extra) if extra else wave.new_zeros(0, *wave.shape[1:])
+    return perm, extra, torch.tensor(idx, dtype=torch.long, device=wave.device), t2, match
 
 
 def anchor_sets(y, t, match):
@@ -637,14 +649,14 @@ def main(args):
         for batch in train_loader:
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             image, mask, b = batch["image"], batch["mask"], batch["image"].shape[0]
-            waves = batch["wave"]
+            waves, perm, idx = batch["wave"], None, None
             if args.contrast != "none":
                 bank.push(batch["wave"], batch["audio_classes"], batch["audio_pos"])
-                wave2, t2, match2 = repair(batch, bank, args.pos_share, use_bank=epoch >= 1)  # Eq. (1)
-                waves = torch.cat([waves, wave2])
+                perm, extra, idx, t2, match2 = repair(batch, bank, args.pos_share, use_bank=epoch >= 1)  # Eq. (1)
+                waves = torch.cat([waves, extra])
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits, z, _ = net(image, mel_fn(waves))
-                loss_ce = ce(logits[:b].float(), mask)  # Eq. (5), CE on the original pairs
+                logits, z, _ = net(image, mel_fn(waves), perm, idx)
+                loss_ce = ce(logits.float(), mask)  # Eq. (5), CE on the original pairs
             loss_cp = torch.zeros((), device=device)
             if args.contrast != "none":
                 t = torch.cat([batch["audio_classes"], t2])

@@ -37,14 +37,17 @@ def test_shapes(fusion, attn, mono):
     args = Namespace(backbone="resnet18", pretrained="none", output_stride=8, fusion=fusion, attn=attn, heads=4,
                      mono=mono)
     model = cavp.CAVPModel(args, num_classes=22).eval()
-    image, mel = torch.randn(2, 3, 64, 48), torch.randn(4, 1 if mono else 2, 300, 64)
+    image, mel = torch.randn(2, 3, 64, 48), torch.randn(3, 1 if mono else 2, 300, 64)
     with torch.no_grad():
-        logits, z, attn_map = model(image, mel)
-    assert logits.shape == (4, 22, 64, 48)
-    assert z.shape == (4, 304, 16, 12)
-    assert attn_map.shape == (4, 16, 12)
-    # the first and second halves share the image features but not the audio
-    assert not torch.allclose(logits[:2], logits[2:])
+        logits, z, attn_map = model(image, mel[:2])
+        assert logits.shape == (2, 22, 64, 48) and z.shape == (2, 304, 16, 12) and attn_map.shape == (2, 16, 12)
+        # Eq. (1) re-pairs: image 0 with audio 1, image 1 with the bank clip mel[2]
+        logits2, z2, attn2 = model(image, mel, torch.tensor([1, 0]), torch.tensor([1]))
+        assert logits2.shape == (2, 22, 64, 48) and z2.shape == (4, 304, 16, 12) and attn2.shape == (4, 16, 12)
+        torch.testing.assert_close(z2[:2], z, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(z2[2:3], model(image[:1], mel[1:2])[1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(z2[3:4], model(image[1:], mel[2:3])[1], atol=1e-4, rtol=1e-4)
+        assert (z2[2] - z[0]).abs().max() > 0  # the audio matters
 
 
 def test_attention_activations():

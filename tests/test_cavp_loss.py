@@ -343,6 +343,13 @@ def source_of(wave2_i, wave):
     return hits[0] if hits else None
 
 
+def repaired_waves(batch, perm, extra, idx):
+    """The B re-paired waveforms that cavp.repair describes: the batch permuted, bank clips at idx."""
+    wave2 = batch["wave"][perm].clone()
+    wave2[idx] = extra
+    return wave2
+
+
 def filled_bank(channels=2):
     """A bank holding 3 clips each of classes 1, 2, 3, pushed as stereo single-source samples."""
     bank = cavp.WaveBank(K, 3, L, "cpu")
@@ -379,7 +386,8 @@ def test_repair_match_rule_without_replacement(use_bank, pos_share):
     n_mismatch = n_match_other = 0
     for seed in range(30):
         torch.manual_seed(seed)
-        wave2, t2, match = cavp.repair(batch, bank, pos_share, use_bank=use_bank)
+        perm, extra, idx, t2, match = cavp.repair(batch, bank, pos_share, use_bank=use_bank)
+        wave2 = repaired_waves(batch, perm, extra, idx)
         srcs = [source_of(wave2[i], batch["wave"]) for i in range(len(POS))]
         assert None not in srcs, "a waveform was replaced"
         assert sorted(srcs) == list(range(len(POS)))  # a permutation of the batch's audio
@@ -399,7 +407,8 @@ def test_repair_bank_replacement(channels):
     replaced = 0
     for seed in range(30):
         torch.manual_seed(seed)
-        wave2, t2, match = cavp.repair(batch, bank, 1.0, use_bank=True)
+        perm, extra, idx, t2, match = cavp.repair(batch, bank, 1.0, use_bank=True)
+        wave2 = repaired_waves(batch, perm, extra, idx)
         for i, a in enumerate(POS):
             own = batch["audio_classes"][i]
             j = source_of(wave2[i], batch["wave"])
