@@ -54,7 +54,8 @@ def parse_args(argv=None):
     a("--pretrained", default=None,
       help="'imagenet' (torchvision weights API), 'none', or a local .pth state dict "
            "(default: imagenet; built-in VPO: none)")
-    a("--output-stride", type=int, default=8, choices=[8, 16], help="DeepLabV3+ output stride (released code: 8)")
+    a("--output-stride", type=int, default=None, choices=[8, 16],
+      help="DeepLabV3+ output stride (default: 8 as the released code; built-in VPO: 16)")
     a("--fusion", default="ca", choices=["ca", "tpavi"],
       help="f_CA with visual query (Sec. 4.1) or the TPAVI-like audio-query fusion (Table 5 row 1)")
     a("--attn", default="sigmoid", choices=["sigmoid", "softmax", "minmax"],
@@ -102,8 +103,8 @@ def parse_args(argv=None):
     return args
 
 
-PAPER = dict(backbone="resnet50", pretrained="imagenet", crop=512, lr=1e-3)
-BUILTIN = dict(backbone="resnet18", pretrained="none", crop=None, lr=1e-2)  # crop: the built-in image size
+PAPER = dict(backbone="resnet50", pretrained="imagenet", output_stride=8, crop=512, lr=1e-3)
+BUILTIN = dict(backbone="resnet18", pretrained="none", output_stride=16, crop=None, lr=1e-2)  # crop: image size
 ARCH_KEYS = ("backbone", "output_stride", "fusion", "attn", "heads", "mono")
 
 
@@ -573,7 +574,7 @@ def main(args):
     test_loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(test_set, range(rank, len(test_set), world)),  # exact shards, no padding
         batch_size=args.eval_batch_size, num_workers=args.workers, collate_fn=data.pad_collate,
-        generator=torch.Generator())  # own RNG: evaluating must not shift the training RNG stream
+        generator=torch.Generator(), persistent_workers=args.workers > 0)  # own RNG: eval keeps the train stream
     num_classes = len(data.VPO_CLASSES)
     mel_fn = data.LogMel(frames=300).to(device)  # SPEC 1.3: 3 s -> 300 frames x 64 mel bins
 
@@ -603,7 +604,8 @@ def main(args):
     gen = torch.Generator()
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=per_rank, shuffle=sampler is None, sampler=sampler, generator=gen,
-        num_workers=args.workers, collate_fn=data.pad_collate, drop_last=True, pin_memory=use_cuda)
+        num_workers=args.workers, collate_fn=data.pad_collate, drop_last=True, pin_memory=use_cuda,
+        persistent_workers=args.workers > 0)  # workers outlive epochs; bit-exact --resume needs --workers 0
     iters_per_epoch = len(train_loader)
     if iters_per_epoch == 0:
         raise data.DataError(f"{args.data} train split has {len(train_set)} samples, fewer than "
@@ -640,6 +642,7 @@ def main(args):
     ce = nn.CrossEntropyLoss(ignore_index=255)
     start_iter = iteration
     t0, window_t, window_n = time.time(), time.time(), 0
+    step_end, train_s = time.time(), 0.0  # training time without evaluation and the first (warm-up) step
     res = None
     stop = False
     for epoch in range(start_epoch, args.epochs):
@@ -670,6 +673,8 @@ def main(args):
             scheduler.step()
             iteration += 1
             window_n += b * world
+            train_s += (time.time() - step_end) if iteration > start_iter + 1 else 0.0
+            step_end = time.time()
             if main_rank and iteration % args.log_every == 0:
                 now = time.time()
                 eta = (now - t0) / (iteration - start_iter) * (total_iters - iteration)
@@ -684,6 +689,7 @@ def main(args):
         last = stop or epoch + 1 == args.epochs
         if (epoch + 1) % args.eval_every == 0 or last:
             res = evaluate(model, test_loader, mel_fn, device, amp, num_classes, overlay_dir, args.overlays)
+            step_end = time.time()
             history.append(dict(epoch=epoch + 1, iteration=iteration, **res))
             if main_rank:
                 log(metrics.format_table(data.VPO_CLASSES, res), log_path)
@@ -699,7 +705,8 @@ def main(args):
         best_entry = max(history, key=lambda h: h["miou"]) if history else None
         write_json(os.path.join(args.out, "metrics.json"),
                    dict(args=vars(args), history=history, best=best_entry, final=res,
-                        wall_time_s=round(time.time() - t0, 1)))
+                        wall_time_s=round(time.time() - t0, 1),
+                        train_images_per_s=round((iteration - start_iter - 1) * args.batch_size / max(train_s, 1e-9), 2)))
         log(f"done in {time.time() - t0:.0f} s; best mIoU {100 * best:.2f}; run folder {args.out}", log_path)
     return res
 

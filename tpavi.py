@@ -1,0 +1,893 @@
+"""TPAVI: the AVSBench baseline of "Audio-Visual Segmentation" (Zhou et al., ECCV 2022), in one file.
+
+Paper: papers/avsbench_tpavi_eccv2022.txt (AVS); facts and choices: SPEC §3. An image encoder
+(ResNet-50, or PVT-v2-b5) gives four stages; each goes through an "ASPP" (sum of four atrous 3x3
+convs) and a TPAVI block (temporal pixel-wise audio-visual attention, AVS Fig. 4); a DPT-style
+decoder fuses the stages into logits at input size. Loss: BCE / CE + lambda * L_AVM (AVS Eq. (1)-(2)).
+Where the authors' released code (OpenNLPLab/AVSBench) departs from the paper or SPEC, the comment at
+that line says which one this file follows.
+
+    python tpavi.py --data vpo_msmi                                  # train + evaluate on VPO-MSMI
+    python tpavi.py --data avsbench_ms3 --data-root data/AVSBench
+    python tpavi.py --data avsbench_s4 --backbone pvt_v2_b5 --pretrained pvt_v2_b5.pth
+    torchrun --nproc_per_node=8 tpavi.py --data avss --batch-size 32  # --batch-size is over all ranks
+    python tpavi.py --data vpo_msmi --eval-only --ckpt runs/<run>/best.pt
+
+Defaults are the paper's recipe: Adam, constant lr 1e-4, batch 4, 224x224 frames and 15 / 30 / 60
+epochs for AVSBench S4 / MS3 / AVSS; on VPO the CAVP protocol (CAVP App. B.1: 512 crop with colour
+jitter, flip and 0.5-2.0 scaling, 80 epochs, test at original resolution with batch 1) with the same
+optimiser. Audio: ResNet-18 on the log-mel of one second per frame (VPO: T = 1 frame with the whole
+3 s clip), stereo unless --mono; VGGish (the paper's) from a local weight file with --audio-encoder vggish.
+
+CPU: on the built-in synthetic VPO (`python vpo_make.py --synthetic --out data`) the defaults become
+ResNet-18, no pretrained weights and the built-in image size as crop, e.g.
+    python tpavi.py --data vpo_ss --data-root data --workers 2 --eval-every 5
+On real data add e.g. --backbone resnet18 --crop 256 --limit 200 --workers 2.
+
+AVSBench: the model is selected on the val split during training and best.pt is evaluated on test at
+the end; VPO has no val split (the release's "val" is the test set), so it is evaluated on test.
+Outputs in --out: last.pt, best.pt, metrics.json (args, per-eval history, best, final), log.txt and
+overlays/*.png (image | ground truth | prediction).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchaudio
+import torchvision
+from PIL import Image
+
+import data
+import metrics
+
+# --data -> loader, subset / task, logits K (1 = binary), default epochs, lambda of L_AVM, frame size
+DATASETS = {
+    # VPO: CAVP §3; epochs and crop from the CAVP protocol (App. B.1)
+    "vpo_ss": dict(kind="vpo", subset="ss", classes=22, epochs=80, lam=0.5, crop=512),
+    "vpo_ms": dict(kind="vpo", subset="ms", classes=22, epochs=80, lam=0.5, crop=512),
+    "vpo_msmi": dict(kind="vpo", subset="msmi", classes=22, epochs=80, lam=0.5, crop=512),
+    # AVSBench: epochs of the released train.sh; the released S4 script trains without L_AVM (SPEC §3)
+    "avsbench_s4": dict(kind="avs", subset="s4", classes=1, epochs=15, lam=0.0, crop=224),
+    "avsbench_ms3": dict(kind="avs", subset="ms3", classes=1, epochs=30, lam=0.5, crop=224),
+    "avss": dict(kind="avs", subset="avss", classes=data.AVSS_NUM_CLASSES, epochs=60, lam=0.5, crop=224),
+}
+ENCODER_CHANNELS = {"resnet18": [64, 128, 256, 512], "resnet50": [256, 512, 1024, 2048],
+                    "pvt_v2_b5": [64, 128, 320, 512]}
+CKPT_KEYS = ("backbone", "pretrained", "tpavi_stages", "audio_encoder", "mono")  # taken from a checkpoint
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Bad flags: one line on stderr, exit code 2."""
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def parse_args(argv=None):
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    # data
+    a("--data", default="vpo_msmi", choices=list(DATASETS),
+      help="VPO subset (CAVP §3) or AVSBench-Objects S4 / MS3 / AVSBench-Semantics (AVS)")
+    a("--data-root", default="data",
+      help="VPO: folder with VPO-SS/, VPO-MS/, VPO-MSMI/ (and audio/); AVSBench: folder with "
+           "Single-source/, Multi-sources/ or AVSBench-semantic/")
+    a("--audio-root", default=None, help="VPO: folder of {vgg_file}.wav clips (default: DATA_ROOT/audio)")
+    a("--mono", action="store_true", help="mono audio instead of stereo (CAVP Table 8 ablation)")
+    a("--crop", type=int, default=None,
+      help="VPO training crop (default 512, CAVP App. B.1; built-in VPO: its image size); AVSBench "
+           "frame size (default 224, AVS)")
+    a("--limit", type=int, default=None, help="use only the first N samples of each split (quick checks)")
+    a("--workers", type=int, default=2, help="data loader worker processes per rank")
+    # model
+    a("--backbone", default=None, choices=list(ENCODER_CHANNELS),
+      help="image encoder (default resnet50 as AVS; pvt_v2_b5 is AVS's second encoder; built-in VPO: "
+           "resnet18)")
+    a("--pretrained", default=None,
+      help="encoder weights: 'imagenet' (torchvision weights API, ResNets only), 'none', or a local "
+           ".pth state dict (pvt_v2_b5: pvt_v2_b5.pth of the PVT release) (default imagenet; "
+           "built-in VPO: none)")
+    a("--tpavi-stages", type=int, nargs="*", default=[0, 1, 2, 3],
+      help="encoder stages (0-3) with a TPAVI block (released scripts: 0 1 2 3; give none for the "
+           "'without TPAVI' ablation of AVS Table 2)")
+    a("--audio-encoder", default="resnet18", choices=["resnet18", "vggish"],
+      help="resnet18: trained ResNet-18 on the SPEC 1.3 log-mel (CAVP); vggish: frozen VGGish (AVS), "
+           "needs --vggish-weights")
+    a("--vggish-weights", default=None,
+      help="local VGGish state dict (torchvggish layout: features.*, embeddings.*) for --audio-encoder vggish")
+    # loss
+    a("--lambda-avm", type=float, default=None,
+      help="weight of L_AVM in Eq. (1); 0 disables (default 0.5 as the released MS3 / AVSS scripts; "
+           "avsbench_s4: 0 as the released S4 script)")
+    # optimisation
+    a("--epochs", type=int, default=None,
+      help="training epochs (default by dataset: avsbench_s4 15, avsbench_ms3 30, avss 60 as AVS; "
+           "VPO 80 as CAVP App. B.1)")
+    a("--batch-size", type=int, default=4, help="clips per step over all ranks (AVS: 4)")
+    a("--lr", type=float, default=1e-4, help="Adam learning rate, constant (AVS: 1e-4)")
+    a("--seed", type=int, default=0, help="random seed (rank r uses seed + r)")
+    a("--max-iters", type=int, default=None, help="stop after this many iterations in total (quick checks)")
+    # run
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (auto: cuda when available)")
+    a("--no-amp", action="store_true", help="disable bf16 autocast (used on CPU too by default)")
+    a("--out", default=None,
+      help="run folder (default: runs/tpavi-<data>-s<seed>-<time>; with --resume the checkpoint's folder)")
+    a("--resume", default=None, help="continue training from this checkpoint (e.g. runs/<run>/last.pt)")
+    a("--eval-only", action="store_true", help="only evaluate --ckpt on the test split")
+    a("--ckpt", default=None, help="checkpoint to evaluate with --eval-only")
+    a("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last one)")
+    a("--eval-batch-size", type=int, default=1,
+      help="clips per evaluation step and rank (CAVP App. B.1: 1, VPO at original resolution)")
+    a("--log-every", type=int, default=20, help="log line every N iterations (AVS release: 20)")
+    a("--overlays", type=int, default=4, help="write PNG overlays for the first N test images")
+    args = p.parse_args(argv)
+    for flag in ("batch_size", "eval_every", "eval_batch_size", "log_every", "epochs", "max_iters",
+                 "limit", "crop"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.workers < 0 or args.overlays < 0:
+        p.error("--workers and --overlays must be >= 0")
+    if args.eval_only != (args.ckpt is not None):
+        p.error("--eval-only needs --ckpt PATH" if args.eval_only else
+                "--ckpt is for --eval-only; use --resume PATH to continue training")
+    if args.eval_only and args.resume:
+        p.error("--resume and --eval-only exclude each other")
+    if any(s not in range(4) for s in args.tpavi_stages) or len(set(args.tpavi_stages)) != len(args.tpavi_stages):
+        p.error(f"--tpavi-stages {' '.join(map(str, args.tpavi_stages))}: give distinct stages from 0 1 2 3")
+    if args.lambda_avm is not None and args.lambda_avm < 0:
+        p.error("--lambda-avm must be >= 0")
+    if args.lambda_avm and not args.tpavi_stages:
+        p.error("L_AVM needs the audio of a TPAVI block: add --tpavi-stages or set --lambda-avm 0")
+    if (args.audio_encoder == "vggish") != (args.vggish_weights is not None):
+        p.error("--audio-encoder vggish needs --vggish-weights PATH (VGGish weights load from a local file only)"
+                if args.audio_encoder == "vggish" else "--vggish-weights needs --audio-encoder vggish")
+    return args
+
+
+def resolve_defaults(args):
+    """Fill flags left at None: the paper's values per dataset, CPU-sized ones on the built-in VPO."""
+    spec = DATASETS[args.data]
+    summary = os.path.join(args.data_root, "vpo_summary.json")
+    info = {}
+    if spec["kind"] == "vpo" and os.path.isfile(summary):
+        with open(summary) as f:
+            info = json.load(f)
+    args.builtin = bool(info.get("synthetic"))  # written by `vpo_make.py --synthetic`
+    defaults = dict(backbone="resnet50", pretrained="imagenet", crop=spec["crop"], epochs=spec["epochs"],
+                    lambda_avm=spec["lam"] if args.tpavi_stages else 0.0)
+    if args.builtin:
+        defaults.update(backbone="resnet18", pretrained="none", crop=int(info["image_size"]))
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.backbone == "pvt_v2_b5" and args.pretrained == "imagenet":
+        raise data.DataError("--pretrained imagenet: torchvision has no PVT-v2 weights; pass --pretrained "
+                             "PATH (pvt_v2_b5.pth of the PVT release) or --pretrained none")
+    return args
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load_state(module, path, what, rename=lambda k: k):
+    """Load the tensors of a local state dict whose names and shapes match; returns (matched, total)."""
+    if not os.path.isfile(path):
+        raise data.DataError(f"{what} {path}: no such file (give a local .pth state dict)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise data.DataError(f"{what} {path}: cannot read it as a torch state dict ({type(e).__name__})") from e
+    state = state.get("state_dict", state.get("model", state))
+    own = module.state_dict()
+    state = {rename(k.removeprefix("module.")): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    if not state:
+        raise data.DataError(f"{what} {path}: no tensor matches the {type(module).__name__} it is meant for")
+    module.load_state_dict(state, strict=False)
+    return len(state), len(own)
+
+
+class ResNetEncoder(nn.Module):
+    """torchvision ResNet, stages 1-4 at strides 4, 8, 16, 32 (the released B2_ResNet is a plain ResNet-50)."""
+
+    def __init__(self, name, pretrained):
+        super().__init__()
+        weights = None
+        if pretrained == "imagenet":
+            weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+        try:
+            self.net = getattr(torchvision.models, name)(weights=weights)
+        except Exception as e:
+            raise data.DataError(f"could not download the ImageNet weights of {name} ({type(e).__name__}; offline?): "
+                                 f"fetch {weights.url} elsewhere and pass --pretrained PATH (a local .pth state dict), "
+                                 "or --pretrained none") from e
+        self.net.fc = nn.Identity()
+        if pretrained not in ("imagenet", "none"):
+            load_state(self.net, pretrained, "--pretrained")
+
+    def forward(self, x):
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        feats = []
+        for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
+            x = layer(x)
+            feats.append(x)
+        return feats
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the residual branch per sample with probability p."""
+    if p == 0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class PatchEmbed(nn.Module):
+    """Overlapping patch embedding: strided conv (7/4 first, 3/2 after) + LayerNorm (PVT-v2)."""
+
+    def __init__(self, cin, dim, kernel, stride):
+        super().__init__()
+        self.proj = nn.Conv2d(cin, dim, kernel, stride, kernel // 2)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        x = self.proj(x)
+        h, w = x.shape[-2:]
+        return self.norm(x.flatten(2).transpose(1, 2)), h, w
+
+
+class SRAttention(nn.Module):
+    """Spatial-reduction attention: keys / values from a stride-sr conv of the tokens (PVT-v2)."""
+
+    def __init__(self, dim, heads, sr):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.sr = nn.Conv2d(dim, dim, sr, sr) if sr > 1 else None
+        self.norm = nn.LayerNorm(dim) if sr > 1 else None
+
+    def forward(self, x, h, w):
+        b, n, c = x.shape
+        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)
+        if self.sr is not None:
+            x = self.norm(self.sr(x.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2))
+        k, v = self.kv(x).view(b, -1, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+class MixFFN(nn.Module):
+    """Linear -> 3x3 depthwise conv -> GELU -> Linear (PVT-v2)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x, h, w):
+        x = self.fc1(x)
+        x = self.dwconv(x.transpose(1, 2).reshape(x.shape[0], -1, h, w)).flatten(2).transpose(1, 2)
+        return self.fc2(F.gelu(x))
+
+
+class PVTBlock(nn.Module):
+    def __init__(self, dim, heads, mlp_ratio, sr, drop):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), SRAttention(dim, heads, sr)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), MixFFN(dim, dim * mlp_ratio)
+        self.drop = drop
+
+    def forward(self, x, h, w):
+        x = x + drop_path(self.attn(self.norm1(x), h, w), self.drop, self.training)
+        return x + drop_path(self.mlp(self.norm2(x), h, w), self.drop, self.training)
+
+
+class PVTv2(nn.Module):
+    """PVT-v2 encoder (Wang et al., 2022); the defaults are b5, AVS's second encoder. Parameter names
+    follow the PVT release so its pvt_v2_b5.pth loads with --pretrained PATH."""
+
+    def __init__(self, pretrained="none", dims=(64, 128, 320, 512), heads=(1, 2, 5, 8), mlp_ratios=(4, 4, 4, 4),
+                 depths=(3, 6, 40, 3), sr_ratios=(8, 4, 2, 1), drop_path_rate=0.1):
+        super().__init__()
+        drops = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        cin, k = 3, 0
+        for i in range(4):
+            setattr(self, f"patch_embed{i + 1}", PatchEmbed(cin, dims[i], 7 if i == 0 else 3, 4 if i == 0 else 2))
+            setattr(self, f"block{i + 1}", nn.ModuleList(
+                PVTBlock(dims[i], heads[i], mlp_ratios[i], sr_ratios[i], drops[k + j]) for j in range(depths[i])))
+            setattr(self, f"norm{i + 1}", nn.LayerNorm(dims[i], eps=1e-6))
+            cin, k = dims[i], k + depths[i]
+        self.apply(self._init)
+        if pretrained != "none":
+            load_state(self, pretrained, "--pretrained", lambda k: k.replace("dwconv.dwconv", "dwconv"))
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        feats = []
+        for i in range(1, 5):
+            x, h, w = getattr(self, f"patch_embed{i}")(x)
+            for blk in getattr(self, f"block{i}"):
+                x = blk(x, h, w)
+            x = getattr(self, f"norm{i}")(x).transpose(1, 2).reshape(x.shape[0], -1, h, w)
+            feats.append(x)
+        return feats
+
+
+class ASPP(nn.Module):
+    """Sum of four 3x3 convs C -> 256, dilation = padding = 3, 6, 12, 18, no BN / ReLU (SPEC §3)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(cin, cout, 3, padding=r, dilation=r) for r in (3, 6, 12, 18))
+        for conv in self.convs:
+            nn.init.normal_(conv.weight, 0, 0.01)  # as released
+
+    def forward(self, x):
+        return sum(conv(x) for conv in self.convs)
+
+
+class TPAVI(nn.Module):
+    """Temporal pixel-wise audio-visual interaction, "dot" mode (AVS Fig. 4; SPEC §3).
+
+    Released TPAVIModule: theta, g = 1x1 convs 256 -> 128 on the visual map; phi = 1x1 conv
+    256 -> 128 on the aligned audio a = Linear(128 -> 256) broadcast over HxW; f = theta^T phi over
+    all N = T*H*W positions of a clip, y = (f / N) g (no softmax); z = LayerNorm_C(x + BN(W_z(y))).
+    A 1x1 conv of the broadcast audio is a Linear on a, so phi is a Linear here.
+    """
+
+    def __init__(self, channels=256, audio_dim=128):
+        super().__init__()
+        inter = channels // 2
+        self.align = nn.Linear(audio_dim, channels)
+        self.theta = nn.Conv2d(channels, inter, 1)
+        self.phi = nn.Linear(channels, inter)
+        self.g = nn.Conv2d(channels, inter, 1)
+        self.w_z = nn.Sequential(nn.Conv2d(inter, channels, 1), nn.BatchNorm2d(channels))
+        nn.init.zeros_(self.w_z[1].weight)  # BN of W_z starts at zero: the block starts as LayerNorm(x)
+        nn.init.zeros_(self.w_z[1].bias)
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x, audio, valid=None):
+        """x (B*T, C, H, W), audio (B, T, 128), valid (B, T) bool of real (not padded) frames or None
+        -> z (B*T, C, H, W), aligned audio a (B, T, C)."""
+        b, t = audio.shape[:2]
+        a = self.align(audio)
+        phi = self.phi(a)  # (B, T, C')
+        g = self.g(x).mean((2, 3)).view(b, t, -1)  # mean_HW(g)_t, (B, T, C')
+        w = audio.new_ones(b, t) if valid is None else valid.to(audio.dtype)
+        # SPEC §3: phi is constant over HxW, so y_i = (1/N) sum_j (theta_i . phi_j) g_j with N = T*H*W
+        # equals (1/T) sum_t (theta_i . phi_t) mean_HW(g)_t = theta_i^T M, M = (1/T) sum_t phi_t g_t^T;
+        # padded frames are left out of the sum and of T (the release zeroes their features instead)
+        m = torch.einsum("bt,btk,btc->bkc", w, phi, g) / w.sum(1).clamp(min=1)[:, None, None]
+        theta = self.theta(x)
+        y = torch.einsum("btkhw,bkc->btchw", theta.view(b, t, *theta.shape[1:]), m).flatten(0, 1)
+        z = x + self.w_z(y)  # residual
+        return self.norm(z.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), a  # LayerNorm over channels
+
+
+class ResidualConvUnit(nn.Module):
+    """DPT residual conv unit. The released unit applies an in-place ReLU to its input, so the skip
+    carries relu(x): relu(x) + conv(relu(conv(relu(x)))); this is written out here."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        x = F.relu(x)
+        return x + self.conv2(F.relu(self.conv1(x)))
+
+
+class FusionBlock(nn.Module):
+    """DPT fusion: x (+ RCU(skip)) -> RCU -> bilinear upsampling (x2, to the next stage's size)."""
+
+    def __init__(self, c, skip=True):
+        super().__init__()
+        self.rcu1 = ResidualConvUnit(c) if skip else None
+        self.rcu2 = ResidualConvUnit(c)
+
+    def forward(self, x, skip, size):
+        if skip is not None:
+            x = x + self.rcu1(skip)
+        return F.interpolate(self.rcu2(x), size=size, mode="bilinear", align_corners=True)
+
+
+class AudioResNet18(nn.Module):
+    """ResNet-18 on the SPEC 1.3 log-mel: conv1 takes 2 (stereo) / 1 (mono) channels, global max
+    pool, FC 512 -> 128; one embedding per segment (AVSBench: 1 s per frame; VPO: the 3 s clip)."""
+
+    def __init__(self, channels, dim=128):
+        super().__init__()
+        self.logmel = data.LogMel()
+        self.net = torchvision.models.resnet18(weights=None, num_classes=dim)
+        self.net.conv1 = nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
+        self.net.avgpool = nn.AdaptiveMaxPool2d(1)
+
+    def forward(self, segments):
+        """segments (B*T, C, S) -> (B*T, 128)."""
+        mel = self.logmel(segments)[..., :segments.shape[-1] // 160, :]  # 100 frames a second (SPEC 1.3)
+        return self.net(mel)
+
+
+class VGGish(nn.Module):
+    """VGGish (Hershey et al., 2017): 0.96 s log-mel examples (96 x 64) -> 128-d; frozen, weights from a
+    local file (AVS; SPEC 1.3; path None: they come with a checkpoint). Embeddings of the examples of
+    a segment are averaged (VPO: 3 per clip)."""
+
+    def __init__(self, path):
+        super().__init__()
+        layers, cin = [], 1
+        for v in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M"):
+            layers += [nn.MaxPool2d(2)] if v == "M" else [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
+            cin = cin if v == "M" else v
+        self.features = nn.Sequential(*layers)
+        self.embeddings = nn.Sequential(nn.Linear(512 * 4 * 6, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(),
+                                        nn.Linear(4096, 128), nn.ReLU())
+        # VGGish front end: 25 ms Hann window, 10 ms hop, 512-point FFT magnitude, 64 HTK mel bands
+        # 125-7500 Hz, log(mel + 0.01)
+        self.mel = torchaudio.transforms.MelSpectrogram(16000, n_fft=512, win_length=400, hop_length=160,
+                                                        f_min=125.0, f_max=7500.0, n_mels=64, power=1.0,
+                                                        center=False, mel_scale="htk")
+        expected = len(self.state_dict()) - len(self.mel.state_dict())
+        if path and load_state(self, path, "--vggish-weights")[0] != expected:
+            raise data.DataError(f"--vggish-weights {path}: not every VGGish tensor is in it; expected the "
+                                 "torchvggish state dict (features.*, embeddings.*)")
+        self.requires_grad_(False)
+
+    def forward(self, segments):
+        """segments (B*T, C, S) -> (B*T, 128); channels are summed into the mono mix (L + R)."""
+        mel = torch.log(self.mel(segments.float().sum(1)) + 0.01).transpose(1, 2)  # (B*T, frames, 64)
+        n = max(mel.shape[1] // 96, 1)
+        x = self.features(mel[:, :96 * n].reshape(-1, 1, 96, 64))
+        x = self.embeddings(x.permute(0, 2, 3, 1).flatten(1))  # channels-last flatten of the TF weights
+        return x.view(mel.shape[0], n, -1).mean(1)
+
+
+class AVSModel(nn.Module):
+    """Encoder -> ASPP -> TPAVI -> DPT decoder -> head (AVS Fig. 3; SPEC §3), plus the audio encoder."""
+
+    def __init__(self, backbone, pretrained, num_classes, tpavi_stages, audio_encoder="resnet18",
+                 audio_channels=2, vggish_weights=None, channels=256):
+        super().__init__()
+        self.encoder = PVTv2(pretrained) if backbone == "pvt_v2_b5" else ResNetEncoder(backbone, pretrained)
+        self.aspp = nn.ModuleList(ASPP(c, channels) for c in ENCODER_CHANNELS[backbone])
+        self.tpavi = nn.ModuleDict({str(i): TPAVI(channels) for i in sorted(tpavi_stages)})
+        self.fuse = nn.ModuleList(FusionBlock(channels, skip=i < 3) for i in range(4))
+        self.head1 = nn.Conv2d(channels, 128, 3, padding=1)
+        self.head2 = nn.Sequential(nn.Conv2d(128, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, num_classes, 1))
+        self.audio = VGGish(vggish_weights) if audio_encoder == "vggish" else AudioResNet18(audio_channels)
+
+    def forward(self, image, wave, valid=None):
+        """image (B, T, 3, H, W); wave (B, C, N), split into T equal segments; valid (B, T) or None
+        -> logits (B*T, K, H, W), the four stage maps (B*T, 256, h, w), the aligned audio per stage
+        (B, T, 256; None at stages without TPAVI)."""
+        b, t = image.shape[:2]
+        seg = wave.shape[-1] // t
+        segments = wave[..., :seg * t].unflatten(-1, (t, seg)).transpose(1, 2).flatten(0, 1)
+        audio = self.audio(segments).view(b, t, -1)
+        feats = [aspp(f) for aspp, f in zip(self.aspp, self.encoder(image.flatten(0, 1)))]
+        audios = [None] * 4
+        for key, block in self.tpavi.items():
+            feats[int(key)], audios[int(key)] = block(feats[int(key)], audio, valid)
+        # decoder: deepest stage first, each fusion upsamples to the next stage's size (x2 for 224 input)
+        x = self.fuse[3](feats[3], None, feats[2].shape[-2:])
+        x = self.fuse[2](x, feats[2], feats[1].shape[-2:])
+        x = self.fuse[1](x, feats[1], feats[0].shape[-2:])
+        x = self.fuse[0](x, feats[0], [2 * s for s in feats[0].shape[-2:]])
+        # head: conv 256 -> 128, x2 up (to the input size exactly), conv 128 -> 32, ReLU, conv 32 -> K
+        x = F.interpolate(self.head1(x), size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return self.head2(x), feats, audios
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def seg_loss(logits, target, binary):
+    """First term of Eq. (1): BCE on the single logit (AVSBench-Objects) or CE over K classes (VPO,
+    AVSS), averaged over labelled pixels (255 ignored; S4 train frames 2-5 are all 255)."""
+    valid = target != 255
+    if binary:
+        loss = F.binary_cross_entropy_with_logits(logits[:, 0], (target == 1).to(logits.dtype), reduction="none")
+    else:
+        loss = F.cross_entropy(logits, target, ignore_index=255, reduction="none")
+    return (loss * valid).sum() / valid.sum().clamp(min=1)
+
+
+def avm_loss(logits, feats, audios, binary, frame_weight=None):
+    """L_AVM, Eq. (2), as the released A_MaskedV_SimmLoss with the scripts' flags (kl, avg pooling,
+    no feature normalisation), averaged over the given TPAVI stages.
+
+    logits (N, K, H, W); feats: stage maps (N, C, h, w); audios: aligned audio (B, T, C), N = B*T.
+    Mask: binary sigmoid(avgpool(logits)); multi-class avgpool(argmax != background), no sigmoid, as
+    the released AVSS loss (which takes the last class as background; class 0 is background here).
+    Visual: mean over all h*w of relu(map) * mask; relu because the released decoder's in-place ReLU
+    has already modified the stage maps when the loss reads them. KL(softmax(a) || softmax(v)):
+    F.kl_div(log q_v, p_a) as released, i.e. audio is the target distribution (SPEC §3 writes it the
+    other way round). Reduction: sum over frames and channels (released MS3); with frame_weight (N,)
+    a weighted mean over frames (released AVSS: labelled frames only).
+    """
+    src = logits.float() if binary else (logits.argmax(1, keepdim=True) != 0).float()
+    total = 0.0
+    for v, a in zip(feats, audios):
+        m = F.adaptive_avg_pool2d(src, v.shape[-2:])  # M_i at the stage size
+        m = torch.sigmoid(m) if binary else m
+        v = (F.relu(v.float()) * m).mean((2, 3))  # avg(M_i * Z_i)
+        kl = F.kl_div(F.log_softmax(v, -1), F.log_softmax(a.float().flatten(0, 1), -1), reduction="none",
+                      log_target=True).sum(-1)  # Eq. (2): KL per frame, A_i the target
+        if frame_weight is None:
+            total = total + kl.sum()
+        else:
+            total = total + (kl * frame_weight).sum() / frame_weight.sum().clamp(min=1)
+    return total / len(feats)
+
+
+# ----------------------------------------------------------------------------- run helpers
+
+
+def log(msg, path=None):
+    print(msg, flush=True)
+    if path:
+        with open(path, "a") as f:
+            f.write(msg + "\n")
+
+
+def save_atomic(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    """Atomic JSON; NaN (undefined metrics) -> null."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        return [clean(v) for v in x] if isinstance(x, (list, tuple)) else x
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(clean(obj), f, indent=1)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(python=random.getstate(), torch=torch.get_rng_state(),
+                numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=pos, has_gauss=has_gauss, gauss=gauss),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    torch.set_rng_state(s["torch"])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def unpack(batch, device):
+    """Batch dict -> image (B, T, 3, H, W), mask (B, T, H, W), wave (B, C, N), valid (B, T) or None."""
+    image, mask, valid = batch["image"], batch["mask"], batch.get("valid")
+    if image.dim() == 4:  # VPO: one frame per sample
+        image, mask = image[:, None], mask[:, None]
+    return (image.to(device, non_blocking=True), mask.to(device, non_blocking=True),
+            batch["wave"].to(device, non_blocking=True), None if valid is None else valid.to(device))
+
+
+def save_overlay(path, image, mask, pred, palette):
+    """PNG: image | ground truth | prediction, classes > 0 blended in palette colours, 255 white."""
+    img = ((image.cpu() * data.STD + data.MEAN).clamp(0, 1) * 255).permute(1, 2, 0).numpy()
+
+    def paint(lab):
+        lab = lab.cpu().numpy()
+        col = np.where((lab == 255)[..., None], 255.0, palette[np.minimum(lab, len(palette) - 1)])
+        return np.where((lab > 0)[..., None], 0.5 * img + 0.5 * col, img)
+    Image.fromarray(np.concatenate([img, paint(mask), paint(pred)], 1).astype(np.uint8)).save(path)
+
+
+def predict(logits, binary):
+    return (logits[:, 0] > 0).long() if binary else logits.argmax(1)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp, binary, num_classes):
+    """Dataset-level metrics over this rank's shard, summed over ranks (SPEC §2)."""
+    model.eval()
+    cm = metrics.ConfusionMatrix(2 if binary else num_classes, device)
+    meter = metrics.AVSObjectsMeter(device) if binary else None
+    for batch in loader:
+        image, mask, wave, valid = unpack(batch, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(image, wave, valid)[0].float()
+        target = mask.flatten(0, 1)
+        cm.update(predict(logits, binary), target)
+        if binary:
+            meter.update(torch.sigmoid(logits[:, 0]), target)  # AVS M_J / M_F
+    cm.all_reduce()
+    res = cm.compute()
+    if binary:
+        meter.all_reduce()
+        res.update(meter.compute())
+    model.train()
+    return res
+
+
+@torch.no_grad()
+def write_overlays(model, dataset, n, out_dir, device, amp, binary, num_classes):
+    """Overlays of the first n test frames (rank 0)."""
+    model.eval()
+    os.makedirs(out_dir, exist_ok=True)
+    palette = data.avss_palette(max(num_classes, 2)).astype(np.float64)
+    done = 0
+    for i in range(len(dataset)):
+        image, mask, wave, valid = unpack(data.pad_collate([dataset[i]]), device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            pred = predict(model(image, wave, valid)[0].float(), binary)
+        for t in range(image.shape[1]):
+            if done == n:
+                model.train()
+                return
+            if valid is None or valid[0, t]:
+                name = str(dataset[i]["name"]).replace(os.sep, "_")
+                suffix = f"_{t}" if image.shape[1] > 1 else ""
+                save_overlay(os.path.join(out_dir, f"{name}{suffix}.png"), image[0, t], mask[0, t], pred[t], palette)
+                done += 1
+    model.train()
+
+
+def build_datasets(args, spec, splits):
+    """split name -> dataset; DataError / ValueError of data.py become one-line errors."""
+    out = {}
+    for split in splits:
+        try:
+            if spec["kind"] == "vpo":
+                out[split] = data.VPODataset(args.data_root, spec["subset"], split, audio_root=args.audio_root,
+                                             stereo=not args.mono, train=split == "train", crop=args.crop,
+                                             limit=args.limit)
+            else:
+                out[split] = data.AVSBenchDataset(args.data_root, spec["subset"], split, size=args.crop,
+                                                  stereo=not args.mono, limit=args.limit)
+        except ValueError as e:
+            raise data.DataError(str(e)) from e
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(args):
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise data.DataError("--device cuda: no CUDA device is visible; use --device cpu")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank, world = 0, 1
+    if distributed:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    main_rank, amp = rank == 0, not args.no_amp
+    if args.batch_size % world:
+        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
+
+    ckpt = None
+    if args.resume or args.eval_only:
+        path = args.resume or args.ckpt
+        if not os.path.isfile(path):
+            raise data.DataError(f"{path}: checkpoint not found")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        for key in CKPT_KEYS:  # the architecture comes from the checkpoint
+            setattr(args, key, ckpt["args"][key])
+        if DATASETS[ckpt["args"]["data"]]["classes"] != DATASETS[args.data]["classes"]:
+            raise data.DataError(f"{path} was trained on --data {ckpt['args']['data']}, whose classes differ "
+                                 f"from --data {args.data}")
+    resolve_defaults(args)
+    spec = DATASETS[args.data]
+    binary, num_classes = spec["classes"] == 1, spec["classes"]
+    if args.out is None:
+        args.out = os.path.dirname(os.path.abspath(args.resume)) if args.resume else os.path.join(
+            "runs", f"tpavi-{args.data}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if distributed:  # every rank writes to rank 0's folder
+            holder = [args.out]
+            dist.broadcast_object_list(holder)
+            args.out = holder[0]
+    log_path = os.path.join(args.out, "log.txt") if main_rank else None
+    if main_rank:
+        os.makedirs(args.out, exist_ok=True)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+
+    val_split = "val" if spec["kind"] == "avs" else "test"  # VPO has no val split (release "val" = test)
+    splits = ["test"] if args.eval_only else sorted({"train", val_split, "test"})
+    sets = build_datasets(args, spec, splits)
+
+    def eval_loader(split):
+        return torch.utils.data.DataLoader(
+            torch.utils.data.Subset(sets[split], range(rank, len(sets[split]), world)),  # exact shards
+            batch_size=args.eval_batch_size, num_workers=args.workers, collate_fn=data.pad_collate,
+            pin_memory=use_cuda, generator=torch.Generator().manual_seed(args.seed))
+
+    model = AVSModel(args.backbone, "none" if ckpt else args.pretrained, num_classes, args.tpavi_stages,
+                     args.audio_encoder, 1 if args.mono else 2, None if ckpt else args.vggish_weights).to(device)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    if main_rank:
+        log(f"tpavi: {args.data} (K={num_classes}{', binary' if binary else ''}) | {args.backbone} "
+            f"pretrained={args.pretrained} | TPAVI stages {args.tpavi_stages} | audio {args.audio_encoder} "
+            f"{'mono' if args.mono else 'stereo'} | lambda_avm {args.lambda_avm} | crop {args.crop} | "
+            f"{world} rank(s) on {device} | bf16 {amp}{' | built-in VPO: CPU defaults' if args.builtin else ''}",
+            log_path)
+        log(f"samples: {', '.join(f'{s} {len(d)}' for s, d in sets.items())}; run folder {args.out}", log_path)
+
+    def run_eval(net, split, weights):
+        res = evaluate(net, eval_loader(split), device, amp, binary, num_classes)
+        if main_rank:
+            names = data.VPO_CLASSES if spec["kind"] == "vpo" else (
+                ["background", "sounding object"] if binary else [f"class {i}" for i in range(num_classes)])
+            log(f"eval {split} ({weights} weights):\n{metrics.format_table(names, res)}", log_path)
+            if binary:
+                log(f"M_J {res['mj']:.4f} | M_F {res['mf']:.4f}", log_path)
+            if split == "test" and args.overlays:
+                write_overlays(net, sets["test"], args.overlays, os.path.join(args.out, "overlays"), device,
+                               amp, binary, num_classes)
+        return dict(split=split, weights=weights, **res)
+
+    if args.eval_only:
+        res = run_eval(model, "test", args.ckpt)
+        if main_rank:
+            write_json(os.path.join(args.out, "metrics.json"), dict(args=vars(args), final=res))
+        return res
+
+    if use_cuda and distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif distributed and main_rank:
+        log("note: SyncBatchNorm runs on CUDA only; on CPU each rank keeps its own BatchNorm statistics", log_path)
+    raw = model
+    if distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None,
+                                                    find_unused_parameters=not args.tpavi_stages)
+    optimizer = torch.optim.Adam([p for p in raw.parameters() if p.requires_grad], lr=args.lr)  # AVS: Adam 1e-4
+
+    per_rank = args.batch_size // world
+    sampler = torch.utils.data.distributed.DistributedSampler(sets["train"], world, rank, shuffle=True,
+                                                              seed=args.seed)
+    iters_per_epoch = math.ceil(len(sampler) / per_rank)
+    total = min(args.max_iters or math.inf, args.epochs * iters_per_epoch)
+    metric = "mj" if binary else "miou"  # released model selection: M_J (S4 / MS3), mIoU (AVSS)
+    iteration, best, history = 0, -math.inf, []
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        iteration, best, history = ckpt["iteration"], ckpt["best"], ckpt["history"]
+        if len(ckpt["rng"]) == world:  # per-rank RNG states; with another world size the seeds stay fresh
+            set_rng_state(ckpt["rng"][rank])
+        if main_rank:
+            log(f"resumed {args.resume} at iteration {iteration} (epoch {ckpt['epoch']})", log_path)
+
+    def checkpoint(name):
+        """Called on every rank (gathers the RNG states); rank 0 writes. epoch = completed epochs; a
+        resume continues from `iteration`, inside an epoch if need be."""
+        rngs = [rng_state()] * world
+        if distributed:
+            dist.all_gather_object(rngs, rngs[0])
+        if main_rank:
+            save_atomic(dict(model=raw.state_dict(), optimizer=optimizer.state_dict(),
+                             epoch=iteration // iters_per_epoch, iteration=iteration, best=best, metric=metric,
+                             args=vars(args), rng=rngs, history=history), os.path.join(args.out, name))
+
+    def write_metrics(final=None):
+        if main_rank:
+            scored = [h for h in history if h["split"] == val_split]
+            best_entry = max(scored, key=lambda h: h[metric]) if scored else None
+            write_json(os.path.join(args.out, "metrics.json"), dict(
+                args=vars(args), history=history, final=final,
+                best=best_entry and dict(metric=metric, score=best_entry[metric], epoch=best_entry["epoch"],
+                                         iteration=best_entry["iteration"])))
+
+    lam = args.lambda_avm
+    stages = sorted(args.tpavi_stages)
+    t0, start_iteration = time.time(), iteration
+    window = dict.fromkeys(("loss", "seg", "avm", "n", "frames", "time"), 0.0)  # sums between log lines
+    res = None
+    model.train()
+    for epoch in range(iteration // iters_per_epoch, args.epochs):
+        if iteration >= total:
+            break
+        sampler.set_epoch(epoch)
+        skip = (iteration - epoch * iters_per_epoch) * per_rank  # resume inside an epoch
+        loader = torch.utils.data.DataLoader(
+            sets["train"], batch_size=per_rank, sampler=list(sampler)[skip:], num_workers=args.workers,
+            collate_fn=data.pad_collate, pin_memory=use_cuda,
+            generator=torch.Generator().manual_seed(args.seed * 100003 + epoch * 101 + rank))
+        tick = time.time()
+        for batch in loader:
+            image, mask, wave, valid = unpack(batch, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits, feats, audios = model(image, wave, valid)
+            target = mask.flatten(0, 1)
+            loss_seg = seg_loss(logits.float(), target, binary)
+            loss_avm = torch.zeros((), device=device)
+            if lam > 0:
+                weight = (target != 255).flatten(1).any(1).float() if args.data == "avss" else None
+                # a sum over the clips of the step, as the released single-process code: DDP averages
+                # gradients over ranks, so the per-rank sum is scaled by the world size
+                loss_avm = avm_loss(logits, [feats[s] for s in stages], [audios[s] for s in stages], binary,
+                                    weight) * (world if weight is None else 1)
+            loss = loss_seg + lam * loss_avm  # Eq. (1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            iteration += 1
+            now = time.time()
+            for key, value in (("loss", loss.item()), ("seg", loss_seg.item()), ("avm", loss_avm.item()), ("n", 1),
+                               ("frames", image.shape[0] * image.shape[1] * world), ("time", now - tick)):
+                window[key] += value
+            tick = now
+            if main_rank and (iteration % args.log_every == 0 or iteration == total):
+                n = window["n"]
+                eta = (now - t0) / (iteration - start_iteration) * (total - iteration)  # evaluations included
+                log(f"epoch {epoch + 1}/{args.epochs} iter {iteration}/{total} | loss {window['loss'] / n:.4f} "
+                    f"(seg {window['seg'] / n:.4f}, avm {window['avm'] / n:.4f}) | "
+                    f"lr {optimizer.param_groups[0]['lr']:.1e} | {window['frames'] / window['time']:.1f} img/s | "
+                    f"eta {eta // 3600:.0f}:{eta % 3600 // 60:02.0f}:{eta % 60:02.0f}", log_path)
+                window = dict.fromkeys(window, 0.0)
+            if iteration >= total:
+                break
+        stop = iteration >= total
+        if stop or (epoch + 1) % args.eval_every == 0:
+            res = run_eval(raw, val_split, "last")
+            history.append(dict(epoch=epoch + 1, iteration=iteration, **res))
+            if res[metric] > best:
+                best = res[metric]
+                checkpoint("best.pt")
+            write_metrics(res if val_split == "test" else None)
+        checkpoint("last.pt")
+        if stop:
+            break
+    if distributed:
+        dist.barrier()  # best.pt is written by rank 0
+    if val_split != "test" and os.path.isfile(os.path.join(args.out, "best.pt")):
+        best_ckpt = torch.load(os.path.join(args.out, "best.pt"), map_location=device, weights_only=True)
+        raw.load_state_dict(best_ckpt["model"])
+        res = run_eval(raw, "test", "best")
+    write_metrics(res)
+    if main_rank:
+        log(f"done in {time.time() - t0:.0f} s; best {metric} {best:.4f}; run folder {args.out}", log_path)
+    return res
+
+
+if __name__ == "__main__":
+    cli_args = parse_args()
+    try:
+        main(cli_args)
+    except data.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
