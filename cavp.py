@@ -37,8 +37,15 @@ import metrics
 # ----------------------------------------------------------------------------- arguments
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Bad flags: one line on stderr, exit code 2."""
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        sys.exit(2)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     # data
     a("--data", default="vpo_msmi", choices=["vpo_ss", "vpo_ms", "vpo_msmi"], help="VPO subset (paper Sec. 3)")
@@ -65,8 +72,9 @@ def parse_args(argv=None):
     a("--contrast", default="cavp", choices=["none", "supcon", "cavp"],
       help="contrastive term: none, SupCon with uniform sampling, or CAVP mining (Table 5 rows 2-4)")
     a("--tau", type=float, default=0.1, help="temperature of Eq. (4) (App. B.1)")
-    a("--anchors-per-group", type=int, default=512,
-      help="at most this many sampled pixels per anchor group per step (released code: 512 per class)")
+    a("--anchors-per-group", type=int, default=None,
+      help="at most this many sampled pixels per anchor group per step (default: 512 as the released "
+           "code's per-class cap; built-in VPO: 128)")
     a("--pos-share", type=float, default=0.5,
       help="share of mismatched re-pairs turned positive with memory-bank audio (App. B, Table 6: 0.5)")
     a("--bank-size", type=int, default=8, help="waveforms kept per class in the memory bank (FIFO)")
@@ -89,22 +97,28 @@ def parse_args(argv=None):
     a("--eval-only", action="store_true", help="only evaluate --ckpt on the test split")
     a("--ckpt", default=None, help="checkpoint to evaluate with --eval-only")
     a("--eval-every", type=int, default=5, help="evaluate every N epochs (and after the last)")
-    a("--eval-batch-size", type=int, default=1, help="test batch size per rank (App. B.1: 1, original resolution)")
+    a("--eval-batch-size", type=int, default=None,
+      help="test batch size per rank (default: 1 as App. B.1, original resolution; built-in VPO: 16)")
     a("--log-every", type=int, default=10, help="log line every N iterations")
     a("--overlays", type=int, default=4, help="write PNG overlays and attention heatmaps for this many test images")
     args = p.parse_args(argv)
     if args.eval_only and not args.ckpt:
         p.error("--eval-only needs --ckpt PATH")
-    for flag in ("epochs", "batch_size", "eval_every", "log_every", "bank_size", "anchors_per_group"):
-        if getattr(args, flag) < 1:
+    for flag in ("epochs", "batch_size", "eval_every", "log_every", "bank_size", "anchors_per_group",
+                 "eval_batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if not 0 <= args.pos_share <= 1:
         p.error("--pos-share must be in [0, 1]")
     return args
 
 
-PAPER = dict(backbone="resnet50", pretrained="imagenet", output_stride=8, crop=512, lr=1e-3)
-BUILTIN = dict(backbone="resnet18", pretrained="none", output_stride=16, crop=None, lr=1e-2)  # crop: image size
+PAPER = dict(backbone="resnet50", pretrained="imagenet", output_stride=8, crop=512, lr=1e-3, anchors_per_group=512,
+             eval_batch_size=1)
+# built-in VPO on a CPU: fixed-size 64 px images (crop = image size, so any eval batch size gives the same
+# result), trained from scratch; fewer anchors for 1/64 of the paper's crop area
+BUILTIN = dict(backbone="resnet18", pretrained="none", output_stride=16, crop=None, lr=1e-2, anchors_per_group=128,
+               eval_batch_size=16)
 ARCH_KEYS = ("backbone", "output_stride", "fusion", "attn", "heads", "mono")
 
 
@@ -555,22 +569,23 @@ def main(args):
         args.out = os.path.join("runs", f"cavp-{args.data}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.batch_size % world:
         raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
+
+    # data (read and checked before the run folder is made)
+    subset = args.data.split("_")[1]
+    kw = dict(audio_root=args.audio_root, stereo=not args.mono, limit=args.limit)
+    test_set = data.VPODataset(args.data_root, subset, "test", **kw)
+    train_set = None if args.eval_only else \
+        data.VPODataset(args.data_root, subset, "train", train=True, crop=args.crop, **kw)
     overlay_dir = os.path.join(args.out, "overlays")
     log_path = os.path.join(args.out, "log.txt") if main_rank else None
     if main_rank:
         os.makedirs(overlay_dir, exist_ok=True)
         log(f"cavp: {' '.join(sys.argv[1:])}", log_path)
         log(f"settings: {json.dumps(vars(args), sort_keys=True)}", log_path)
-
     seed = args.seed + rank
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-    # data
-    subset = args.data.split("_")[1]
-    kw = dict(audio_root=args.audio_root, stereo=not args.mono, limit=args.limit)
-    test_set = data.VPODataset(args.data_root, subset, "test", **kw)
     test_loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(test_set, range(rank, len(test_set), world)),  # exact shards, no padding
         batch_size=args.eval_batch_size, num_workers=args.workers, collate_fn=data.pad_collate,
@@ -597,7 +612,6 @@ def main(args):
             write_json(os.path.join(args.out, "metrics.json"), dict(args=vars(args), eval=res))
         return res
 
-    train_set = data.VPODataset(args.data_root, subset, "train", train=True, crop=args.crop, **kw)
     per_rank = args.batch_size // world
     sampler = torch.utils.data.DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True) \
         if distributed else None
@@ -688,13 +702,14 @@ def main(args):
                 break
         last = stop or epoch + 1 == args.epochs
         if (epoch + 1) % args.eval_every == 0 or last:
+            eval_t = time.time()
             res = evaluate(model, test_loader, mel_fn, device, amp, num_classes, overlay_dir, args.overlays)
             step_end = time.time()
             history.append(dict(epoch=epoch + 1, iteration=iteration, **res))
             if main_rank:
                 log(metrics.format_table(data.VPO_CLASSES, res), log_path)
                 log(f"eval ep {epoch + 1}: mIoU {100 * res['miou']:.2f} F-beta {100 * res['mean_fbeta']:.2f} "
-                    f"FDR {100 * res['mean_fdr']:.2f}", log_path)
+                    f"FDR {100 * res['mean_fdr']:.2f} ({step_end - eval_t:.1f} s)", log_path)
             if res["miou"] > best:
                 best = res["miou"]
                 checkpoint(epoch + 1, "best.pt")

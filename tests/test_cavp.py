@@ -1,9 +1,6 @@
 """cavp.py end to end on the tiny built-in VPO: shapes, attention, training runs, resume, DDP, errors."""
 import json
 import math
-import os
-import subprocess
-import sys
 from argparse import Namespace
 
 import pytest
@@ -11,19 +8,11 @@ import torch
 
 import cavp
 import data
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+from script_runner import run_script
 
 
-def run(*argv, check=True, torchrun=False):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
-        else [sys.executable]
-    proc = subprocess.run(cmd + [os.path.join(ROOT, "cavp.py"), *map(str, argv)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+def run(*argv, torchrun=False, check=True):
+    return run_script("cavp.py", *argv, torchrun=torchrun, check=check)
 
 
 def quick(tiny_vpo, out, *extra):

@@ -2,9 +2,6 @@
 short CPU runs of the script (train + eval, AVSBench S4, resume, DDP with gloo, errors)."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,19 +10,11 @@ import torch.nn.functional as F
 import data
 import fixtures_layouts as fl
 import tpavi
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+from script_runner import run_script
 
 
 def run(*argv, torchrun=False, check=True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
-        else [sys.executable]
-    proc = subprocess.run(cmd + [os.path.join(ROOT, "tpavi.py"), *map(str, argv)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return run_script("tpavi.py", *argv, torchrun=torchrun, check=check)
 
 
 def quick_vpo(root, out, *extra):
