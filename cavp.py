@@ -498,10 +498,12 @@ def palette(n):
 
 def save_overlay(path, image, mask, pred, attn):
     """One PNG: image | ground truth | prediction | cross-attention heatmap (App. C, Fig. 10)."""
-    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    img = ((image.cpu().float() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+    img = ((image.cpu().float() * data.STD + data.MEAN).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
     pal = palette(256)
-    blend = lambda lab: (0.5 * img + 0.5 * pal[lab.cpu().numpy()]).astype(np.uint8)
+
+    def blend(lab):  # class colours over the image, background left as it is, 255 white
+        lab = lab.cpu().numpy()
+        return np.where(lab[..., None] > 0, 0.35 * img + 0.65 * pal[lab], img).astype(np.uint8)
     a = attn.float()[None, None]
     a = F.interpolate(a, size=img.shape[:2], mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
     a = (a - a.min()) / (a.max() - a.min() + 1e-8)
@@ -719,9 +721,10 @@ def main(args):
     if main_rank:
         best_entry = max(history, key=lambda h: h["miou"]) if history else None
         write_json(os.path.join(args.out, "metrics.json"),
-                   dict(args=vars(args), history=history, best=best_entry, final=res,
+                   dict(args=vars(args), history=history, best=best_entry, final=history[-1] if history else None,
                         wall_time_s=round(time.time() - t0, 1),
-                        train_images_per_s=round((iteration - start_iter - 1) * args.batch_size / max(train_s, 1e-9), 2)))
+                        train_images_per_s=round(max(iteration - start_iter - 1, 0) * args.batch_size
+                                                 / max(train_s, 1e-9), 2)))
         log(f"done in {time.time() - t0:.0f} s; best mIoU {100 * best:.2f}; run folder {args.out}", log_path)
     return res
 

@@ -716,16 +716,16 @@ def main(args):
             holder = [args.out]
             dist.broadcast_object_list(holder)
             args.out = holder[0]
-    log_path = os.path.join(args.out, "log.txt") if main_rank else None
-    if main_rank:
-        os.makedirs(args.out, exist_ok=True)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
 
     val_split = "val" if spec["kind"] == "avs" else "test"  # VPO has no val split (release "val" = test)
     splits = ["test"] if args.eval_only else sorted({"train", val_split, "test"})
-    sets = build_datasets(args, spec, splits)
+    sets = build_datasets(args, spec, splits)  # read and checked before the run folder is made
+    log_path = os.path.join(args.out, "log.txt") if main_rank else None
+    if main_rank:
+        os.makedirs(args.out, exist_ok=True)
 
     def eval_loader(split):
         return torch.utils.data.DataLoader(
