@@ -52,7 +52,8 @@ def parse_args(argv=None):
     a("--data-root", default="data", help="folder holding VPO-SS/, VPO-MS/, VPO-MSMI/ (and audio/)")
     a("--audio-root", default=None, help="folder of {vgg_file}.wav clips (default: DATA_ROOT/audio)")
     a("--mono", action="store_true", help="mono audio instead of stereo (Fig. 7 / Table 8 ablation)")
-    a("--crop", type=int, default=None, help="training crop size (default: 512 as App. B.1; built-in VPO: its image size)")
+    a("--crop", type=int, default=None,
+      help="training crop size (default: 512 as App. B.1; built-in VPO: its image size)")
     a("--limit", type=int, default=None, help="use only the first N samples of each split (quick checks)")
     a("--workers", type=int, default=2, help="data loader worker processes per rank")
     # model
@@ -468,6 +469,20 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def write_json(path, obj):
+    """Atomic JSON write; NaN (an undefined metric, e.g. FDR of a never-predicted class) becomes null."""
+    def clean(x):
+        if isinstance(x, float) and math.isnan(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        return [clean(v) for v in x] if isinstance(x, (list, tuple)) else x
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(clean(obj), f, indent=1)
+    os.replace(tmp, path)
+
+
 def rng_state():
     return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
@@ -560,7 +575,13 @@ def main(args):
         path = args.resume or args.ckpt
         if not os.path.isfile(path):
             raise data.DataError(f"checkpoint {path} not found")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise data.DataError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
+                                 "pass a last.pt/best.pt written by cavp.py")
+        if not isinstance(ckpt, dict) or not {"model", "args"} <= ckpt.keys():
+            raise data.DataError(f"{path}: not a cavp.py checkpoint; pass a last.pt/best.pt written by cavp.py")
         for key in ARCH_KEYS:
             setattr(args, key, ckpt["args"][key])
         args.pretrained = "none"  # the checkpoint holds the weights
@@ -569,6 +590,10 @@ def main(args):
     resolve_defaults(args)
     if args.out is None:
         args.out = os.path.join("runs", f"cavp-{args.data}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if distributed:  # every rank uses rank 0's folder name
+            holder = [args.out]
+            dist.broadcast_object_list(holder)
+            args.out = holder[0]
     if args.batch_size % world:
         raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
 
@@ -579,6 +604,7 @@ def main(args):
     train_set = None if args.eval_only else \
         data.VPODataset(args.data_root, subset, "train", train=True, crop=args.crop, **kw)
     overlay_dir = os.path.join(args.out, "overlays")
+    n_overlays = args.overlays if main_rank else 0
     log_path = os.path.join(args.out, "log.txt") if main_rank else None
     if main_rank:
         os.makedirs(overlay_dir, exist_ok=True)
@@ -608,7 +634,7 @@ def main(args):
     history = ckpt.get("history", []) if args.resume else []
 
     if args.eval_only:
-        res = evaluate(model, test_loader, mel_fn, device, amp, num_classes, overlay_dir, args.overlays)
+        res = evaluate(model, test_loader, mel_fn, device, amp, num_classes, overlay_dir, n_overlays)
         if main_rank:
             log(metrics.format_table(data.VPO_CLASSES, res), log_path)
             write_json(os.path.join(args.out, "metrics.json"), dict(args=vars(args), eval=res))
@@ -705,7 +731,7 @@ def main(args):
         last = stop or epoch + 1 == args.epochs
         if (epoch + 1) % args.eval_every == 0 or last:
             eval_t = time.time()
-            res = evaluate(model, test_loader, mel_fn, device, amp, num_classes, overlay_dir, args.overlays)
+            res = evaluate(model, test_loader, mel_fn, device, amp, num_classes, overlay_dir, n_overlays)
             step_end = time.time()
             history.append(dict(epoch=epoch + 1, iteration=iteration, **res))
             if main_rank:
@@ -727,20 +753,6 @@ def main(args):
                                                  / max(train_s, 1e-9), 2)))
         log(f"done in {time.time() - t0:.0f} s; best mIoU {100 * best:.2f}; run folder {args.out}", log_path)
     return res
-
-
-def write_json(path, obj):
-    """Atomic JSON write; NaN (an undefined metric, e.g. FDR of a never-predicted class) becomes null."""
-    def clean(x):
-        if isinstance(x, float) and math.isnan(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        return [clean(v) for v in x] if isinstance(x, (list, tuple)) else x
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(clean(obj), f, indent=1)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -700,7 +700,13 @@ def main(args):
         path = args.resume or args.ckpt
         if not os.path.isfile(path):
             raise data.DataError(f"{path}: checkpoint not found")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise data.DataError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
+                                 "pass a last.pt/best.pt written by tpavi.py")
+        if not isinstance(ckpt, dict) or not {"model", "args"} <= ckpt.keys():
+            raise data.DataError(f"{path}: not a tpavi.py checkpoint; pass a last.pt/best.pt written by tpavi.py")
         for key in CKPT_KEYS:  # the architecture comes from the checkpoint
             setattr(args, key, ckpt["args"][key])
         if DATASETS[ckpt["args"]["data"]]["classes"] != DATASETS[args.data]["classes"]:

@@ -116,6 +116,7 @@ def test_ddp_gloo_one_step(tiny_vpo, tmp_path):
     (["--eval-only"], "--ckpt"),
     (["--data", "vpo_xx"], "--data"),
     (["--resume", "/nonexistent/last.pt"], "/nonexistent/last.pt"),
+    (["--eval-only", "--ckpt", "pytest.ini"], "pytest.ini: not a readable checkpoint"),
 ])
 def test_clear_errors(tiny_vpo, tmp_path, argv, needle):
     base = ["--data-root", tiny_vpo, "--out", tmp_path / "e", "--workers", "0"]
