@@ -496,25 +496,11 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def palette(n):
-    """Distinct colours per class (the PASCAL VOC bit-interleaving scheme), background black."""
-    cols = np.zeros((max(n, 256), 3), np.uint8)
-    for i in range(cols.shape[0]):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        cols[i] = (r, g, b)
-    cols[255] = (255, 255, 255)
-    return cols
-
-
 def save_overlay(path, image, mask, pred, attn):
     """One PNG: image | ground truth | prediction | cross-attention heatmap (App. C, Fig. 10)."""
     img = ((image.cpu().float() * data.STD + data.MEAN).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-    pal = palette(256)
+    pal = data.avss_palette(256)  # the VOC-style bit palette of AVSBench; 255 (ignore) white
+    pal[255] = 255
 
     def blend(lab):  # class colours over the image, background left as it is, 255 white
         lab = lab.cpu().numpy()
