@@ -719,6 +719,7 @@ def main(args):
             eval_t = time.time()
             res = evaluate(model, test_loader, mel_fn, device, amp, num_classes, overlay_dir, n_overlays)
             step_end = time.time()
+            window_t += step_end - eval_t  # images/s in the log counts training time only
             history.append(dict(epoch=epoch + 1, iteration=iteration, **res))
             if main_rank:
                 log(metrics.format_table(data.VPO_CLASSES, res), log_path)
