@@ -7,7 +7,8 @@ paper and says so in a comment.
 
     python vpo_make.py --synthetic --out data          # the built-in VPO (CPU-sized)
     python cavp.py --data vpo_msmi --epochs 80         # train + evaluate
-    python cavp.py --data vpo_msmi --eval-only --ckpt runs/<run>/best.pt
+    python cavp.py --data vpo_msmi --eval-only --ckpt runs/<run>/best.pt   # -> eval-real.json
+    python cavp.py --data vpo_msmi --eval-only --ckpt runs/<run>/best.pt --eval-audio silence
     torchrun --nproc_per_node=8 cavp.py --data vpo_msmi --data-root /path/to/VPO
 
 Defaults are the paper's recipe (App. B.1: DeepLabV3+ on ResNet-50, SGD 0.9 / 5e-4,
@@ -97,6 +98,12 @@ def parse_args(argv=None):
     a("--resume", default=None, help="continue training from this checkpoint (e.g. runs/x/last.pt)")
     a("--eval-only", action="store_true", help="only evaluate --ckpt on the test split")
     a("--ckpt", default=None, help="checkpoint to evaluate with --eval-only")
+    a("--eval-audio", default="real", choices=data.EVAL_AUDIO,
+      help="with --eval-only: test with the real audio, silence, or a clip of a class absent from the image; "
+           "the last two make the target all background, so fg_pred is the false-detection rate")
+    a("--coco-ann", default=None,
+      help="COCO instances JSON of the test images, for --eval-audio absent (default: the built-in VPO's "
+           "DATA_ROOT/sources/coco/annotations/instances_val2017.json)")
     a("--eval-every", type=int, default=5, help="evaluate every N epochs (and after the last)")
     a("--eval-batch-size", type=int, default=None,
       help="test batch size per rank (default: 1 as App. B.1, original resolution; built-in VPO: 16)")
@@ -105,6 +112,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.eval_only and not args.ckpt:
         p.error("--eval-only needs --ckpt PATH")
+    if args.eval_audio != "real" and not args.eval_only:
+        p.error(f"--eval-audio {args.eval_audio} is for --eval-only")
     for flag in ("epochs", "batch_size", "eval_every", "log_every", "bank_size", "anchors_per_group",
                  "eval_batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -587,6 +596,8 @@ def main(args):
     subset = args.data.split("_")[1]
     kw = dict(audio_root=args.audio_root, stereo=not args.mono, limit=args.limit)
     test_set = data.VPODataset(args.data_root, subset, "test", **kw)
+    if args.eval_only:
+        test_set = data.eval_audio_set(test_set, args.eval_audio, args.coco_ann, args.seed)
     train_set = None if args.eval_only else \
         data.VPODataset(args.data_root, subset, "train", train=True, crop=args.crop, **kw)
     overlay_dir = os.path.join(args.out, "overlays")
@@ -623,7 +634,11 @@ def main(args):
         res = evaluate(model, test_loader, mel_fn, device, amp, num_classes, overlay_dir, n_overlays)
         if main_rank:
             log(metrics.format_table(data.VPO_CLASSES, res), log_path)
-            write_json(os.path.join(args.out, "metrics.json"), dict(args=vars(args), eval=res))
+            if args.eval_audio != "real":
+                log(f"{args.eval_audio} audio: {100 * res['fg_pred']:.2f}% of the pixels segmented as a sounding "
+                    "object (false detections; 0 is right)", log_path)
+            # eval-real.json / eval-silence.json / eval-absent.json: never the training run's metrics.json
+            write_json(os.path.join(args.out, f"eval-{args.eval_audio}.json"), dict(args=vars(args), eval=res))
         return res
 
     per_rank = args.batch_size // world

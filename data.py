@@ -1,5 +1,6 @@
 """Datasets and audio I/O shared by cavp.py and tpavi.py (SPEC 1.1-1.3)."""
 import csv
+import json
 import math
 import os
 import re
@@ -327,7 +328,7 @@ class VPODataset(torch.utils.data.Dataset):
 
     def _group(self, rows):
         if self.subset == "ss":
-            return [dict(name=f"{r['img']:012d}_{r['ann']:012d}",
+            return [dict(name=f"{r['img']:012d}_{r['ann']:012d}", img=r["img"],
                          image=os.path.join(self.dir, "data", r["cate_name"], f"{r['img']:012d}.jpg"),
                          mask=os.path.join(self.dir, "mask", r["cate_name"],
                                            f"{r['img']:012d}_{r['ann']:012d}.png"),
@@ -335,7 +336,7 @@ class VPODataset(torch.utils.data.Dataset):
         by_img = {}
         for r in rows:
             s = by_img.setdefault(r["img"], dict(
-                name=f"{r['img']:012d}", image=os.path.join(self.dir, "data", f"{r['img']:012d}.jpg"),
+                name=f"{r['img']:012d}", img=r["img"], image=os.path.join(self.dir, "data", f"{r['img']:012d}.jpg"),
                 mask=os.path.join(self.dir, "mask", f"{r['img']:012d}.png"), sources=[]))
             s["sources"].append((r["cls"], r["wav"], r["alpha"]))
         return list(by_img.values())
@@ -390,6 +391,92 @@ class VPODataset(torch.utils.data.Dataset):
         audio_pos = torch.tensor(alphas[0] if len(alphas) == 1 else -1.0)
         return dict(image=img, mask=mask, wave=wave_, audio_classes=audio_classes,
                     image_classes=image_classes, audio_pos=audio_pos, name=s["name"])
+
+
+# ---------------------------------------------------------------- audio alignment check
+EVAL_AUDIO = ("real", "silence", "absent")
+
+
+def coco_visible_classes(ann_file):
+    """COCO instances JSON -> {img_Id: set of VPO class indices with an object in the image}.
+
+    A COCO person counts as male, female and baby (VPO's person class comes from the captions,
+    which may not name it); categories outside VPO are ignored.
+    """
+    fix = "pass --coco-ann with the COCO instances JSON of the test images (e.g. instances_val2017.json)"
+    try:
+        with open(ann_file) as f:
+            coco = json.load(f)
+        names = {c["id"]: c["name"] for c in coco["categories"]}
+        visible = {int(im["id"]): set() for im in coco["images"]}
+        for a in coco["annotations"]:
+            name = names[a["category_id"]]
+            classes = ("male", "female", "baby") if name == "person" else (name,) if name in VPO_CLASSES else ()
+            visible.setdefault(int(a["image_id"]), set()).update(VPO_CLASSES.index(c) for c in classes)
+    except FileNotFoundError:
+        raise DataError(f"{ann_file} not found: {fix}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{ann_file}: not a COCO instances file ({type(e).__name__}: {e}); {fix}") from None
+    return visible
+
+
+class CounterfactualAudio(torch.utils.data.Dataset):
+    """A VPO test set whose audio says that nothing in the image sounds, so every predicted object is
+    a false detection (the paper's Fig. 1 / Fig. 14 made a number).
+
+    mode 'silence': all-zero audio. mode 'absent': one test clip of a class with no object in the
+    image (`visible`: coco_visible_classes of the test images), panned at a random position; the
+    class, clip and position are fixed by (seed, index). The target is background wherever labelled.
+    """
+
+    def __init__(self, base, mode, visible=None, seed=0):
+        if mode not in EVAL_AUDIO[1:]:
+            raise DataError(f"unknown counterfactual audio {mode!r}; use silence or absent")
+        self.base, self.mode, self.visible, self.seed = base, mode, visible, seed
+        self.clips = {}
+        for s in base.samples:
+            for cls, wav, _ in s["sources"]:
+                self.clips.setdefault(cls, []).append(wav)
+        if mode == "absent":
+            missing = [s["img"] for s in base.samples if s["img"] not in visible]
+            if missing:
+                raise DataError(f"img_Id {missing[0]} of {base.csv} has no COCO annotation; pass --coco-ann "
+                                "with the COCO instances JSON of the test images")
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        sample = self.base[i]
+        wave_ = torch.zeros_like(sample["wave"])
+        audio_classes = torch.zeros_like(sample["audio_classes"])
+        pos = torch.tensor(-1.0)
+        if self.mode == "absent":
+            rng = np.random.default_rng([self.seed, i])
+            img = self.base.samples[i]["img"]
+            classes = sorted(c for c in self.clips if c not in self.visible[img])
+            if not classes:
+                raise DataError(f"img_Id {img}: every class with a test clip is in the image; "
+                                "use --eval-audio silence")
+            cls = classes[rng.integers(len(classes))]
+            w = load_clip(self.clips[cls][rng.integers(len(self.clips[cls]))]).mean(0, keepdim=True)
+            a = float(rng.uniform())
+            wave_ = torch.cat([(1 - a) * w, a * w]) if self.base.stereo else w  # SPEC 1.1 panning
+            audio_classes[cls], pos = 1.0, torch.tensor(a)
+        mask = sample["mask"].masked_fill(sample["mask"] != 255, 0)
+        return dict(sample, wave=wave_, mask=mask, audio_classes=audio_classes, audio_pos=pos)
+
+
+def eval_audio_set(test_set, mode, coco_ann=None, seed=0):
+    """The test set for --eval-audio: itself ('real') or wrapped in CounterfactualAudio. coco_ann
+    defaults to the built-in VPO's sources/coco/annotations/instances_val2017.json."""
+    if mode == "real":
+        return test_set
+    visible = None
+    if mode == "absent":
+        visible = coco_visible_classes(coco_ann or os.path.join(
+            os.path.dirname(test_set.dir), "sources", "coco", "annotations", "instances_val2017.json"))
+    return CounterfactualAudio(test_set, mode, visible, seed)
 
 
 def random_crop(img, mask, crop):

@@ -91,6 +91,10 @@ class ConfusionMatrix:
             "fdr": fdr.tolist(),
             "mean_fdr": fdr.nanmean().item(),
             "pixel_acc": (tp.sum() / total).item(),
+            # shares of labelled pixels predicted / labelled as an object (class != 0); with audio that
+            # says nothing sounds (CounterfactualAudio) fg_pred is the false-detection rate
+            "fg_pred": (m[:, 1:].sum() / total).item(),
+            "fg_true": (m[1:].sum() / total).item(),
             "present": present.tolist(),
         }
 

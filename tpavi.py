@@ -27,7 +27,9 @@ On real data add e.g. --backbone resnet18 --crop 256 --limit 200 --workers 2.
 AVSBench: the model is selected on the val split during training and best.pt is evaluated on test at
 the end; VPO has no val split (the release's "val" is the test set), so it is evaluated on test.
 Outputs in --out: last.pt, best.pt, metrics.json (args, per-eval history, best, final), log.txt and
-overlays/*.png (image | ground truth | prediction).
+overlays/*.png (image | ground truth | prediction); --eval-only writes eval-<audio>.json instead.
+Audio alignment (README): `--eval-only --eval-audio silence|absent` tests with audio that says nothing in
+the image sounds; fg_pred in eval-<audio>.json is then the share of pixels falsely segmented.
 """
 import argparse
 import json
@@ -124,6 +126,12 @@ def parse_args(argv=None):
     a("--resume", default=None, help="continue training from this checkpoint (e.g. runs/<run>/last.pt)")
     a("--eval-only", action="store_true", help="only evaluate --ckpt on the test split")
     a("--ckpt", default=None, help="checkpoint to evaluate with --eval-only")
+    a("--eval-audio", default="real", choices=data.EVAL_AUDIO,
+      help="with --eval-only on VPO: test with the real audio, silence, or a clip of a class absent from the "
+           "image; the last two make the target all background, so fg_pred is the false-detection rate")
+    a("--coco-ann", default=None,
+      help="COCO instances JSON of the test images, for --eval-audio absent (default: the built-in VPO's "
+           "DATA_ROOT/sources/coco/annotations/instances_val2017.json)")
     a("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last one)")
     a("--eval-batch-size", type=int, default=1,
       help="clips per evaluation step and rank (CAVP App. B.1: 1, VPO at original resolution)")
@@ -139,6 +147,8 @@ def parse_args(argv=None):
     if args.eval_only != (args.ckpt is not None):
         p.error("--eval-only needs --ckpt PATH" if args.eval_only else
                 "--ckpt is for --eval-only; use --resume PATH to continue training")
+    if args.eval_audio != "real" and not (args.eval_only and args.data.startswith("vpo")):
+        p.error(f"--eval-audio {args.eval_audio} is for --eval-only on a VPO --data")
     if args.eval_only and args.resume:
         p.error("--resume and --eval-only exclude each other")
     if any(s not in range(4) for s in args.tpavi_stages) or len(set(args.tpavi_stages)) != len(args.tpavi_stages):
@@ -729,6 +739,8 @@ def main(args):
     val_split = "val" if spec["kind"] == "avs" else "test"  # VPO has no val split (release "val" = test)
     splits = ["test"] if args.eval_only else sorted({"train", val_split, "test"})
     sets = build_datasets(args, spec, splits)  # read and checked before the run folder is made
+    if args.eval_only:
+        sets["test"] = data.eval_audio_set(sets["test"], args.eval_audio, args.coco_ann, args.seed)
     log_path = os.path.join(args.out, "log.txt") if main_rank else None
     if main_rank:
         os.makedirs(args.out, exist_ok=True)
@@ -767,7 +779,11 @@ def main(args):
     if args.eval_only:
         res = run_eval(model, "test", args.ckpt)
         if main_rank:
-            write_json(os.path.join(args.out, "metrics.json"), dict(args=vars(args), final=res))
+            if args.eval_audio != "real":
+                log(f"{args.eval_audio} audio: {100 * res['fg_pred']:.2f}% of the pixels segmented as a sounding "
+                    "object (false detections; 0 is right)", log_path)
+            # eval-real.json / eval-silence.json / eval-absent.json: never the training run's metrics.json
+            write_json(os.path.join(args.out, f"eval-{args.eval_audio}.json"), dict(args=vars(args), eval=res))
         return res
 
     if use_cuda and distributed:

@@ -86,7 +86,19 @@ def test_train_eval_stereo_and_mono(tiny_vpo, tmp_path):
         assert ckpt["iteration"] == 2 and ckpt["args"]["mono"] == mono
     proc = run("--data", "vpo_msmi", "--data-root", tiny_vpo, "--eval-only", "--ckpt", out / "best.pt",
                "--out", tmp_path / "ev", "--workers", "0", "--limit", "4")
-    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["eval"]["miou"] >= 0
+    assert json.loads((tmp_path / "ev" / "eval-real.json").read_text())["eval"]["miou"] >= 0
+    # audio alignment: evaluated into the run folder, beside (never over) the training metrics.json
+    before = (out / "metrics.json").read_bytes()
+    for audio in ("real", "silence", "absent"):
+        proc = run("--data", "vpo_msmi", "--data-root", tiny_vpo, "--eval-only", "--ckpt", out / "last.pt",
+                   "--out", out, "--workers", "0", "--overlays", "0", "--eval-audio", audio)
+        res = json.loads((out / f"eval-{audio}.json").read_text())["eval"]
+        if audio == "real":
+            assert res["miou"] == pytest.approx(m["final"]["miou"]) and res["fg_true"] > 0
+        else:
+            assert f"{audio} audio: {100 * res['fg_pred']:.2f}% of the pixels" in proc.stdout
+            assert res["fg_true"] == 0 and res["fg_pred"] == pytest.approx(1 - res["pixel_acc"])
+    assert (out / "metrics.json").read_bytes() == before
 
 
 def test_resume_is_exact(tiny_vpo, tmp_path):
@@ -117,6 +129,7 @@ def test_ddp_gloo_one_step(tiny_vpo, tmp_path):
     (["--data", "vpo_xx"], "--data"),
     (["--resume", "/nonexistent/last.pt"], "/nonexistent/last.pt"),
     (["--eval-only", "--ckpt", "pytest.ini"], "pytest.ini: not a readable checkpoint"),
+    (["--eval-audio", "silence"], "--eval-audio silence is for --eval-only"),
 ])
 def test_clear_errors(tiny_vpo, tmp_path, argv, needle):
     base = ["--data-root", tiny_vpo, "--out", tmp_path / "e", "--workers", "0"]

@@ -1,4 +1,5 @@
 """Tests for data.py: WAV I/O, audio crop, LogMel, VPO and AVSBench readers on tiny released-layout fixtures."""
+import json
 import math
 import os
 import re
@@ -289,6 +290,81 @@ def test_train_augmentation_seeded_and_scaled(tmp_path):
     torch.manual_seed(0)
     c = VPODataset(tmp_path, "ms", "train", train=True, crop=8)[1]
     assert c["image"].shape == (3, 8, 8) and c["mask"].shape == (8, 8)
+
+
+# ---------------------------------------------------------------- counterfactual audio (audio alignment)
+def _coco_json(root, images, anns):
+    """COCO instances JSON; anns: (image_id, category name) pairs."""
+    cats = {"person": 1, "car": 3, "cat": 17, "dog": 18, "chair": 62}
+    path = os.path.join(root, "instances_val2017.json")
+    with open(path, "w") as f:
+        json.dump(dict(images=[dict(id=i) for i in images],
+                       categories=[dict(id=v, name=k) for k, v in cats.items()],
+                       annotations=[dict(id=j, image_id=i, category_id=cats[c]) for j, (i, c) in enumerate(anns)]), f)
+    return path
+
+
+def _two_test_images(root):
+    """img 40: dog sounds (clip level 0.4), a cat is silent; img 41: car sounds (0.25), persons around."""
+    write_vpo(root, "ms", [
+        dict(img=40, split="val", mask=_mask(a=(18, 0, 6), b=(255, 10, 12)), sources=[("dog", 18, 1, "dog1", 0.4, 0.3)]),
+        dict(img=41, split="val", mask=_mask(a=(3, 4, 8)), sources=[("car", 3, 2, "car1", 0.25, 0.6)]),
+    ])
+    return _coco_json(root, [40, 41], [(40, "dog"), (40, "cat"), (40, "chair"), (41, "car"), (41, "person")])
+
+
+def test_coco_visible_classes_persons_and_non_vpo(tmp_path):
+    visible = data.coco_visible_classes(_two_test_images(tmp_path))
+    assert visible == {40: {DOG, CAT}, 41: {CAR, MALE, FEMALE, BABY}}  # chair ignored, person -> 3 classes
+
+
+@pytest.mark.parametrize("stereo", [True, False])
+def test_counterfactual_silence(tmp_path, stereo):
+    _two_test_images(tmp_path)
+    base = VPODataset(tmp_path, "ms", "test", stereo=stereo)
+    cf = data.CounterfactualAudio(base, "silence")
+    for i in range(len(base)):
+        real, s = base[i], cf[i]
+        assert s["wave"].shape == real["wave"].shape == (2 if stereo else 1, 48000) and not s["wave"].any()
+        assert ((s["mask"] == 255) == (real["mask"] == 255)).all() and (s["mask"][s["mask"] != 255] == 0).all()
+        assert torch.equal(s["image"], real["image"]) and not s["audio_classes"].any()
+    assert (base[0]["mask"] == 255).any()  # the ignore region is kept
+
+
+def test_counterfactual_absent_class_clip(tmp_path):
+    ann = _two_test_images(tmp_path)
+    base = VPODataset(tmp_path, "ms", "test")
+    cf = data.eval_audio_set(base, "absent", ann, seed=3)
+    # test clips: dog (0.4) and car (0.25); the only class absent from img 40 is car, from img 41 dog
+    for i, (cls, level) in enumerate([(CAR, 0.25), (DOG, 0.4)]):
+        s = cf[i]
+        a = s["audio_pos"].item()
+        assert 0 <= a <= 1 and s["audio_classes"].nonzero().flatten().tolist() == [cls]
+        assert torch.allclose(s["wave"].mean(1), torch.tensor([(1 - a) * level, a * level]), atol=1e-3)
+        assert (s["mask"][s["mask"] != 255] == 0).all()
+        assert torch.equal(s["wave"], cf[i]["wave"])  # fixed by (seed, index)
+    assert data.eval_audio_set(base, "real") is base
+    mono = data.CounterfactualAudio(VPODataset(tmp_path, "ms", "test", stereo=False), "absent",
+                                    data.coco_visible_classes(ann))[1]["wave"]
+    assert mono.shape == (1, 48000) and torch.allclose(mono, torch.tensor(0.4), atol=1e-3)
+
+
+def test_counterfactual_errors(tmp_path):
+    ann = _two_test_images(tmp_path)
+    base = VPODataset(tmp_path, "ms", "test")
+    with raises_naming(tmp_path / "nope.json", " not found"):
+        data.eval_audio_set(base, "absent", str(tmp_path / "nope.json"))
+    with raises_naming(tmp_path / "sources/coco/annotations/instances_val2017.json", " not found: pass --coco-ann"):
+        data.eval_audio_set(base, "absent")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": []}')
+    with raises_naming(bad, ": not a COCO instances file"):
+        data.coco_visible_classes(str(bad))
+    with pytest.raises(DataError, match="img_Id 41 .*--coco-ann"):
+        data.CounterfactualAudio(base, "absent", {40: {DOG}})
+    crowded = data.CounterfactualAudio(base, "absent", {40: {DOG, CAR}, 41: {CAR}})
+    with pytest.raises(DataError, match="img_Id 40: every class"):
+        crowded[0]
 
 
 def test_pad_collate(tmp_path):

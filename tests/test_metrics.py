@@ -55,6 +55,8 @@ def reference_confusion(batches, k):
     fdrs = [v for v in out["fdr"] if not math.isnan(v)]
     out["mean_fdr"] = sum(fdrs) / len(fdrs)
     out["pixel_acc"] = sum(counts[c][c] for c in range(k)) / total
+    out["fg_pred"] = sum(counts[t][p] for t in range(k) for p in range(1, k)) / total
+    out["fg_true"] = sum(counts[t][p] for t in range(1, k) for p in range(k)) / total
     return counts, out
 
 

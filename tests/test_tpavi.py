@@ -169,6 +169,15 @@ def test_vpo_train_eval_and_exact_resume(tiny_vpo, tmp_path):
     assert diff <= 1e-6, diff
     assert [h["iteration"] for h in a["history"]] == [2, 3, 4] and [h["iteration"] for h in b["history"]] == [3, 4]
 
+    before = (straight / "metrics.json").read_bytes()  # audio alignment files go beside it
+    for audio in ("silence", "absent"):
+        proc = run(*quick_vpo(tiny_vpo, straight, "--eval-only", "--ckpt", straight / "last.pt", "--no-amp",
+                              "--overlays", "0", "--eval-audio", audio))
+        res = load_json(straight / f"eval-{audio}.json")["eval"]
+        assert res["fg_true"] == 0 and res["fg_pred"] == pytest.approx(1 - res["pixel_acc"])
+        assert f"{audio} audio: {100 * res['fg_pred']:.2f}% of the pixels" in proc.stdout
+    assert (straight / "metrics.json").read_bytes() == before
+
 
 def test_avsbench_s4_train_eval(tmp_path):
     """Binary AVSBench-Objects: BCE + L_AVM, val during training, best.pt on test, M_J / M_F, overlays,
@@ -186,7 +195,7 @@ def test_avsbench_s4_train_eval(tmp_path):
     assert sorted(p.name for p in (out / "overlays").glob("*.png")) == ["d_0.png", "d_1.png", "d_2.png"]
     run("--data", "avsbench_s4", "--data-root", root, "--out", out / "eval", "--crop", "32", "--workers", "0",
         "--eval-only", "--ckpt", out / "best.pt", "--overlays", "0")
-    assert load_json(out / "eval" / "metrics.json")["final"]["mj"] == pytest.approx(m["final"]["mj"])
+    assert load_json(out / "eval" / "eval-real.json")["eval"]["mj"] == pytest.approx(m["final"]["mj"])
 
 
 def test_ddp_gloo_one_step(tiny_vpo, tmp_path):
@@ -206,6 +215,8 @@ def test_ddp_gloo_one_step(tiny_vpo, tmp_path):
     (["--tpavi-stages", "--lambda-avm", "0.5"], "L_AVM"),
     (["--batch-size", "0"], ">= 1"),
     (["--data", "avsbench"], "invalid choice"),
+    (["--eval-audio", "absent"], "--eval-audio absent is for --eval-only on a VPO --data"),
+    (["--data", "avsbench_s4", "--eval-only", "--ckpt", "x.pt", "--eval-audio", "silence"], "VPO --data"),
 ])
 def test_bad_flags(capsys, argv, needle):
     with pytest.raises(SystemExit) as e:

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Re-runs every experiment of the README section "Paper claims on the built-in VPO" and prints its tables.
+#
+#   bash benchmarks/reproduce.sh                       # all of it, ~2 h on a 2-core CPU
+#   OUT=runs/repro2 SEEDS="2 3" bash benchmarks/reproduce.sh
+#
+# Every run gets its own folder OUT/<method>-<subset>-s<seed>; a finished run (its log.txt says "done in")
+# is skipped, an interrupted one continues from its last.pt, so the script can be stopped and started again.
+# Same budget for every method: ResNet-18 image and audio encoders from scratch, the built-in 64 px images,
+# EPOCHS epochs, the seeds in SEEDS; each method keeps its own paper's optimiser recipe (README).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+OUT=${OUT:-runs/repro}
+EPOCHS=${EPOCHS:-30}
+SEEDS=${SEEDS:-"0 1"}
+FIRST=${SEEDS%% *}
+mkdir -p "$OUT"
+[ -f data/vpo_summary.json ] || $PY vpo_make.py --synthetic --out data
+
+train() {  # train NAME SCRIPT ARGS...: one training run in OUT/NAME
+    local name=$1 script=$2; shift 2
+    local dir=$OUT/$name
+    if grep -qs "done in" "$dir/log.txt"; then return; fi
+    local resume=()
+    [ -f "$dir/last.pt" ] && resume=(--resume "$dir/last.pt")
+    echo "$(date +%T) $name"
+    $PY "$script" "$@" --epochs "$EPOCHS" --eval-every 10 --out "$dir" "${resume[@]}" > "$dir.log" 2>&1
+}
+
+for seed in $SEEDS; do
+    for s in ss ms msmi; do  # item 1 (Table 4) and item 2 (Fig. 7 / Table 8)
+        train cavp-$s-s$seed cavp.py --data vpo_$s --seed "$seed"
+        train tpavi-$s-s$seed tpavi.py --data vpo_$s --seed "$seed" --workers 0
+        train cavp-mono-$s-s$seed cavp.py --data vpo_$s --seed "$seed" --mono
+    done
+    if [ "$seed" = "$FIRST" ]; then  # items 3 (Table 5) and 4 (Fig. 6): one seed, VPO-MSMI
+        train tpavifusion-msmi-s$seed cavp.py --data vpo_msmi --seed "$seed" --fusion tpavi --contrast none
+        train ca-msmi-s$seed cavp.py --data vpo_msmi --seed "$seed" --contrast none
+        train supcon-msmi-s$seed cavp.py --data vpo_msmi --seed "$seed" --contrast supcon
+        train softmax-msmi-s$seed cavp.py --data vpo_msmi --seed "$seed" --attn softmax
+        train minmax-msmi-s$seed cavp.py --data vpo_msmi --seed "$seed" --attn minmax
+    fi
+done
+for seed in $SEEDS; do  # like-for-like control of item 1: TPAVI-like fusion with CAVP's optimiser
+    for s in ss ms msmi; do
+        [ "$s" = msmi ] && [ "$seed" = "$FIRST" ] && continue  # = tpavifusion-msmi-s$FIRST above
+        train tpavifusion-$s-s$seed cavp.py --data vpo_$s --seed "$seed" --fusion tpavi --contrast none
+    done
+done
+
+# item 5: every trained model (last.pt) tested with the real audio, with silence and with a clip of a class
+# that is absent from the image; writes eval-real.json, eval-silence.json, eval-absent.json beside metrics.json
+for dir in "$OUT"/*/; do
+    dir=${dir%/}
+    name=$(basename "$dir")
+    script=cavp.py; [ "${name%%-*}" = tpavi ] && script=tpavi.py
+    subset=${name%-s*}; subset=${subset##*-}
+    for audio in real silence absent; do
+        [ -f "$dir/eval-$audio.json" ] || $PY "$script" --data "vpo_$subset" --eval-only --ckpt "$dir/last.pt" \
+            --eval-audio "$audio" --overlays 0 --out "$dir" > "$dir/eval-$audio.log" 2>&1
+    done
+done
+$PY benchmarks/summarize.py "$OUT"

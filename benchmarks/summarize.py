@@ -1,0 +1,157 @@
+"""Print the README tables of benchmarks/reproduce.sh from its run folders.
+
+    python benchmarks/summarize.py runs/repro
+
+Figures are test-split percentages of the last epoch (metrics.json "final"); "a (b-c)" = mean over
+seeds (lowest-highest). Item 5 reads eval-real.json / eval-silence.json / eval-absent.json.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import sys
+
+SUBSETS = ("ss", "ms", "msmi")
+NAMES = {"tpavi": "TPAVI (tpavi.py, AVS recipe)", "tpavifusion": "TPAVI-like fusion (cavp.py, no contrast)",
+         "cavp": "CAVP (stereo)", "cavp-mono": "CAVP (mono)", "ca": "f_CA, no contrast",
+         "supcon": "f_CA + SupCon (uniform)", "softmax": "CAVP, softmax attention",
+         "minmax": "CAVP, min-max attention"}
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def runs(root, method, subset):
+    """[(seed, run folder)] of the finished runs of one method on one subset."""
+    found = []
+    for d in sorted(glob.glob(os.path.join(root, f"{method}-{subset}-s*"))):
+        m = re.fullmatch(rf"{re.escape(method)}-{subset}-s(\d+)", os.path.basename(d))
+        if m and os.path.isfile(os.path.join(d, "metrics.json")) and wall_time(d) is not None:
+            found.append((int(m.group(1)), d))
+    return found
+
+
+def wall_time(run):
+    with open(os.path.join(run, "log.txt")) as f:
+        done = re.findall(r"^done in (\d+) s", f.read(), re.M)
+    return int(done[-1]) if done else None
+
+
+def spread(values, digits=2):
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def final(run):
+    res = load(os.path.join(run, "metrics.json"))["final"]
+    real = os.path.join(run, "eval-real.json")
+    if os.path.isfile(real) and abs(load(real)["eval"]["miou"] - res["miou"]) > 1e-6:
+        sys.exit(f"{run}: eval-real.json (last.pt) disagrees with metrics.json's final mIoU; rerun the evaluation")
+    return res
+
+
+def scores(root, method, subset):
+    """dict of mean-over-seeds strings and raw per-seed mIoU lists."""
+    rs = runs(root, method, subset)
+    res = [final(d) for _, d in rs]
+    return dict(n=len(rs), seeds=[s for s, _ in rs], miou=[100 * r["miou"] for r in res],
+                fbeta=[100 * r["mean_fbeta"] for r in res], fdr=[100 * r["mean_fdr"] for r in res],
+                minutes=[wall_time(d) / 60 for _, d in rs])
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def metric_rows(root, methods, subsets):
+    rows = []
+    for s in subsets:
+        for m in methods:
+            r = scores(root, m, s)
+            if r["n"]:
+                rows.append([f"VPO-{s.upper()}", NAMES[m], ",".join(map(str, r["seeds"])), spread(r["miou"]),
+                             spread(r["fbeta"]), spread(r["fdr"]), spread(r["minutes"], 1)])
+    return table(["data", "method", "seeds", "mIoU", "F-beta", "FDR (lower is better)", "wall min"], rows)
+
+
+def margin(root, a, b, subset):
+    """mean mIoU of a minus mean mIoU of b (seeds that both have), or None."""
+    ra, rb = scores(root, a, subset), scores(root, b, subset)
+    both = sorted(set(ra["seeds"]) & set(rb["seeds"]))
+    if not both:
+        return None
+    pick = lambda r: [v for s, v in zip(r["seeds"], r["miou"]) if s in both]  # noqa: E731
+    return sum(pick(ra)) / len(both) - sum(pick(rb)) / len(both)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("root", help="OUT folder of benchmarks/reproduce.sh")
+    root = p.parse_args(argv).root
+    if not os.path.isdir(root):
+        sys.exit(f"{root} not found: pass the OUT folder of benchmarks/reproduce.sh")
+
+    print("### 1. Table 4: CAVP vs TPAVI\n")
+    print(metric_rows(root, ("tpavi", "tpavifusion", "cavp"), SUBSETS))
+    for base in ("tpavi", "tpavifusion"):
+        gaps = [(s, margin(root, "cavp", base, s)) for s in SUBSETS]
+        print(f"\nCAVP - {NAMES[base]}, mIoU: " + ", ".join(f"{s.upper()} {g:+.2f}" for s, g in gaps
+                                                             if g is not None))
+
+    print("\n### 2. Fig. 7 / Table 8: stereo vs mono (CAVP)\n")
+    print(metric_rows(root, ("cavp-mono", "cavp"), SUBSETS))
+    gaps = [(s, margin(root, "cavp", "cavp-mono", s)) for s in SUBSETS]
+    print("\nstereo - mono, mIoU: " + ", ".join(f"{s.upper()} {g:+.2f}" for s, g in gaps if g is not None))
+
+    print("\n### 3. Table 5 on VPO-MSMI (first seed)\n")
+    first = min(scores(root, "cavp", "msmi")["seeds"] or [0])
+    rows = []
+    for m in ("tpavifusion", "ca", "supcon", "cavp"):
+        d = os.path.join(root, f"{m}-msmi-s{first}")
+        if os.path.isfile(os.path.join(d, "metrics.json")) and wall_time(d) is not None:
+            r = final(d)
+            rows.append([NAMES[m], f"{100 * r['miou']:.2f}", f"{100 * r['mean_fbeta']:.2f}",
+                         f"{100 * r['mean_fdr']:.2f}", f"{wall_time(d) / 60:.1f}"])
+    print(table(["model", "mIoU", "F-beta", "FDR", "wall min"], rows))
+
+    print("\n### 4. Fig. 6 on VPO-MSMI (first seed): attention activation\n")
+    rows = []
+    for m, act in (("cavp", "sigmoid"), ("softmax", "softmax"), ("minmax", "min-max")):
+        d = os.path.join(root, f"{m}-msmi-s{first}")
+        if os.path.isfile(os.path.join(d, "metrics.json")) and wall_time(d) is not None:
+            r = final(d)
+            rows.append([act, f"{100 * r['miou']:.2f}", f"{100 * r['mean_fbeta']:.2f}", f"{100 * r['mean_fdr']:.2f}"])
+    print(table(["attention", "mIoU", "F-beta", "FDR"], rows))
+
+    print("\n### 5. Audio alignment: pixels segmented as a sounding object, real vs counterfactual audio\n")
+    rows = []
+    for s in SUBSETS:
+        for m in ("tpavi", "tpavifusion", "ca", "supcon", "cavp-mono", "cavp"):
+            fg = {}
+            for audio in ("real", "silence", "absent"):
+                files = [os.path.join(d, f"eval-{audio}.json") for _, d in runs(root, m, s)]
+                fg[audio] = [load(f)["eval"] for f in files if os.path.isfile(f)]
+            if not fg["real"] or len(fg["silence"]) != len(fg["real"]) or len(fg["absent"]) != len(fg["real"]):
+                continue
+            real = [100 * r["fg_pred"] for r in fg["real"]]
+            row = [f"VPO-{s.upper()}", NAMES[m], len(real), spread([100 * fg["real"][0]["fg_true"]]), spread(real)]
+            for audio in ("silence", "absent"):
+                share = [100 * r["fg_pred"] for r in fg[audio]]
+                row += [spread(share), spread([100 * a / b for a, b in zip(share, real) if b > 0], 0)]
+            rows.append(row)
+    print(table(["data", "model", "seeds", "ground truth, % px", "real audio, % px", "silence, % px",
+                 "silence, % of real", "absent-class clip, % px", "absent, % of real"], rows))
+
+if __name__ == "__main__":
+    main()
