@@ -74,13 +74,13 @@ def table(header, rows):
     return "\n".join(lines)
 
 
-def metric_rows(root, methods, subsets):
+def metric_rows(root, methods, subsets, names=NAMES):
     rows = []
     for s in subsets:
         for m in methods:
             r = scores(root, m, s)
             if r["n"]:
-                rows.append([f"VPO-{s.upper()}", NAMES[m], ",".join(map(str, r["seeds"])), spread(r["miou"]),
+                rows.append([f"VPO-{s.upper()}", names[m], ",".join(map(str, r["seeds"])), spread(r["miou"]),
                              spread(r["fbeta"]), spread(r["fdr"]), spread(r["minutes"], 1)])
     return table(["data", "method", "seeds", "mIoU", "F-beta", "FDR (lower is better)", "wall min"], rows)
 
@@ -114,25 +114,15 @@ def main(argv=None):
     gaps = [(s, margin(root, "cavp", "cavp-mono", s)) for s in SUBSETS]
     print("\nstereo - mono, mIoU: " + ", ".join(f"{s.upper()} {g:+.2f}" for s, g in gaps if g is not None))
 
-    print("\n### 3. Table 5 on VPO-MSMI (first seed)\n")
-    first = min(scores(root, "cavp", "msmi")["seeds"] or [0])
-    rows = []
-    for m in ("tpavifusion", "ca", "supcon", "cavp"):
-        d = os.path.join(root, f"{m}-msmi-s{first}")
-        if os.path.isfile(os.path.join(d, "metrics.json")) and wall_time(d) is not None:
-            r = final(d)
-            rows.append([NAMES[m], f"{100 * r['miou']:.2f}", f"{100 * r['mean_fbeta']:.2f}",
-                         f"{100 * r['mean_fdr']:.2f}", f"{wall_time(d) / 60:.1f}"])
-    print(table(["model", "mIoU", "F-beta", "FDR", "wall min"], rows))
+    print("\n### 3. Table 5 on VPO-MSMI\n")
+    print(metric_rows(root, ("tpavifusion", "ca", "supcon", "cavp"), ("msmi",)))
+    steps = [("ca", "tpavifusion"), ("supcon", "ca"), ("cavp", "supcon")]
+    print("\nstep by step, mIoU: " + ", ".join(f"{a} - {b} {g:+.2f}" for a, b in steps
+                                              if (g := margin(root, a, b, "msmi")) is not None))
 
-    print("\n### 4. Fig. 6 on VPO-MSMI (first seed): attention activation\n")
-    rows = []
-    for m, act in (("cavp", "sigmoid"), ("softmax", "softmax"), ("minmax", "min-max")):
-        d = os.path.join(root, f"{m}-msmi-s{first}")
-        if os.path.isfile(os.path.join(d, "metrics.json")) and wall_time(d) is not None:
-            r = final(d)
-            rows.append([act, f"{100 * r['miou']:.2f}", f"{100 * r['mean_fbeta']:.2f}", f"{100 * r['mean_fdr']:.2f}"])
-    print(table(["attention", "mIoU", "F-beta", "FDR"], rows))
+    print("\n### 4. Fig. 6 on VPO-MSMI: attention activation of f_CA (CAVP otherwise)\n")
+    print(metric_rows(root, ("cavp", "softmax", "minmax"), ("msmi",),
+                      names=dict(cavp="sigmoid", softmax="softmax", minmax="min-max")))
 
     print("\n### 5. Audio alignment: pixels segmented as a sounding object, real vs counterfactual audio\n")
     rows = []

@@ -1,0 +1,49 @@
+"""benchmarks/summarize.py on hand-written run folders in the layout reproduce.sh leaves behind."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import summarize  # noqa: E402
+
+
+def fake_run(root, name, miou, fbeta=0.5, fdr=0.25, secs=120, done=True, evals=None):
+    d = root / name
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps(dict(final=dict(miou=miou, mean_fbeta=fbeta, mean_fdr=fdr))))
+    (d / "log.txt").write_text("ep 1/1 ...\n" + (f"done in {secs} s; best mIoU {100 * miou:.2f}\n" if done else ""))
+    for audio, (pred, true) in (evals or {}).items():
+        res = dict(miou=miou, fg_pred=pred, fg_true=true)
+        (d / f"eval-{audio}.json").write_text(json.dumps(dict(eval=res)))
+
+
+def test_tables_means_margins_and_unfinished_runs(tmp_path, capsys):
+    fake_run(tmp_path, "cavp-ss-s0", 0.20, secs=180, evals=dict(real=(0.04, 0.05), silence=(0.0, 0.0),
+                                                                 absent=(0.01, 0.0)))
+    fake_run(tmp_path, "cavp-ss-s1", 0.30, secs=240, evals=dict(real=(0.02, 0.05), silence=(0.01, 0.0),
+                                                                 absent=(0.01, 0.0)))
+    fake_run(tmp_path, "tpavi-ss-s0", 0.05)
+    fake_run(tmp_path, "tpavi-ss-s1", 0.07)
+    fake_run(tmp_path, "cavp-mono-ss-s0", 0.40)
+    fake_run(tmp_path, "cavp-ms-s0", 0.90, done=False)  # interrupted: not counted
+    summarize.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| VPO-SS | CAVP (stereo) | 0,1 | 25.00 (20.00-30.00) | 50.00 (50.00-50.00) | 25.00 (25.00-25.00) " \
+           "| 3.5 (3.0-4.0) |" in out
+    assert "VPO-MS |" not in out
+    assert "mIoU: SS +19.00" in out  # (20 + 30) / 2 - (5 + 7) / 2
+    assert "stereo - mono, mIoU: SS -20.00" in out  # seed 0 only: 20 - 40
+    # audio alignment: ground truth 5 %, real 3 % (4, 2), silence 0.5 % = 0 and 50 % of real, absent 25 / 50 %
+    assert "| VPO-SS | CAVP (stereo) | 2 | 5.00 | 3.00 (2.00-4.00) | 0.50 (0.00-1.00) | 25 (0-50) " \
+           "| 1.00 (1.00-1.00) | 38 (25-50) |" in out
+
+
+def test_eval_disagreeing_with_training_stops(tmp_path):
+    fake_run(tmp_path, "cavp-ss-s0", 0.20, evals=dict(real=(0.04, 0.05)))
+    (tmp_path / "cavp-ss-s0" / "eval-real.json").write_text(json.dumps(dict(eval=dict(miou=0.1))))
+    with pytest.raises(SystemExit, match="disagrees"):
+        summarize.main([str(tmp_path)])
+    with pytest.raises(SystemExit, match="not found"):
+        summarize.main([str(tmp_path / "missing")])
