@@ -384,7 +384,7 @@ def repair(batch, bank, pos_share, use_bank):
             w = bank.draw(int(t[i].argmax()))
             if w is None:
                 continue
-            extra.append(torch.stack([(1 - pos[i]) * w, pos[i] * w]) if wave.shape[1] == 2 else w[None])
+            extra.append(data.pan(w[None], pos[i], stereo=wave.shape[1] == 2))
             idx.append(i)
             t2[i], match[i] = t[i], True
     extra = torch.stack(extra) if extra else wave.new_zeros(0, *wave.shape[1:])

@@ -156,6 +156,12 @@ def fit_length(x, n, centre=True):
     return x[..., start:start + n]
 
 
+def pan(mono, alpha, stereo=True):
+    """SPEC 1.1 / CAVP Fig. 3: a (1, N) mono source at relative position alpha -> (2, N) with
+    L = (1 - alpha) * w, R = alpha * w; with stereo=False the mono source itself."""
+    return torch.cat([(1 - alpha) * mono, alpha * mono]) if stereo else mono
+
+
 def load_clip(path, sample_rate=SAMPLE_RATE, seconds=3.0, centre=True):
     """Read a WAV, resample to `sample_rate`, `seconds` crop (centred) / repeat-pad -> (C, N)."""
     x, rate = read_wav(path)
@@ -380,9 +386,8 @@ class VPODataset(torch.utils.data.Dataset):
         alphas = [1.0 - a if flip else a for _, _, a in s["sources"]]  # SPEC 1.1: flip -> 1 - alpha
         wave_, audio_classes = 0.0, torch.zeros(len(VPO_CLASSES))
         for (cls, wav, _), a in zip(s["sources"], alphas):
-            w = load_clip(wav).mean(0, keepdim=True)
-            # SPEC 1.1: L = (1 - alpha) * w, R = alpha * w, sources panned one by one then summed
-            wave_ = wave_ + (torch.cat([(1 - a) * w, a * w]) if self.stereo else w)
+            # SPEC 1.1: sources panned one by one, then summed
+            wave_ = wave_ + pan(load_clip(wav).mean(0, keepdim=True), a, self.stereo)
             audio_classes[cls] = 1.0
         mask = mask.long()
         image_classes = torch.zeros(len(VPO_CLASSES))
@@ -461,7 +466,7 @@ class CounterfactualAudio(torch.utils.data.Dataset):
             cls = classes[rng.integers(len(classes))]
             w = load_clip(self.clips[cls][rng.integers(len(self.clips[cls]))]).mean(0, keepdim=True)
             a = float(rng.uniform())
-            wave_ = torch.cat([(1 - a) * w, a * w]) if self.base.stereo else w  # SPEC 1.1 panning
+            wave_ = pan(w, a, self.base.stereo)
             audio_classes[cls], pos = 1.0, torch.tensor(a)
         mask = sample["mask"].masked_fill(sample["mask"] != 255, 0)
         return dict(sample, wave=wave_, mask=mask, audio_classes=audio_classes, audio_pos=pos)

@@ -654,15 +654,16 @@ def write_overlays(model, dataset, n, out_dir, device, amp, binary, num_classes)
     palette = data.avss_palette(max(num_classes, 2)).astype(np.float64)
     done = 0
     for i in range(len(dataset)):
-        image, mask, wave, valid = unpack(data.pad_collate([dataset[i]]), device)
+        sample = dataset[i]
+        image, mask, wave, valid = unpack(data.pad_collate([sample]), device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             pred = predict(model(image, wave, valid)[0].float(), binary)
+        name = str(sample["name"]).replace(os.sep, "_")
         for t in range(image.shape[1]):
             if done == n:
                 model.train()
                 return
             if valid is None or valid[0, t]:
-                name = str(dataset[i]["name"]).replace(os.sep, "_")
                 suffix = f"_{t}" if image.shape[1] > 1 else ""
                 save_overlay(os.path.join(out_dir, f"{name}{suffix}.png"), image[0, t], mask[0, t], pred[t], palette)
                 done += 1

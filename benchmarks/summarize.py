@@ -16,8 +16,7 @@ import sys
 SUBSETS = ("ss", "ms", "msmi")
 NAMES = {"tpavi": "TPAVI (tpavi.py, AVS recipe)", "tpavifusion": "TPAVI-like fusion (cavp.py, no contrast)",
          "cavp": "CAVP (stereo)", "cavp-mono": "CAVP (mono)", "ca": "f_CA, no contrast",
-         "supcon": "f_CA + SupCon (uniform)", "softmax": "CAVP, softmax attention",
-         "minmax": "CAVP, min-max attention"}
+         "supcon": "f_CA + SupCon (uniform)"}
 
 
 def load(path):
@@ -60,12 +59,12 @@ def final(run):
 
 
 def scores(root, method, subset):
-    """dict of mean-over-seeds strings and raw per-seed mIoU lists."""
+    """Per-seed lists (in %, null metrics as None) of the finished runs of one method on one subset."""
     rs = runs(root, method, subset)
     res = [final(d) for _, d in rs]
-    return dict(n=len(rs), seeds=[s for s, _ in rs], miou=[100 * r["miou"] for r in res],
-                fbeta=[100 * r["mean_fbeta"] for r in res], fdr=[100 * r["mean_fdr"] for r in res],
-                minutes=[wall_time(d) / 60 for _, d in rs])
+    pct = lambda key: [None if r[key] is None else 100 * r[key] for r in res]  # noqa: E731
+    return dict(n=len(rs), seeds=[s for s, _ in rs], miou=pct("miou"), fbeta=pct("mean_fbeta"),
+                fdr=pct("mean_fdr"), minutes=[wall_time(d) / 60 for _, d in rs])
 
 
 def table(header, rows):
