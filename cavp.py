@@ -73,6 +73,22 @@ def parse_args(argv=None):
     # loss
     a("--contrast", default="cavp", choices=["none", "supcon", "cavp"],
       help="contrastive term: none, SupCon with uniform sampling, or CAVP mining (Table 5 rows 2-4)")
+    a("--positives", default="set", choices=["set", "label"],
+      help="Eq. (3) 'same t' for a foreground anchor with multi-source audio: positives share the audio's class "
+           "set and the label (set), or the label only, under any audio containing it (label)")
+    a("--unknown", default="mismatched", choices=["mismatched", "literal", "none"],
+      help="Eq. (2) E_unknown: background pixels of mismatched re-pairs (mismatched, SPEC 4), Eq. (2) as printed, "
+           "t != y(w) and y(w) = bg, i.e. every background pixel (literal), or no unknown set (none)")
+    a("--bg-groups", default="label", choices=["label", "one"],
+      help="anchor sampling of E_bg (Eq. 2): one group per visual label, silenced objects and true background "
+           "capped apiece (label), or one group for all of E_bg (one, as SupCon's background label)")
+    a("--match", default="class", choices=["class", "side"],
+      help="Eq. (1) re-pairs: the audio matches the image when the class sets agree (class), or when also every "
+           "shared class sounds from the side of the image where its object is (side, stereo only); a class on "
+           "the wrong side is E_unknown")
+    a("--bank-sources", default="single", choices=["single", "all"],
+      help="App. B balancing: bank audio replaces mismatched re-pairs of single-source images only (single), or "
+           "of every image, one bank clip per sounding class panned at that source's position (all)")
     a("--tau", type=float, default=0.1, help="temperature of Eq. (4) (App. B.1)")
     a("--anchors-per-group", type=int, default=None,
       help="at most this many sampled pixels per anchor group per step (default: 512 as the released "
@@ -93,7 +109,8 @@ def parse_args(argv=None):
     a("--max-iters", type=int, default=None, help="stop after this many iterations (quick checks)")
     # run
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (auto: cuda when available)")
-    a("--no-amp", action="store_true", help="disable bf16 autocast")
+    a("--no-amp", action="store_true", help="disable bf16 autocast (default: on for CUDA and for CPUs with native bf16, AVX512-BF16 / AMX; "
+           "other CPUs emulate it about 20x slower, so they run fp32)")
     a("--out", default=None, help="run folder (default: runs/cavp-<data>-s<seed>-<time>)")
     a("--resume", default=None, help="continue training from this checkpoint (e.g. runs/x/last.pt)")
     a("--eval-only", action="store_true", help="only evaluate --ckpt on the test split")
@@ -120,6 +137,8 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if not 0 <= args.pos_share <= 1:
         p.error("--pos-share must be in [0, 1]")
+    if args.match == "side" and args.mono:
+        p.error("--match side compares stereo positions: drop --mono or use --match class")
     return args
 
 
@@ -364,41 +383,51 @@ class WaveBank:
         return self.waves[c, torch.randint(n, ()).item()] if n else None
 
 
-def repair(batch, bank, pos_share, use_bank):
-    """Eq. (1): image i is re-paired with the audio of image perm[i]. A share of the mismatched
-    re-pairs of single-source images instead gets a bank waveform of the image's own class, panned
-    at the image's object position (App. B). Returns perm, the bank clips (k,C,N) and the k
-    re-pairs they go to, the re-paired audio classes and the match flags (audio set == image's).
+def repair(batch, bank, pos_share, use_bank, bank_sources="single", match_side=False):
+    """Eq. (1): image i is re-paired with the audio of image perm[i]. The re-pair matches when the
+    audio's class set is the image's; with match_side, also each class must sound from the half of
+    the image (left / right of the centre) where its object is (`wrong_side` (B,K) marks the shared
+    classes that do not). A share of the mismatched re-pairs instead gets bank audio of the image's own
+    classes, each clip panned at its object's position (App. B): single-source images only, or every
+    image with bank_sources 'all'. Returns perm, the bank clips (k,C,N) and the k re-pairs they go to,
+    the re-paired audio classes, the match flags and wrong_side.
 
     The released stereo trainer computes this replacement and then discards it; here it is used.
     """
-    wave, t, pos = batch["wave"], batch["audio_classes"], batch["audio_pos"]
+    wave, t, pos, src = batch["wave"], batch["audio_classes"], batch["audio_pos"], batch["source_pos"]
     perm = torch.randperm(wave.shape[0], device=wave.device)
     t2 = t[perm].clone()
-    match = (t2 == t).all(1)
+    wrong_side = (t > 0) & (t2 > 0) & ((src >= 0.5) != (src[perm] >= 0.5)) if match_side else t2 < 0
+    match = (t2 == t).all(1) & ~wrong_side.any(1)
     extra, idx = [], []
     if use_bank:
         for i in torch.nonzero(~match).flatten().tolist():
-            if pos[i] < 0 or torch.rand(()) >= pos_share:
+            if (pos[i] < 0 and bank_sources == "single") or torch.rand(()) >= pos_share:
                 continue
-            w = bank.draw(int(t[i].argmax()))
-            if w is None:
+            classes = torch.nonzero(t[i]).flatten().tolist()
+            clips = [bank.draw(c) for c in classes]
+            if any(w is None for w in clips):
                 continue
-            extra.append(data.pan(w[None], pos[i], stereo=wave.shape[1] == 2))
+            extra.append(sum(data.pan(w[None], src[i, c], stereo=wave.shape[1] == 2) for w, c in zip(clips, classes)))
             idx.append(i)
-            t2[i], match[i] = t[i], True
+            t2[i], match[i], wrong_side[i] = t[i], True, False
     extra = torch.stack(extra) if extra else wave.new_zeros(0, *wave.shape[1:])
-    return perm, extra, torch.tensor(idx, dtype=torch.long, device=wave.device), t2, match
+    return perm, extra, torch.tensor(idx, dtype=torch.long, device=wave.device), t2, match, wrong_side
 
 
-def anchor_sets(y, t, match):
+def anchor_sets(y, t, match, unknown="mismatched", wrong_side=None):
     """Eq. (2) per pixel. y (N,P) visual labels (255 ignore), t (N,K) audio multi-hot, match (N,)
-    whether the audio set equals the image's own. A pixel is foreground when its class is in the
-    audio set (multi-source: t is a set). Returns boolean masks fg, unknown, bg of shape (N,P)."""
+    whether the audio matches the image (see repair). A pixel is foreground when its class is in the
+    audio set (multi-source: t is a set). E_unknown: background of mismatched re-pairs ('mismatched',
+    SPEC 4), every background pixel ('literal': t != y(w) and y(w) = bg, as Eq. (2) is printed), or
+    nothing ('none'); plus the pixels of classes that wrong_side (N,K) marks. Returns boolean masks
+    fg, unknown, bg of shape (N,P)."""
     valid = y != 255
     y0 = torch.where(valid, y, 0)
-    fg = valid & (y0 != 0) & (torch.gather(t, 1, y0) > 0)
-    unknown = (y0 == 0) & valid & ~match[:, None]
+    obj, bg_px = valid & (y0 != 0), valid & (y0 == 0)
+    off_side = obj & torch.gather(wrong_side, 1, y0) if wrong_side is not None else torch.zeros_like(obj)
+    fg = obj & (torch.gather(t, 1, y0) > 0) & ~off_side
+    unknown = off_side | dict(mismatched=bg_px & ~match[:, None], literal=bg_px, none=off_side)[unknown]
     return fg, unknown, valid & ~fg & ~unknown
 
 
@@ -427,15 +456,18 @@ def info_nce(z, pos, neg, tau):
     return (-(log_prob * pos).sum(1)[keep] / n_pos[keep]).mean()
 
 
-def contrastive_loss(z, y, t, match, mode, tau, cap):
+def contrastive_loss(z, y, t, match, mode, tau, cap, positives="set", unknown="mismatched", bg_groups="label",
+                     wrong_side=None):
     """Contrastive term of Eq. (5) on fused features z (N,D,h,w) of the 2B pairs.
 
-    mode 'cavp': anchors from E_fg and E_bg (E_unknown never used), sampled per (audio set, visual
-    label) group so hard negatives (same audio / other label, other audio / same label) are always
-    present; positives and negatives of Eq. (3): a foreground anchor's positives share audio set and
-    label, everything else in E is a negative; a background anchor's positives are E_bg, its
-    negatives E_fg. mode 'supcon': the released code's uniform sampling per segmentation label
-    (object pixels of mismatched re-pairs relabelled background), positives = same label.
+    mode 'cavp': anchors from E_fg and E_bg (E_unknown never used; see anchor_sets for `unknown` and
+    `wrong_side`), foreground sampled per (audio set, visual label) group so hard negatives (same
+    audio / other label, other audio / same label) are always present, background per label or as
+    one group (`bg_groups`); Eq. (3): a foreground anchor's positives are the E_fg pixels with its
+    label and its audio set (positives 'set') or any audio set (positives 'label'), everything else
+    in E is a negative; a background anchor's positives are E_bg, its negatives E_fg. mode 'supcon':
+    the released code's uniform sampling per segmentation label (object pixels of mismatched
+    re-pairs relabelled background), positives = same label.
     """
     n, d, h, w = z.shape
     y = F.interpolate(y[:, None].float(), size=(h, w), mode="nearest")[:, 0].long().flatten(1)  # SPEC 4
@@ -448,17 +480,18 @@ def contrastive_loss(z, y, t, match, mode, tau, cap):
         same = label[idx, None] == label[None, idx]
         eye = torch.eye(idx.numel(), dtype=torch.bool, device=z.device)
         return info_nce(z[idx], same & ~eye, ~same, tau)
-    fg, _, bg = (m.flatten() for m in anchor_sets(y, t, match))                        # Eq. (2)
+    fg, _, bg = (m.flatten() for m in anchor_sets(y, t, match, unknown, wrong_side))    # Eq. (2)
     _, audio_id = torch.unique(t, dim=0, return_inverse=True)
     audio_id = audio_id[:, None].expand(n, h * w).flatten()
     label = y.flatten()
-    group = torch.where(fg, audio_id * k + label, -1 - label)                           # bg grouped by label
+    group = torch.where(fg, audio_id * k + label, -1 - label if bg_groups == "label" else -1)
     idx = sample_groups(torch.where(fg | bg, group, torch.iinfo(group.dtype).min), cap)
     idx = idx[(fg | bg)[idx]]
-    fg, g = fg[idx], group[idx]
+    fg, key = fg[idx], (group if positives == "set" else label)[idx]
     eye = torch.eye(idx.numel(), dtype=torch.bool, device=z.device)
-    pos = torch.where(fg[:, None], g[:, None] == g[None, :], ~fg[None, :]) & ~eye       # Eq. (3), P^bg = E_bg
-    neg = torch.where(fg[:, None], g[:, None] != g[None, :], fg[None, :])               # N_hard + N_easy, N^bg = E_fg
+    same = fg[None, :] & (key[:, None] == key[None, :])                                 # P^fg: same t, same y
+    pos = torch.where(fg[:, None], same, ~fg[None, :]) & ~eye                           # Eq. (3), P^bg = E_bg
+    neg = torch.where(fg[:, None], ~same, fg[None, :])                                  # N_hard + N_easy, N^bg = E_fg
     return info_nce(z[idx], pos, neg, tau)
 
 
@@ -505,6 +538,16 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def native_bf16(device):
+    """bf16 autocast pays on CUDA and on CPUs with bf16 instructions; elsewhere it is emulated, ~20x slower."""
+    if device.type == "cuda":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def save_overlay(path, image, mask, pred, attn):
     """One PNG: image | ground truth | prediction | cross-attention heatmap (App. C, Fig. 10)."""
     img = ((image.cpu().float() * data.STD + data.MEAN).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
@@ -526,24 +569,30 @@ def save_overlay(path, image, mask, pred, attn):
 
 
 @torch.no_grad()
-def evaluate(model, loader, mel_fn, device, amp, num_classes, overlay_dir, n_overlays):
-    """Dataset-level mIoU / F-beta / FDR from one confusion matrix (SPEC 2), all-reduced over ranks."""
+def evaluate(model, loader, mel_fn, device, amp, num_classes, overlay_dir, n_overlays, swap=False):
+    """Dataset-level mIoU / F-beta / FDR from one confusion matrix (SPEC 2) and, where the samples carry
+    silent twins, the twin metrics (metrics.TwinMeter), all-reduced over ranks. swap: the left and right
+    audio channels exchanged, so the stereo cue points at the other side."""
     model.eval()
     cm = metrics.ConfusionMatrix(num_classes, device=device)
+    twins = metrics.TwinMeter(num_classes, device=device)
     written = 0
     for batch in loader:
-        image, mask = batch["image"].to(device), batch["mask"].to(device)
+        image, mask, wave = batch["image"].to(device), batch["mask"].to(device), batch["wave"].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits, _, attn = model(image, mel_fn(batch["wave"].to(device)))
+            logits, _, attn = model(image, mel_fn(wave.flip(1) if swap else wave))
         pred = logits.argmax(1)
         cm.update(pred, mask)
+        if "twin" in batch:
+            twins.update(pred, mask, batch["twin"].to(device))
         for i in range(image.shape[0]):
             if written < n_overlays:
                 save_overlay(os.path.join(overlay_dir, f"{batch['name'][i]}.png"), image[i], mask[i], pred[i], attn[i])
                 written += 1
     cm.all_reduce()
+    twins.all_reduce()
     model.train()
-    return cm.compute()
+    return dict(cm.compute(), **twins.compute())
 
 
 # ----------------------------------------------------------------------------- main
@@ -562,7 +611,7 @@ def main(args):
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    amp = not args.no_amp
+    amp = not args.no_amp and native_bf16(device)
     main_rank = rank == 0
 
     ckpt = None
@@ -596,6 +645,9 @@ def main(args):
     subset = args.data.split("_")[1]
     kw = dict(audio_root=args.audio_root, stereo=not args.mono, limit=args.limit)
     test_set = data.VPODataset(args.data_root, subset, "test", **kw)
+    twin_idx = []
+    if args.eval_audio == "real" and data.attach_twins(test_set, args.coco_ann):
+        twin_idx = sorted(test_set.twins)  # VPO-MSMI: images whose sounding object has silent twins
     if args.eval_only:
         test_set = data.eval_audio_set(test_set, args.eval_audio, args.coco_ann, args.seed)
     train_set = None if args.eval_only else \
@@ -607,14 +659,18 @@ def main(args):
         os.makedirs(overlay_dir, exist_ok=True)
         log(f"cavp: {' '.join(sys.argv[1:])}", log_path)
         log(f"settings: {json.dumps(vars(args), sort_keys=True)}", log_path)
+        log(f"{world} rank(s) on {device}, bf16 autocast {amp}", log_path)
     seed = args.seed + rank
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    test_loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(test_set, range(rank, len(test_set), world)),  # exact shards, no padding
-        batch_size=args.eval_batch_size, num_workers=args.workers, collate_fn=data.pad_collate,
-        generator=torch.Generator(), persistent_workers=args.workers > 0)  # own RNG: eval keeps the train stream
+    def eval_loader(indices):
+        return torch.utils.data.DataLoader(
+            torch.utils.data.Subset(test_set, indices[rank::world]),  # exact shards, no padding
+            batch_size=args.eval_batch_size, num_workers=args.workers, collate_fn=data.pad_collate,
+            generator=torch.Generator(), persistent_workers=args.workers > 0)  # own RNG: eval keeps the train stream
+    test_loader = eval_loader(range(len(test_set)))
+    swap_loader = eval_loader(twin_idx) if twin_idx and not args.mono else None
     num_classes = len(data.VPO_CLASSES)
     mel_fn = data.LogMel(frames=300).to(device)  # SPEC 1.3: 3 s -> 300 frames x 64 mel bins
 
@@ -630,10 +686,21 @@ def main(args):
         if distributed else model
     history = ckpt.get("history", []) if args.resume else []
 
-    if args.eval_only:
+    def run_eval():
+        """Test metrics; with stereo twins, the twin metrics once more with left and right swapped."""
         res = evaluate(model, test_loader, mel_fn, device, amp, num_classes, overlay_dir, n_overlays)
+        if swap_loader is not None:
+            swapped = evaluate(model, swap_loader, mel_fn, device, amp, num_classes, overlay_dir, 0, swap=True)
+            res.update({f"{key}_swap": swapped[key] for key in metrics.TWIN_KEYS})
         if main_rank:
             log(metrics.format_table(data.VPO_CLASSES, res), log_path)
+            if res["twin_images"]:
+                log(metrics.format_twins(res), log_path)
+        return res
+
+    if args.eval_only:
+        res = run_eval()
+        if main_rank:
             if args.eval_audio != "real":
                 log(f"{args.eval_audio} audio: {100 * res['fg_pred']:.2f}% of the pixels segmented as a sounding "
                     "object (false detections; 0 is right)", log_path)
@@ -698,7 +765,8 @@ def main(args):
             waves, perm, idx = batch["wave"], None, None
             if args.contrast != "none":
                 bank.push(batch["wave"], batch["audio_classes"], batch["audio_pos"])
-                perm, extra, idx, t2, match2 = repair(batch, bank, args.pos_share, use_bank=epoch >= 1)  # Eq. (1)
+                perm, extra, idx, t2, match2, side2 = repair(batch, bank, args.pos_share, epoch >= 1, args.bank_sources,
+                                                             args.match == "side")  # Eq. (1), App. B
                 waves = torch.cat([waves, extra])
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits, z, _ = net(image, mel_fn(waves), perm, idx)
@@ -707,8 +775,9 @@ def main(args):
             if args.contrast != "none":
                 t = torch.cat([batch["audio_classes"], t2])
                 match = torch.cat([torch.ones(b, dtype=torch.bool, device=device), match2])
-                loss_cp = contrastive_loss(z, torch.cat([mask, mask]), t.long(), match,
-                                           args.contrast, args.tau, args.anchors_per_group)  # Eq. (2)-(4)
+                loss_cp = contrastive_loss(z, torch.cat([mask, mask]), t.long(), match, args.contrast, args.tau,
+                                           args.anchors_per_group, args.positives, args.unknown, args.bg_groups,
+                                           torch.cat([torch.zeros_like(side2), side2]))  # Eq. (2)-(4)
             loss = loss_ce + loss_cp  # Eq. (5)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -732,12 +801,11 @@ def main(args):
         last = stop or epoch + 1 == args.epochs
         if (epoch + 1) % args.eval_every == 0 or last:
             eval_t = time.time()
-            res = evaluate(model, test_loader, mel_fn, device, amp, num_classes, overlay_dir, n_overlays)
+            res = run_eval()
             step_end = time.time()
             window_t += step_end - eval_t  # images/s in the log counts training time only
             history.append(dict(epoch=epoch + 1, iteration=iteration, **res))
             if main_rank:
-                log(metrics.format_table(data.VPO_CLASSES, res), log_path)
                 log(f"eval ep {epoch + 1}: mIoU {100 * res['miou']:.2f} F-beta {100 * res['mean_fbeta']:.2f} "
                     f"FDR {100 * res['mean_fdr']:.2f} ({step_end - eval_t:.1f} s)", log_path)
             if res["miou"] > best:

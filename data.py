@@ -13,6 +13,7 @@ import torch
 import torchaudio
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 
 class DataError(Exception):
@@ -286,6 +287,7 @@ class VPODataset(torch.utils.data.Dataset):
 
     def __init__(self, root, subset, split, audio_root=None, stereo=True, train=False, crop=512,
                  limit=None):
+        self.twins = None
         if subset not in VPO_SUBSETS:
             raise DataError(f"unknown VPO subset {subset!r}; use one of {sorted(VPO_SUBSETS)}")
         if split not in ("train", "val", "test"):
@@ -333,19 +335,40 @@ class VPODataset(torch.utils.data.Dataset):
                     cls=VPO_COCO_IDS.index(cate) + 1, wav=wav, alpha=alpha)
 
     def _group(self, rows):
+        """Samples with `sources` [(class, wav, audio_pos)] and `anns` (the sounding objects' COCO ids)."""
         if self.subset == "ss":
             return [dict(name=f"{r['img']:012d}_{r['ann']:012d}", img=r["img"],
                          image=os.path.join(self.dir, "data", r["cate_name"], f"{r['img']:012d}.jpg"),
                          mask=os.path.join(self.dir, "mask", r["cate_name"],
                                            f"{r['img']:012d}_{r['ann']:012d}.png"),
-                         sources=[(r["cls"], r["wav"], r["alpha"])]) for r in rows]
+                         sources=[(r["cls"], r["wav"], r["alpha"])], anns=[r["ann"]]) for r in rows]
         by_img = {}
         for r in rows:
             s = by_img.setdefault(r["img"], dict(
                 name=f"{r['img']:012d}", img=r["img"], image=os.path.join(self.dir, "data", f"{r['img']:012d}.jpg"),
-                mask=os.path.join(self.dir, "mask", f"{r['img']:012d}.png"), sources=[]))
+                mask=os.path.join(self.dir, "mask", f"{r['img']:012d}.png"), sources=[], anns=[]))
             s["sources"].append((r["cls"], r["wav"], r["alpha"]))
+            s["anns"].append(r["ann"])
         return list(by_img.values())
+
+    def load_twins(self, ann_file):
+        """Find every sounding object's silent twins (VPO-MSMI: other instances of its class in the image,
+        from the COCO instances JSON); test samples then carry `twin` (H, W): the class at twin pixels,
+        0 elsewhere. Returns the number of samples with twins."""
+        coco = read_coco(ann_file)
+        self.twins = {}
+        for i, s in enumerate(self.samples):
+            anns = {a["id"]: a for a in coco["anns"].get(s["img"], [])}
+            missing = [a for a in s["anns"] if a not in anns]
+            if missing:
+                raise DataError(f"{ann_file}: no annotation {missing[0]} of img_Id {s['img']} ({self.csv}); "
+                                "pass --coco-ann with the COCO instances JSON of the test images")
+            twins = [(cls, a["segmentation"]) for (cls, _, _), ann in zip(s["sources"], s["anns"])
+                     for a in anns.values()
+                     if a["category_id"] == anns[ann]["category_id"] and a["id"] != ann and not a.get("iscrowd")]
+            if twins:
+                self.twins[i] = twins
+        return len(self.twins)
 
     def __len__(self):
         return len(self.samples)
@@ -385,21 +408,71 @@ class VPODataset(torch.utils.data.Dataset):
             img, flip = normalize(img), False
         alphas = [1.0 - a if flip else a for _, _, a in s["sources"]]  # SPEC 1.1: flip -> 1 - alpha
         wave_, audio_classes = 0.0, torch.zeros(len(VPO_CLASSES))
+        source_pos = torch.full((len(VPO_CLASSES),), -1.0)
         for (cls, wav, _), a in zip(s["sources"], alphas):
             # SPEC 1.1: sources panned one by one, then summed
             wave_ = wave_ + pan(load_clip(wav).mean(0, keepdim=True), a, self.stereo)
-            audio_classes[cls] = 1.0
+            audio_classes[cls], source_pos[cls] = 1.0, a
         mask = mask.long()
         image_classes = torch.zeros(len(VPO_CLASSES))
         present = mask.unique()
         image_classes[present[(present > 0) & (present < len(VPO_CLASSES))]] = 1.0
         audio_pos = torch.tensor(alphas[0] if len(alphas) == 1 else -1.0)
-        return dict(image=img, mask=mask, wave=wave_, audio_classes=audio_classes,
-                    image_classes=image_classes, audio_pos=audio_pos, name=s["name"])
+        out = dict(image=img, mask=mask, wave=wave_, audio_classes=audio_classes, image_classes=image_classes,
+                   audio_pos=audio_pos, source_pos=source_pos, name=s["name"])
+        if self.twins is not None and not self.train:
+            twin = torch.zeros_like(mask)
+            for cls, seg in self.twins.get(i, []):
+                twin[torch.from_numpy(decode_coco(seg, *mask.shape)).bool() & (mask == 0)] = cls
+            out["twin"] = twin
+        return out
 
 
 # ---------------------------------------------------------------- audio alignment check
 EVAL_AUDIO = ("real", "silence", "absent")
+
+
+def read_coco(ann_file):
+    """COCO instances JSON -> dict(names {category id: name}, images [ids], anns {img_Id: [annotation]})."""
+    fix = "pass --coco-ann with the COCO instances JSON of the test images (e.g. instances_val2017.json)"
+    try:
+        with open(ann_file) as f:
+            coco = json.load(f)
+        anns = {}
+        for a in coco["annotations"]:
+            anns.setdefault(int(a["image_id"]), []).append(a)
+        return dict(names={c["id"]: c["name"] for c in coco["categories"]},
+                    images=[int(im["id"]) for im in coco["images"]], anns=anns)
+    except FileNotFoundError:
+        raise DataError(f"{ann_file} not found: {fix}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{ann_file}: not a COCO instances file ({type(e).__name__}: {e}); {fix}") from None
+
+
+def decode_coco(seg, h, w):
+    """COCO segmentation (polygons, RLE or compressed RLE) -> (h, w) uint8 {0, 1} mask."""
+    if isinstance(seg, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    elif isinstance(seg["counts"], list):
+        rle = mask_utils.frPyObjects(seg, h, w)
+    else:
+        rle = seg
+    return mask_utils.decode(rle)
+
+
+def default_coco_ann(test_set, coco_ann=None):
+    """--coco-ann, or the built-in VPO's DATA_ROOT/sources/coco/annotations/instances_val2017.json."""
+    return coco_ann or os.path.join(os.path.dirname(test_set.dir), "sources", "coco", "annotations",
+                                    "instances_val2017.json")
+
+
+def attach_twins(test_set, coco_ann=None):
+    """test_set.load_twins from --coco-ann, or from the built-in VPO's annotations; 0 (no twin metrics)
+    when no --coco-ann is given and the built-in file does not exist."""
+    path = default_coco_ann(test_set, coco_ann)
+    if coco_ann is None and not os.path.isfile(path):
+        return 0
+    return test_set.load_twins(path)
 
 
 def coco_visible_classes(ann_file):
@@ -408,20 +481,13 @@ def coco_visible_classes(ann_file):
     A COCO person counts as male, female and baby (VPO's person class comes from the captions,
     which may not name it); categories outside VPO are ignored.
     """
-    fix = "pass --coco-ann with the COCO instances JSON of the test images (e.g. instances_val2017.json)"
-    try:
-        with open(ann_file) as f:
-            coco = json.load(f)
-        names = {c["id"]: c["name"] for c in coco["categories"]}
-        visible = {int(im["id"]): set() for im in coco["images"]}
-        for a in coco["annotations"]:
-            name = names[a["category_id"]]
+    coco = read_coco(ann_file)
+    visible = {i: set() for i in coco["images"]}
+    for img, anns in coco["anns"].items():
+        for a in anns:
+            name = coco["names"].get(a["category_id"])
             classes = ("male", "female", "baby") if name == "person" else (name,) if name in VPO_CLASSES else ()
-            visible.setdefault(int(a["image_id"]), set()).update(VPO_CLASSES.index(c) for c in classes)
-    except FileNotFoundError:
-        raise DataError(f"{ann_file} not found: {fix}") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{ann_file}: not a COCO instances file ({type(e).__name__}: {e}); {fix}") from None
+            visible.setdefault(img, set()).update(VPO_CLASSES.index(c) for c in classes)
     return visible
 
 
@@ -455,7 +521,7 @@ class CounterfactualAudio(torch.utils.data.Dataset):
         sample = self.base[i]
         wave_ = torch.zeros_like(sample["wave"])
         audio_classes = torch.zeros_like(sample["audio_classes"])
-        pos = torch.tensor(-1.0)
+        pos, source_pos = torch.tensor(-1.0), torch.full_like(sample["source_pos"], -1.0)
         if self.mode == "absent":
             rng = np.random.default_rng([self.seed, i])
             img = self.base.samples[i]["img"]
@@ -467,9 +533,9 @@ class CounterfactualAudio(torch.utils.data.Dataset):
             w = load_clip(self.clips[cls][rng.integers(len(self.clips[cls]))]).mean(0, keepdim=True)
             a = float(rng.uniform())
             wave_ = pan(w, a, self.base.stereo)
-            audio_classes[cls], pos = 1.0, torch.tensor(a)
+            audio_classes[cls], pos, source_pos[cls] = 1.0, torch.tensor(a), a
         mask = sample["mask"].masked_fill(sample["mask"] != 255, 0)
-        return dict(sample, wave=wave_, mask=mask, audio_classes=audio_classes, audio_pos=pos)
+        return dict(sample, wave=wave_, mask=mask, audio_classes=audio_classes, audio_pos=pos, source_pos=source_pos)
 
 
 def eval_audio_set(test_set, mode, coco_ann=None, seed=0):
@@ -477,10 +543,7 @@ def eval_audio_set(test_set, mode, coco_ann=None, seed=0):
     defaults to the built-in VPO's sources/coco/annotations/instances_val2017.json."""
     if mode == "real":
         return test_set
-    visible = None
-    if mode == "absent":
-        visible = coco_visible_classes(coco_ann or os.path.join(
-            os.path.dirname(test_set.dir), "sources", "coco", "annotations", "instances_val2017.json"))
+    visible = coco_visible_classes(default_coco_ann(test_set, coco_ann)) if mode == "absent" else None
     return CounterfactualAudio(test_set, mode, visible, seed)
 
 

@@ -99,6 +99,49 @@ class ConfusionMatrix:
         }
 
 
+TWIN_KEYS = ("twin_recall", "twin_share", "twin_side_acc")
+
+
+class TwinMeter:
+    """Instance disambiguation on images whose sounding object has silent twins (VPO-MSMI, issue 10).
+
+    `update(pred, mask, twin)`: `twin` holds the class at the silent twins' pixels (0 elsewhere). Over
+    the sounding objects of the classes that have twins it sums the pixels predicted as their class
+    (recall) and over the twins the pixels predicted as the sounding class (a model that ignores
+    the stereo position segments both alike). `side_acc`: share of such images where the sounding
+    object's recall beats its twins' share.
+    """
+
+    def __init__(self, num_classes, device="cpu"):
+        self.num_classes = num_classes
+        # sounding pixels, of them hit; twin pixels, of them hit; images, of them with the side right
+        self.sums = torch.zeros(6, dtype=torch.float64, device=device)
+
+    def update(self, pred, mask, twin):
+        b, k = twin.shape[0], self.num_classes
+        pred, mask, twin = pred.flatten(1), mask.long().flatten(1), twin.long().flatten(1)
+        has_twin = torch.zeros(b, k, dtype=torch.bool, device=twin.device).scatter_(1, twin, True)
+        has_twin[:, 0] = False
+        sounding = (mask != IGNORE) & has_twin.gather(1, mask.clamp(max=k - 1))
+        twin_px = twin > 0
+        counts = torch.stack([sounding.sum(1), (sounding & (pred == mask)).sum(1),
+                              twin_px.sum(1), (twin_px & (pred == twin)).sum(1)], 1).double()
+        counts = counts[has_twin.any(1) & (counts[:, 0] > 0)]
+        side = counts[:, 1] / counts[:, 0] > counts[:, 3] / counts[:, 2].clamp(min=1)
+        self.sums = self.sums.to(counts.device)
+        self.sums += torch.cat([counts.sum(0), torch.tensor([len(counts), side.sum()], device=counts.device)])
+
+    def all_reduce(self):
+        _all_reduce(self.sums)
+
+    def compute(self):
+        """dict(twin_images, twin_recall, twin_share, twin_side_acc); NaN without twin images."""
+        s = self.sums.cpu().tolist()
+        div = lambda a, b: a / b if b else math.nan
+        return dict(twin_images=int(s[4]), twin_recall=div(s[1], s[0]), twin_share=div(s[3], s[2]),
+                    twin_side_acc=div(s[5], s[4]))
+
+
 class AVSObjectsMeter:
     """AVSBench-Objects M_J and M_F from dataset-level sums, so independent of the batch size.
 
@@ -183,6 +226,15 @@ class AVSObjectsMeter:
             "mj": (self.j_sum / self.j_frames).item(),
             "mf": (self.f_sum / self.f_frames).max().item(),
         }
+
+
+def format_twins(result):
+    """One line of the twin metrics (in %), with the left/right-swapped ones when present."""
+    def part(suffix):
+        r, s, a = (result.get(k + suffix, math.nan) for k in TWIN_KEYS)
+        return f"sounding recall {100 * r:.2f} | twin share {100 * s:.2f} | side acc {100 * a:.2f}"
+    line = f"twins ({result['twin_images']} images): {part('')}"
+    return line + (f" || L/R swapped: {part('_swap')}" if "twin_recall_swap" in result else "")
 
 
 def format_table(class_names, result):

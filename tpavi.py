@@ -120,7 +120,8 @@ def parse_args(argv=None):
     a("--max-iters", type=int, default=None, help="stop after this many iterations in total (quick checks)")
     # run
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (auto: cuda when available)")
-    a("--no-amp", action="store_true", help="disable bf16 autocast (used on CPU too by default)")
+    a("--no-amp", action="store_true", help="disable bf16 autocast (default: on for CUDA and for CPUs with native bf16, AVX512-BF16 / AMX; "
+           "other CPUs emulate it about 20x slower, so they run fp32)")
     a("--out", default=None,
       help="run folder (default: runs/tpavi-<data>-s<seed>-<time>; with --resume the checkpoint's folder)")
     a("--resume", default=None, help="continue training from this checkpoint (e.g. runs/<run>/last.pt)")
@@ -599,6 +600,16 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def native_bf16(device):
+    """bf16 autocast pays on CUDA and on CPUs with bf16 instructions; elsewhere it is emulated, ~20x slower."""
+    if device.type == "cuda":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def unpack(batch, device):
     """Batch dict -> image (B, T, 3, H, W), mask (B, T, H, W), wave (B, C, N), valid (B, T) or None."""
     image, mask, valid = batch["image"], batch["mask"], batch.get("valid")
@@ -702,7 +713,7 @@ def main(args):
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    main_rank, amp = rank == 0, not args.no_amp
+    main_rank, amp = rank == 0, not args.no_amp and native_bf16(device)
     if args.batch_size % world:
         raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
 

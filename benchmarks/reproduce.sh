@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Re-runs every experiment of the README section "Paper claims on the built-in VPO" and prints its tables.
 #
-#   bash benchmarks/reproduce.sh                       # all of it, ~2 h on a 2-core CPU
-#   OUT=runs/repro2 SEEDS="2 3" bash benchmarks/reproduce.sh
+#   bash benchmarks/reproduce.sh                       # all of it
+#   bash benchmarks/reproduce.sh claims                # items 1-5 (Tables 4, 5, 8, Figs. 1, 6, 7), ~2 h on 2 CPU cores
+#   bash benchmarks/reproduce.sh readings              # readings of Eq. (1)-(3) and stereo vs mono, ~2.5 h
+#   OUT=runs/repro2 SEEDS="2 3" bash benchmarks/reproduce.sh claims
 #
 # Every run gets its own folder OUT/<method>-<subset>-s<seed>; a finished run (its log.txt says "done in")
 # is skipped, an interrupted one continues from its last.pt, so the script can be stopped and started again.
@@ -10,12 +12,8 @@
 # EPOCHS epochs, the seeds in SEEDS; each method keeps its own paper's optimiser recipe (README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PART=${1:-all}
 PY=${PYTHON:-python}
-OUT=${OUT:-runs/repro}
-EPOCHS=${EPOCHS:-30}
-SEEDS=${SEEDS:-"0 1"}
-FIRST=${SEEDS%% *}
-mkdir -p "$OUT"
 [ -f data/vpo_summary.json ] || $PY vpo_make.py --synthetic --out data
 
 train() {  # train NAME SCRIPT ARGS...: one training run in OUT/NAME
@@ -25,8 +23,49 @@ train() {  # train NAME SCRIPT ARGS...: one training run in OUT/NAME
     local resume=()
     [ -f "$dir/last.pt" ] && resume=(--resume "$dir/last.pt")
     echo "$(date +%T) $name"
-    $PY "$script" "$@" --epochs "$EPOCHS" --eval-every 10 --out "$dir" "${resume[@]}" > "$dir.log" 2>&1
+    $PY "$script" "$@" --epochs "$EPOCHS" --eval-every "$EVAL_EVERY" --out "$dir" "${resume[@]}" > "$dir.log" 2>&1
 }
+
+if [ "$PART" = readings ] || [ "$PART" = all ]; then
+# Issue 10: the readings of Eq. (1)-(3) for multi-source audio on VPO-MSMI, one change at a time against
+# today's CAVP and SupCon, then the best combination, then stereo vs mono for it on every subset. Each
+# seed's runs come before the next seed's, so a stopped run set stays balanced.
+OUT=${OUT_READINGS:-runs/readings}
+EPOCHS=${EPOCHS_READINGS:-15}
+EVAL_EVERY=$EPOCHS
+SEEDS=${SEEDS_READINGS:-"0 1 2"}
+BEST=${BEST-"--positives label"}   # picked from the single-change runs (README); BEST="" stops after them
+mkdir -p "$OUT"
+for seed in $SEEDS; do
+    common=(--data vpo_msmi --seed "$seed" --workers 0 --overlays 0)
+    train cavp-msmi-s$seed cavp.py "${common[@]}"
+    train supcon-msmi-s$seed cavp.py "${common[@]}" --contrast supcon
+    train poslabel-msmi-s$seed cavp.py "${common[@]}" --positives label
+    train unkliteral-msmi-s$seed cavp.py "${common[@]}" --unknown literal
+    train bgone-msmi-s$seed cavp.py "${common[@]}" --bg-groups one
+    train side-msmi-s$seed cavp.py "${common[@]}" --match side
+    train bankall-msmi-s$seed cavp.py "${common[@]}" --bank-sources all
+done
+[ -n "$BEST" ] || SEEDS=""
+for seed in $SEEDS; do
+    for s in msmi ms ss; do
+        common=(--data vpo_$s --seed "$seed" --workers 0 --overlays 0)
+        # shellcheck disable=SC2086
+        train best-$s-s$seed cavp.py "${common[@]}" $BEST
+        # shellcheck disable=SC2086
+        train best-mono-$s-s$seed cavp.py "${common[@]}" ${BEST//--match side/} --mono
+    done
+done
+$PY benchmarks/summarize.py --readings "$OUT"
+fi
+[ "$PART" = claims ] || [ "$PART" = all ] || exit 0
+
+OUT=${OUT:-runs/repro}
+EPOCHS=${EPOCHS:-30}
+EVAL_EVERY=10
+SEEDS=${SEEDS:-"0 1"}
+FIRST=${SEEDS%% *}
+mkdir -p "$OUT"
 
 for seed in $SEEDS; do
     for s in ss ms msmi; do  # item 1 (Table 4) and item 2 (Fig. 7 / Table 8)
