@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/reproduce.sh                       # all of it
 #   bash benchmarks/reproduce.sh claims                # items 1-5 (Tables 4, 5, 8, Figs. 1, 6, 7), ~2 h on 2 CPU cores
-#   bash benchmarks/reproduce.sh readings              # readings of Eq. (1)-(3) and stereo vs mono, ~2.5 h
+#   bash benchmarks/reproduce.sh readings              # readings of Eq. (1)-(3) and stereo vs mono, ~3.5 h
 #   OUT=runs/repro2 SEEDS="2 3" bash benchmarks/reproduce.sh claims
 #
 # Every run gets its own folder OUT/<method>-<subset>-s<seed>; a finished run (its log.txt says "done in")
@@ -31,7 +31,7 @@ if [ "$PART" = readings ] || [ "$PART" = all ]; then
 # today's CAVP and SupCon, then the best combination, then stereo vs mono for it on every subset. Each
 # seed's runs come before the next seed's, so a stopped run set stays balanced.
 OUT=${OUT_READINGS:-runs/readings}
-EPOCHS=${EPOCHS_READINGS:-15}
+EPOCHS=${EPOCHS_READINGS:-12}
 EVAL_EVERY=$EPOCHS
 SEEDS=${SEEDS_READINGS:-"0 1 2"}
 BEST=${BEST-"--positives label"}   # picked from the single-change runs (README); BEST="" stops after them
@@ -45,6 +45,7 @@ for seed in $SEEDS; do
     train bgone-msmi-s$seed cavp.py "${common[@]}" --bg-groups one
     train side-msmi-s$seed cavp.py "${common[@]}" --match side
     train bankall-msmi-s$seed cavp.py "${common[@]}" --bank-sources all
+    train cavp-mono-msmi-s$seed cavp.py "${common[@]}" --mono
 done
 [ -n "$BEST" ] || SEEDS=""
 for seed in $SEEDS; do

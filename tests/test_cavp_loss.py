@@ -13,6 +13,11 @@ in double precision. It is written from the paper (Sec. 4.2, Eq. 2-4) and the pr
   L2-normalised z; anchors without positives are dropped; the loss is the mean over anchors.
 - supcon: label = y on matched pairs, 0 on mismatched ones (255 kept as ignore); positives = same
   label, negatives = other label.
+
+The readings of issue 10 (cavp.py flags) are written into the same loops: `unknown` 'literal' puts every
+background pixel in E_unknown (Eq. 2 as printed: t != y and y = bg), 'none' none of them; `off` (the
+classes that --match side finds on the wrong side) makes their object pixels unknown; `positives`
+'label' makes a foreground anchor's positives every other E_fg pixel of its label, whatever the audio.
 """
 import math
 import random
@@ -31,23 +36,26 @@ BIG_CAP = 10 ** 6
 # ----------------------------------------------------------------------------- reference
 
 
-def _pixels(z, y, t, match):
-    """One dict per feature pixel: normalised feature (floats), audio set, label, match flag."""
+def _pixels(z, y, t, match, wrong_side=None):
+    """One dict per feature pixel: normalised feature (floats), audio set, label, match flag and the
+    classes that the audio places on the wrong side."""
     n_pairs, d, h, w = z.shape
     big_h, big_w = y.shape[1:]
     zz = z.double().tolist()
     yy = y.tolist()
     tt = t.tolist()
+    ws = wrong_side.tolist() if wrong_side is not None else [[False] * len(tt[0])] * n_pairs
     out = []
     for n in range(n_pairs):
         audio = frozenset(c for c in range(len(tt[n])) if tt[n][c] != 0)
+        off = frozenset(c for c in range(len(ws[n])) if ws[n][c])
         for i in range(h):
             for j in range(w):
                 # nearest downsampling: feature pixel (i, j) reads label pixel (floor(i*H/h), floor(j*W/w))
                 label = yy[n][i * big_h // h][j * big_w // w]
                 vec = [zz[n][c][i][j] for c in range(d)]
                 norm = math.sqrt(sum(v * v for v in vec))
-                out.append(dict(z=[v / norm for v in vec], t=audio, y=label, match=bool(match[n])))
+                out.append(dict(z=[v / norm for v in vec], t=audio, y=label, match=bool(match[n]), off=off))
     return out
 
 
@@ -62,30 +70,33 @@ def _anchor_loss(px, a, pos, neg, tau):
     return total / len(pos)
 
 
-def reference_sets(px):
+def reference_sets(px, unknown="mismatched"):
     """Eq. (2): index sets E_fg, E_unknown, E_bg over the pixel list."""
-    fg, unknown, bg = set(), set(), set()
+    fg, unk, bg = set(), set(), set()
     for i, p in enumerate(px):
         if p["y"] == IGNORE:
             continue
-        if p["y"] != 0 and p["y"] in p["t"]:
+        if p["y"] != 0 and p["y"] in p["off"]:
+            unk.add(i)
+        elif p["y"] != 0 and p["y"] in p["t"]:
             fg.add(i)
-        elif p["y"] == 0 and not p["match"]:
-            unknown.add(i)
+        elif p["y"] == 0 and (unknown == "literal" or (unknown == "mismatched" and not p["match"])):
+            unk.add(i)
         else:
             bg.add(i)
-    return fg, unknown, bg
+    return fg, unk, bg
 
 
-def reference_loss(z, y, t, match, mode, tau):
-    px = _pixels(z, y, t, match)
+def reference_loss(z, y, t, match, mode, tau, positives="set", unknown="mismatched", wrong_side=None):
+    px = _pixels(z, y, t, match, wrong_side)
     losses = []
     if mode == "cavp":
-        fg, _, bg = reference_sets(px)
+        fg, _, bg = reference_sets(px, unknown)
         anchors = fg | bg
         for a in sorted(anchors):
             if a in fg:
-                pos = {j for j in fg if j != a and px[j]["t"] == px[a]["t"] and px[j]["y"] == px[a]["y"]}
+                pos = {j for j in fg if j != a and px[j]["y"] == px[a]["y"]
+                       and (positives == "label" or px[j]["t"] == px[a]["t"])}
                 neg = {j for j in anchors if j != a and j not in pos}
             else:
                 pos = bg - {a}
@@ -156,8 +167,20 @@ def random_case(seed, d=8):
     raise AssertionError("could not draw a case")
 
 
-def loss(z, y, t, m, mode, tau, cap=BIG_CAP):
-    return float(cavp.contrastive_loss(z, y, t, m, mode, tau, cap))
+def loss(z, y, t, m, mode, tau, cap=BIG_CAP, **reading):
+    return float(cavp.contrastive_loss(z, y, t, m, mode, tau, cap, **reading))
+
+
+def random_wrong_side(t, m, seed):
+    """wrong_side for the re-pairs (second half): a random subset of the classes the audio shares with
+    the image's own audio (first half), as --match side would mark them; re-pairs with one lose their match."""
+    g = torch.Generator().manual_seed(seed)
+    b = t.shape[0] // 2
+    shared = torch.zeros_like(t, dtype=torch.bool)
+    shared[b:] = (t[b:] > 0) & (t[:b] > 0)
+    ws = shared & (torch.rand(t.shape, generator=g) < 0.5)
+    ws = ws if ws.any() else shared
+    return ws, m & ~ws.any(1)
 
 
 # ----------------------------------------------------------------------------- (1), (2) vs reference
@@ -183,6 +206,71 @@ def test_supcon_matches_reference(seed, tau):
     want = reference_loss(z, y, t, m, "supcon", tau)
     assert want > 0
     assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
+
+
+READINGS = [dict(positives="label"), dict(unknown="literal"), dict(unknown="none"), dict(bg_groups="one"),
+            dict(positives="label", unknown="literal", bg_groups="one")]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("reading", READINGS, ids=lambda r: "-".join(r.values()))
+def test_readings_match_reference(seed, reading):
+    """Every reading of Eq. (2)-(3) against the loop reference (bg_groups only changes the sampling)."""
+    z, y, t, m = random_case(seed)
+    torch.manual_seed(seed)
+    got = loss(z, y, t, m, "cavp", 0.1, **reading)
+    ref = {k: v for k, v in reading.items() if k != "bg_groups"}
+    want = reference_loss(z, y, t, m, "cavp", 0.1, **ref)
+    assert want > 0
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("reading", [r for r in READINGS if "bg_groups" not in r], ids=lambda r: "-".join(r.values()))
+def test_the_inputs_tell_the_readings_apart(reading):
+    """Guard against degenerate inputs: each reading changes the reference loss on some random case."""
+    cases = [random_case(seed) for seed in range(4)]
+    assert any(abs(reference_loss(*c, "cavp", 0.1, **reading) - reference_loss(*c, "cavp", 0.1)) > 1e-4
+               for c in cases)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_wrong_side_matches_reference(seed):
+    """--match side: the object pixels of a class on the wrong side are E_unknown, and the re-pair is mismatched."""
+    z, y, t, m = random_case(seed)
+    ws, m2 = random_wrong_side(t, m, seed)
+    assert ws.any()
+    for reading in (dict(), dict(positives="label", unknown="literal")):
+        torch.manual_seed(seed)
+        got = loss(z, y, t, m2, "cavp", 0.1, wrong_side=ws, **reading)
+        want = reference_loss(z, y, t, m2, "cavp", 0.1, wrong_side=ws, **reading)
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
+    assert abs(want - reference_loss(z, y, t, m2, "cavp", 0.1, positives="label", unknown="literal")) > 1e-4
+
+
+def _partition(keys):
+    groups = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, set()).add(i)
+    return sorted(map(sorted, groups.values()))
+
+
+@pytest.mark.parametrize("bg_groups", ["label", "one"])
+def test_sampling_groups_match_reference(monkeypatch, bg_groups):
+    """The anchor groups that the cap applies to: foreground per (audio set, label); background per label
+    or all in one group; E_unknown and ignore pixels in a group of their own that is then dropped."""
+    seen = []
+    real = cavp.sample_groups
+    monkeypatch.setattr(cavp, "sample_groups", lambda keys, cap: seen.append(keys.clone()) or real(keys, cap))
+    for seed in range(3):
+        z, y, t, m = random_case(seed)
+        seen.clear()
+        loss(z, y, t, m, "cavp", 0.1, bg_groups=bg_groups)
+        px = _pixels(z, y, t, m)
+        fg, unknown, bg = reference_sets(px)
+        want = [("fg", px[i]["t"], px[i]["y"]) if i in fg else
+                ("bg", px[i]["y"] if bg_groups == "label" else None) if i in bg else "unused"
+                for i in range(len(px))]
+        assert _partition(seen[0].tolist()) == _partition(want)
 
 
 def test_cap_equal_to_pixel_count_uses_every_pixel():
@@ -320,17 +408,23 @@ def test_sample_groups_cap():
 
 # ----------------------------------------------------------------------------- (6) repair / WaveBank
 
-# six images: four single-source (two share class 1), two multi-source {1, 2}
+# six images: four single-source (two share class 1), two multi-source {1, 2} with the sources on
+# opposite sides
 IMAGE_SETS = [(1,), (1,), (2,), (3,), (1, 2), (1, 2)]
 POS = [0.2, 0.7, 0.4, 0.9, -1.0, -1.0]
+SOURCE_POS = [{1: 0.2}, {1: 0.7}, {2: 0.4}, {3: 0.9}, {1: 0.3, 2: 0.8}, {1: 0.6, 2: 0.1}]
 L = 8
 
 
 def make_batch(channels=2):
     g = torch.Generator().manual_seed(7)
+    src = torch.full((len(IMAGE_SETS), K), -1.0)
+    for i, d in enumerate(SOURCE_POS):
+        for c, a in d.items():
+            src[i, c] = a
     return dict(wave=torch.randn(len(IMAGE_SETS), channels, L, generator=g),
                 audio_classes=torch.tensor([multi_hot(s) for s in IMAGE_SETS], dtype=torch.float),
-                audio_pos=torch.tensor(POS))
+                audio_pos=torch.tensor(POS), source_pos=src)
 
 
 def audio_set(row):
@@ -386,7 +480,8 @@ def test_repair_match_rule_without_replacement(use_bank, pos_share):
     n_mismatch = n_match_other = 0
     for seed in range(30):
         torch.manual_seed(seed)
-        perm, extra, idx, t2, match = cavp.repair(batch, bank, pos_share, use_bank=use_bank)
+        perm, extra, idx, t2, match, wrong_side = cavp.repair(batch, bank, pos_share, use_bank=use_bank)
+        assert not wrong_side.any()
         wave2 = repaired_waves(batch, perm, extra, idx)
         srcs = [source_of(wave2[i], batch["wave"]) for i in range(len(POS))]
         assert None not in srcs, "a waveform was replaced"
@@ -407,7 +502,7 @@ def test_repair_bank_replacement(channels):
     replaced = 0
     for seed in range(30):
         torch.manual_seed(seed)
-        perm, extra, idx, t2, match = cavp.repair(batch, bank, 1.0, use_bank=True)
+        perm, extra, idx, t2, match, _ = cavp.repair(batch, bank, 1.0, use_bank=True)
         wave2 = repaired_waves(batch, perm, extra, idx)
         for i, a in enumerate(POS):
             own = batch["audio_classes"][i]
@@ -432,3 +527,48 @@ def test_repair_bank_replacement(channels):
         # every single-source image ends up matched
         assert all(bool(match[i]) for i, a in enumerate(POS) if a >= 0)
     assert replaced > 0
+
+
+def test_repair_side_matching():
+    """--match side: a shared class is on the wrong side when the audio's source and the image's object lie
+    on different halves; the re-pair then is no match, even with equal class sets."""
+    batch = make_batch()
+    bank, _ = filled_bank()
+    seen_wrong = seen_equal_sets_mismatch = 0
+    for seed in range(30):
+        torch.manual_seed(seed)
+        perm, extra, idx, t2, match, wrong_side = cavp.repair(batch, bank, 0.0, use_bank=False, match_side=True)
+        for i, j in enumerate(perm.tolist()):
+            for c in range(K):
+                shared = c in SOURCE_POS[i] and c in SOURCE_POS[j]
+                want = shared and (SOURCE_POS[i][c] >= 0.5) != (SOURCE_POS[j][c] >= 0.5)
+                assert bool(wrong_side[i, c]) == want
+                seen_wrong += want
+            same_sets = set(IMAGE_SETS[i]) == set(IMAGE_SETS[j])
+            assert bool(match[i]) == (same_sets and not wrong_side[i].any())
+            seen_equal_sets_mismatch += same_sets and not match[i]
+    assert seen_wrong and seen_equal_sets_mismatch
+
+
+@pytest.mark.parametrize("match_side", [False, True])
+def test_repair_bank_for_multi_source(match_side):
+    """--bank-sources all: a mismatched multi-source re-pair gets one bank clip per class of the image,
+    each panned at that source's position, summed; it then matches and has no wrong side."""
+    batch = make_batch()
+    bank, mono = filled_bank()
+    multi = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        perm, extra, idx, t2, match, wrong_side = cavp.repair(batch, bank, 1.0, True, "all", match_side)
+        wave2 = repaired_waves(batch, perm, extra, idx)
+        assert all(bool(match[i]) for i in range(len(POS)))  # every class of every image is in the bank
+        assert not wrong_side[idx].any()
+        for i in idx.tolist():
+            assert audio_set(t2[i]) == set(IMAGE_SETS[i])
+            if len(IMAGE_SETS[i]) == 2:
+                multi += 1
+                (c1, a1), (c2, a2) = SOURCE_POS[i].items()
+                want = [torch.stack([(1 - a1) * w1 + (1 - a2) * w2, a1 * w1 + a2 * w2])
+                        for w1 in mono[c1] for w2 in mono[c2]]
+                assert any(torch.allclose(wave2[i], x, atol=1e-5) for x in want)
+    assert multi > 0

@@ -538,3 +538,63 @@ def test_error_messages_are_one_line(tmp_path):
     wrapped = ("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
                '  File "data.py", line 1, in f\ndata.DataError: a.wav: cannot read WAV; re-encode it\n')
     assert str(DataError(wrapped)) == "a.wav: cannot read WAV; re-encode it"
+
+
+# ---------------------------------------------------------------- silent twins and source positions (issue 10)
+def test_source_pos_follows_flip(tiny_vpo):
+    """source_pos holds each sounding class's audio_pos (-1 for the others) and mirrors with the image."""
+    test = VPODataset(tiny_vpo, "msmi", "test")
+    train = VPODataset(tiny_vpo, "msmi", "train", train=True, crop=None)
+    for i, s in enumerate(test.samples):
+        got = test[i]["source_pos"]
+        want = torch.full((len(data.VPO_CLASSES),), -1.0)
+        for cls, _, a in s["sources"]:
+            want[cls] = a
+        assert torch.equal(got, want)
+    flips = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        x = train[0]
+        a = {cls: alpha for cls, _, alpha in train.samples[0]["sources"]}
+        heard = x["audio_classes"].nonzero().flatten().tolist()
+        flipped = abs(float(x["source_pos"][heard[0]]) - a[heard[0]]) > 1e-6
+        flips.add(flipped)
+        for c in heard:
+            assert float(x["source_pos"][c]) == pytest.approx(1 - a[c] if flipped else a[c])
+    assert flips == {True, False}
+
+
+def test_twins_from_coco_annotations(tiny_vpo):
+    """Twins = the other non-crowd instances of a sounding object's category, decoded from the COCO JSON
+    (checked with pycocotools' own annToMask), outside the sounding object; only multi-instance images."""
+    from pycocotools.coco import COCO
+    ann = os.path.join(tiny_vpo, "sources", "coco", "annotations", "instances_val2017.json")
+    coco = COCO(ann)
+    ds = VPODataset(tiny_vpo, "msmi", "test")
+    assert data.attach_twins(ds) == len(ds.twins) > 0
+    for i, s in enumerate(ds.samples):
+        x = ds[i]
+        want = torch.zeros_like(x["mask"])
+        for (cls, _, _), a in zip(s["sources"], s["anns"]):
+            cat = coco.anns[a]["category_id"]
+            for b in coco.getAnnIds(imgIds=s["img"], catIds=[cat], iscrowd=False):
+                if b != a:
+                    want[torch.from_numpy(coco.annToMask(coco.anns[b])).bool() & (x["mask"] == 0)] = cls
+        assert torch.equal(x["twin"], want)
+        assert (i in ds.twins) == bool(want.any())
+        for c in want.unique().tolist():
+            if c:  # built-in MSMI: the twin sits on the other side of the image from the sounding object
+                cols = lambda m: m.nonzero()[:, 1].float().mean() / m.shape[1]  # noqa: E731
+                assert (cols(want == c) - 0.5) * (cols(x["mask"] == c) - 0.5) < 0
+    assert "twin" not in VPODataset(tiny_vpo, "msmi", "test")[0]
+    assert data.attach_twins(VPODataset(tiny_vpo, "ss", "test")) == 0
+
+
+def test_twins_errors(tmp_path, tiny_vpo):
+    ds = VPODataset(tiny_vpo, "msmi", "test")
+    with raises_naming(tmp_path / "nope.json", " not found"):
+        data.attach_twins(ds, str(tmp_path / "nope.json"))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(dict(images=[], annotations=[], categories=[])))
+    with raises_naming(other, ": no annotation .* pass --coco-ann"):
+        data.attach_twins(ds, str(other))

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from metrics import AVSObjectsMeter, ConfusionMatrix, format_table
+from metrics import TWIN_KEYS, AVSObjectsMeter, ConfusionMatrix, TwinMeter, format_table, format_twins
 
 NAN = math.nan
 
@@ -300,3 +300,67 @@ def test_format_table():
                          " | pixel acc 66.67")
     with pytest.raises(ValueError, match="2 class names for 3 classes"):
         format_table(["background", "car"], cm.compute())
+
+
+# ---------------------------------------------------------------- twin metrics (issue 10)
+def twin_reference(preds, masks, twins):
+    """Loops over images and pixels: pooled sounding recall, twin share and per-image side accuracy."""
+    hit_s = n_s = hit_t = n_t = images = right = 0
+    for pred, mask, twin in zip(preds, masks, twins):
+        classes = {int(c) for c in twin.flatten().tolist() if c}
+        if not classes:
+            continue
+        hs = ns = ht = nt = 0
+        for p, m, t in zip(pred.flatten().tolist(), mask.flatten().tolist(), twin.flatten().tolist()):
+            if m in classes:
+                ns += 1
+                hs += p == m
+            if t:
+                nt += 1
+                ht += p == t
+        if ns == 0:
+            continue
+        hit_s, n_s, hit_t, n_t, images = hit_s + hs, n_s + ns, hit_t + ht, n_t + nt, images + 1
+        right += hs / ns > ht / nt
+    return dict(twin_images=images, twin_recall=hit_s / n_s, twin_share=hit_t / n_t, twin_side_acc=right / images)
+
+
+def test_twin_meter_matches_loop_reference():
+    g = torch.Generator().manual_seed(0)
+    k, n, h, w = 6, 7, 5, 6
+    mask = torch.randint(0, k, (n, h, w), generator=g)
+    mask[torch.rand(n, h, w, generator=g) < 0.1] = 255
+    pred = torch.randint(0, k, (n, h, w), generator=g)
+    twin = torch.zeros(n, h, w, dtype=torch.long)
+    for i in range(n - 2):  # the last two images have no twins
+        c = int(mask[i][mask[i] != 255][0]) or 1
+        mask[i, 0, 0] = c
+        region = (mask[i] == 0) & (torch.rand(h, w, generator=g) < 0.6)
+        region[h - 1, w - 1] = True
+        mask[i, h - 1, w - 1] = 0
+        twin[i][region] = c
+        pred[i][region & (torch.rand(h, w, generator=g) < 0.5)] = c  # some twins segmented as the source
+    meter = TwinMeter(k)
+    for s in (slice(0, 3), slice(3, n)):  # two batches
+        meter.update(pred[s], mask[s], twin[s])
+    got, want = meter.compute(), twin_reference(pred, mask, twin)
+    assert got["twin_images"] == want["twin_images"] == n - 2
+    for key in TWIN_KEYS:
+        assert got[key] == pytest.approx(want[key], abs=1e-12)
+    assert 0 < want["twin_share"] < 1 and 0 < want["twin_side_acc"] < 1
+
+
+def test_twin_meter_perfect_and_blind_models():
+    mask = torch.tensor([[[0, 3, 3, 0, 0, 0]]])
+    twin = torch.tensor([[[0, 0, 0, 0, 3, 3]]])
+    m = TwinMeter(5)
+    m.update(mask.clone(), mask, twin)  # segments the sounding instance only
+    assert m.compute() == dict(twin_images=1, twin_recall=1.0, twin_share=0.0, twin_side_acc=1.0)
+    m = TwinMeter(5)
+    m.update(torch.tensor([[[0, 3, 3, 0, 3, 3]]]), mask, twin)  # segments every instance of the class
+    assert m.compute() == dict(twin_images=1, twin_recall=1.0, twin_share=1.0, twin_side_acc=0.0)
+    empty = TwinMeter(5)
+    empty.update(mask, mask, torch.zeros_like(twin))
+    assert empty.compute()["twin_images"] == 0 and math.isnan(empty.compute()["twin_recall"])
+    assert "twins (1 images): sounding recall 100.00 | twin share 100.00 | side acc 0.00" in format_twins(
+        m.compute())
