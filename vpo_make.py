@@ -429,11 +429,11 @@ def wav_ok(path):
         with wave.open(path, "rb") as w:
             return w.getnframes() > 0
     except (wave.Error, EOFError):  # float or extensible WAV, which read_wav decodes, or no WAV at all
-        with contextlib.suppress(DataError, ValueError, EOFError):
+        with contextlib.suppress(DataError, OSError, ValueError, EOFError):
             return read_wav(path)[0].shape[1] > 0
+        return False
     except OSError:
-        pass
-    return False
+        return False
 
 
 def _columns(header):

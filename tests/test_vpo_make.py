@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shutil
+import struct
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -473,6 +474,21 @@ def test_non_wav_clips_are_skipped_with_the_conversion(src, built, tmp_path, cap
     used = {r["vgg_file"] for s in vpo_make.SUBSETS for r in rows(str(tmp_path / "out"), s)}
     assert not used & {os.path.basename(p)[:-4] for p in (flac, mp4, bad)}
     assert {s[:5] for s in sources(str(tmp_path / "out"))} == {s[:5] for s in sources(built[0])}
+
+
+def test_wav_ok(tmp_path):
+    """PCM and float WAVs with samples are usable clips; empty, corrupt and absent ones are not."""
+    pcm, empty, float32, junk = (str(tmp_path / f"{name}.wav") for name in ("pcm", "empty", "float", "junk"))
+    write_wav(pcm, np.zeros(100))
+    write_wav(empty, np.zeros(0))
+    data = np.full(100, 0.25, "<f4").tobytes()
+    fmt = struct.pack("<HHIIHH", 3, 1, 16000, 64000, 4, 32)  # IEEE float, mono, 32 bit
+    with open(float32, "wb") as f:
+        f.write(b"RIFF" + struct.pack("<I", 20 + len(fmt) + len(data)) + b"WAVEfmt "
+                + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data)
+    _corrupt(junk)
+    paths = (pcm, empty, float32, junk, str(tmp_path / "absent.wav"))
+    assert [vpo_make.wav_ok(p) for p in paths] == [True, False, True, False, False]
 
 
 def _check_stereo(ds):
