@@ -3,13 +3,32 @@
 Real mode
     python vpo_make.py --coco COCO_ROOT --vggsound VGG_ROOT --out DATA_ROOT
 reads COCO 2017 (COCO_ROOT/annotations/{instances,captions}_{train,val}2017.json, images
-COCO_ROOT/{train,val}2017/*.jpg, via pycocotools) and VGGSound (VGG_ROOT/vggsound.csv, no header,
+COCO_ROOT/{train,val}2017/*.jpg, masks decoded by pycocotools) and VGGSound (VGG_ROOT/vggsound.csv,
 rows `youtube_id,start_seconds,label,split`; clips VGG_ROOT/audio/{vgg_file}.wav with
 vgg_file = f"{youtube_id}_{start_seconds:06d}") and writes VPO-SS, VPO-MS and VPO-MSMI in the
 released layout (SPEC 1.1) that data.VPODataset reads:
     DATA_ROOT/VPO-{SS,MS,MSMI}/vpo_{ss,ms,msmi}_data_stereo.csv, data/, mask/
     DATA_ROOT/audio/{vgg_file}.wav       (hard link to the VGGSound clip, copy across devices)
-    DATA_ROOT/vpo_summary.json           (sizes, per-class counts, imbalance N_max/N_min, App. A.1)
+    DATA_ROOT/vpo_summary.json           (sizes, per-class counts, imbalance N_max/N_min, App. A.1,
+                                          and under "missing" what the inputs lacked)
+
+Partial inputs (real copies are never complete) build; each gap is one `warning:` line on stderr
+and is listed in vpo_summary.json and the printed summary:
+- a listed VGGSound clip that is not on disk, is there only in another format ({vgg_file}.flac,
+  .mp4, ...: the warning gives the ffmpeg loop that writes 16 kHz 16-bit PCM WAVs next to them) or
+  is no WAV that data.read_wav reads (PCM or float) is skipped and counted;
+- a Table 7 label without a usable clip: its class draws from its other labels. A class without
+  any clip cannot sound: its objects and crowd regions are background, never sources (like
+  ambiguous persons); the warning names the class and the number of images affected;
+- a COCO image listed in the annotations but not on disk is skipped; a missing train2017/ or
+  val2017/ folder skips that VPO split without reading its annotations (a root with only val2017
+  builds the val (test) split alone). --strict makes both errors;
+- vggsound.csv with a header row (its second field is not an integer) or extra columns (the
+  published file has neither) is read with a `note:` line; a header naming the columns (e.g.
+  `youtube_id,start_seconds,label,split` or `# YouTube ID,start seconds,label,train/test split`)
+  places them, otherwise the first four columns are used.
+The build stops with `error: ...` (exit 2) only when nothing can be built: no usable clip of any
+Table 7 label, neither image folder, or no image on disk with an object of a class that has clips.
 
 Built-in mode
     python vpo_make.py --synthetic --out DATA_ROOT
@@ -31,9 +50,8 @@ vggsound} (instances JSON with polygon and compressed-RLE masks, captions JSON, 
 Documented choices (the paper leaves them open):
 - Split: COCO train2017 -> VPO "train", val2017 -> "val" (= test). Audio for a train sample comes
   from VGGSound "train" clips, for a val sample from "test" clips (a class without clips in that
-  split uses all its clips). A clip is drawn uniformly among the clips of the class's Table 7
-  labels. A listed clip missing on disk is skipped and counted; a Table 7 label without any clip
-  is an error naming the label.
+  split uses all its clips). A clip is drawn uniformly among the usable clips of the class's Table 7
+  labels.
 - Persons: COCO has one "person" class, VPO has male/female/baby (ids 92/93/94). All persons of an
   image get one class from its captions (`person_class`): man/men/boy/guy/male/gentleman/... ->
   male; woman/women/girl/lady/female/... -> female; baby/infant/toddler -> baby ("baby" followed
@@ -77,13 +95,13 @@ import re
 import shutil
 import sys
 import time
+import wave
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 
 from data import (VPO_AUDIO_LABELS, VPO_CLASSES, VPO_COCO_IDS, VPO_SUBSETS, DataError, read_wav,
                   write_wav)
@@ -282,46 +300,103 @@ def _read_json(path, keys, fix):
     return data
 
 
-def load_coco(root):
-    """COCO 2017 -> (images with VPO objects, sorted by split then id; person-rule counts)."""
-    images, persons = [], Counter()
+def warn(msg, kind="warning"):
+    """One `warning: ...` (or `note: ...`) line on stderr."""
+    print(f"{kind}: {msg}", file=sys.stderr, flush=True)
+
+
+def _skip(strict, what, skipped, fix):
+    """Missing COCO input: a warning and skip it, or with --strict an error."""
+    if strict:
+        raise DataError(f"{what}; {fix}, or drop --strict to skip {skipped}")
+    warn(f"{what}; skipped {skipped} (pass --strict to stop instead)")
+
+
+@contextlib.contextmanager
+def _malformed(path):
+    """A KeyError / TypeError while reading COCO annotation file `path` -> one DataError line."""
+    try:
+        yield
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{path}: malformed COCO annotation ({e!r}); re-download it") from e
+
+
+def load_coco(root, strict=False):
+    """COCO 2017 -> (images with VPO objects on disk, sorted by split then id; stats).
+
+    stats: person-rule counts, COCO image folders not found (their split is skipped) and the number
+    of images listed in the annotations but not on disk (skipped); with `strict` both are errors.
+    """
     fix = "pass --coco pointing at a COCO 2017 root (annotations/, train2017/, val2017/)"
+    if not any(os.path.isdir(os.path.join(root, folder)) for _, folder, _ in SPLITS):
+        raise DataError(f"{root}: neither train2017/ nor val2017/ found; {fix}")
+    images, persons, splits_missing, absent = [], Counter(), [], 0
     for split, folder, _ in SPLITS:
-        inst = os.path.join(root, "annotations", f"instances_{folder}.json")
-        coco = COCO()
-        coco.dataset = _read_json(inst, ("images", "annotations", "categories"), fix)
-        caps = _read_json(os.path.join(root, "annotations", f"captions_{folder}.json"),
-                          ("annotations",), fix)
-        try:
-            images += _index_split(coco, caps, os.path.join(root, folder), split, persons)
-        except (KeyError, TypeError) as e:
-            raise DataError(f"{inst}: malformed COCO annotation ({e!r}); re-download it") from e
-    return images, {k: persons[k] for k in (*PERSONS, "ambiguous")}
+        image_dir, ann_dir = os.path.join(root, folder), os.path.join(root, "annotations")
+        if not os.path.isdir(image_dir):
+            _skip(strict, f"{image_dir} not found", f"the VPO {split} split",
+                  f"download the COCO {folder} images there")
+            splits_missing.append(folder)
+            continue
+        path, captions = os.path.join(ann_dir, f"captions_{folder}.json"), {}
+        with _malformed(path):
+            for c in _read_json(path, ("annotations",), fix)["annotations"]:
+                captions.setdefault(c["image_id"], []).append(c["caption"])
+        path = os.path.join(ann_dir, f"instances_{folder}.json")
+        with _malformed(path):
+            found, gone, listed = _index_split(_read_json(path, ("images", "annotations", "categories"), fix),
+                                               captions, image_dir, split, persons)
+        if gone:
+            _skip(strict, f"{len(gone)} of {listed} images listed in {path} are not on disk (first: "
+                  f"{os.path.join(image_dir, gone[0])})", "them", "download them")
+        images += found
+        absent += len(gone)
+    persons = {k: persons[k] for k in (*PERSONS, "ambiguous")}
+    return images, dict(persons=persons, coco_splits=splits_missing, coco_images=absent)
 
 
-def _index_split(coco, caps, image_dir, split, persons):
-    """Images of one COCO split that hold VPO objects; counts the person rule's outcomes."""
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco.createIndex()
-    captions, images = {}, []
-    for c in caps["annotations"]:
-        captions.setdefault(c["image_id"], []).append(c["caption"])
-    names = {c["id"]: c["name"] for c in coco.dataset["categories"]}
-    for img_id in sorted(coco.imgs):
-        info = coco.imgs[img_id]
-        img = Img(img_id, split, os.path.join(image_dir, info["file_name"]), info["height"], info["width"])
-        anns = sorted(coco.imgToAnns[img_id], key=lambda a: a["id"])
-        gender = person_class(captions.get(img_id, []))
-        if any(names[a["category_id"]] == "person" for a in anns):
+def _index_split(data, captions, image_dir, split, persons):
+    """(images of one COCO split on disk that hold VPO objects, file names not on disk, images
+    listed); counts the person rule's outcomes. Only person and VPO-class annotations are indexed."""
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    anns = {}
+    for a in data["annotations"]:
+        if names[a["category_id"]] in CLASS_ID or names[a["category_id"]] == "person":
+            anns.setdefault(a["image_id"], []).append(a)
+    on_disk, images, absent = set(os.listdir(image_dir)), [], []
+    for info in sorted(data["images"], key=lambda i: i["id"]):
+        if info["file_name"] not in on_disk:
+            absent.append(info["file_name"])
+            continue
+        path = os.path.join(image_dir, info["file_name"])
+        img = Img(info["id"], split, path, info["height"], info["width"])
+        img_anns = sorted(anns.get(img.id, []), key=lambda a: a["id"])
+        gender = person_class(captions.get(img.id, []))
+        if any(names[a["category_id"]] == "person" for a in img_anns):
             persons[gender or "ambiguous"] += 1
-        for a in anns:
+        for a in img_anns:
             name = gender if names[a["category_id"]] == "person" else names[a["category_id"]]
             if name in CLASS_ID:
                 group = img.crowds if a.get("iscrowd", 0) else img.objs
                 group.setdefault(CLASS_ID[name], []).append(Obj(a["id"], CLASS_ID[name], a["segmentation"]))
         if img.objs:
             images.append(img)
-    return images
+    return images, absent, len(data["images"])
+
+
+def silence(images, sounding):
+    """Objects and crowd regions of classes without clips become background (never sources).
+    -> (images that still hold a sounding object, {class id: images affected})."""
+    affected, kept = Counter(), []
+    for img in images:
+        mute = {c for c in (*img.objs, *img.crowds) if c not in sounding}
+        affected.update(mute)
+        for c in mute:
+            img.objs.pop(c, None)
+            img.crowds.pop(c, None)
+        if img.objs:
+            kept.append(img)
+    return kept, affected
 
 
 def decode(seg, h, w):
@@ -336,42 +411,126 @@ def decode(seg, h, w):
 
 
 # ---------------------------------------------------------------- VGGSound side
+CSV_FIELDS = ("youtube_id", "start_seconds", "label", "split")
+COLUMN_NAMES = (("youtubeid", "ytid", "videoid"), ("startseconds", "start", "startsec", "starttime"),
+                ("label",), ("split", "traintestsplit"))  # header names, lowercase letters only
+
+
+def convert_command(audio, exts):
+    """Shell loop that writes a 16 kHz mono 16-bit PCM WAV next to every clip with these extensions."""
+    pattern = exts[0] if len(exts) == 1 else "{" + ",".join(exts) + "}"
+    return (f'for f in {audio}/*.{pattern}; do ffmpeg -nostdin -loglevel error -i "$f" -vn -ac 1 -ar 16000 '
+            f'-c:a pcm_s16le "${{f%.*}}.wav"; done')
+
+
+def wav_ok(path):
+    """Whether data.read_wav reads at least one sample from `path` (only the header for PCM WAV)."""
+    try:
+        with wave.open(path, "rb") as w:
+            return w.getnframes() > 0
+    except (wave.Error, EOFError):  # float or extensible WAV, which read_wav decodes, or no WAV at all
+        with contextlib.suppress(DataError, OSError, ValueError, EOFError):
+            return read_wav(path)[0].shape[1] > 0
+        return False
+    except OSError:
+        return False
+
+
+def _columns(header):
+    """Column indices of CSV_FIELDS named in a header row, or the first four columns."""
+    names = [re.sub(r"[^a-z]", "", h.lower()) for h in header]
+    found = [next((i for i, n in enumerate(names) if n in aliases), None) for aliases in COLUMN_NAMES]
+    return [0, 1, 2, 3] if None in found else found
+
+
+def _read_vggsound_csv(path):
+    """Rows (youtube_id, start_seconds, label, split) of vggsound.csv. A header row (its second field
+    is not an integer) and extra columns are accepted with a note."""
+    rows, cols, header, width = [], [0, 1, 2, 3], None, 4
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            for line, row in enumerate(csv.reader(f), 1):
+                if not "".join(row).strip():
+                    continue
+                if not rows and header is None and len(row) > 1 and not row[1].strip().isdigit():
+                    header, cols = row, _columns(row)
+                    continue
+                got = [row[i].strip() for i in cols if i < len(row)]
+                if len(got) < 4 or got[3] not in ("train", "test") or not got[1].isdigit():
+                    raise DataError(f"{path}:{line}: expected {','.join(CSV_FIELDS)}(train|test), "
+                                    f"got {','.join(row)!r}")
+                rows.append(got)
+                width = max(width, len(row))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read CSV ({e}); re-download it") from e
+    if header is not None or width > 4:
+        skipped = f"header row {','.join(header)!r} skipped, " if header is not None else ""
+        warn(f"{path}: {skipped}{width} columns; reading {','.join(CSV_FIELDS)} from columns "
+             f"{','.join(str(i + 1) for i in cols)}", "note")
+    return rows
+
+
 def load_vggsound(root):
-    """vggsound.csv + audio/ -> ({cid: {"train": [vgg_file], "test": [...]}}, stats)."""
+    """vggsound.csv + audio/ -> ({cid: {"train": [vgg_file], "test": [...]}}, stats, labels missing).
+
+    Listed clips missing on disk, present only in another format (.flac, .mp4, ...) or not readable
+    as WAV are skipped and counted, with a warning; a Table 7 label without a usable clip is a
+    warning. Stops only when no Table 7 label has a usable clip.
+    """
     path, audio = os.path.join(root, "vggsound.csv"), os.path.join(root, "audio")
     if not os.path.isfile(path):
         raise DataError(f"{path} not found; pass --vggsound pointing at the VGGSound root")
     if not os.path.isdir(audio):
         raise DataError(f"{audio} not found; put the clips there as {{youtube_id}}_{{start:06d}}.wav")
     label_class = {lab: CLASS_ID[c] for c, labs in VPO_AUDIO_LABELS.items() for lab in labs}
-    on_disk = set(os.listdir(audio))
+    wavs, others = set(), {}
+    for name in os.listdir(audio):
+        stem, ext = os.path.splitext(name)
+        if ext == ".wav":
+            wavs.add(stem)
+        elif ext:
+            others[stem] = ext[1:]
     pools = {cid: {"train": set(), "test": set()} for cid in VPO_COCO_IDS}
-    found, listed, missing = Counter(), 0, 0
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            for line, row in enumerate(csv.reader(f), 1):
-                if len(row) < 4 or row[3].strip() not in ("train", "test") \
-                        or not row[1].strip().isdigit():
-                    raise DataError(f"{path}:{line}: expected youtube_id,start_seconds,label,"
-                                    f"split(train|test), got {','.join(row)!r}")
-                label = row[2].strip()
-                if label not in label_class:
-                    continue
-                stem = f"{row[0].strip()}_{int(row[1]):06d}"
-                listed += 1
-                if stem + ".wav" not in on_disk:
-                    missing += 1
-                    continue
-                found[label] += 1
-                pools[label_class[label]][row[3].strip()].add(stem)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{path}: cannot read CSV ({e}); re-download it") from e
-    for label in sorted(label_class):
-        if not found[label]:
-            raise DataError(f"{audio}: no clip of VGGSound label {label!r} (VPO class "
-                            f"{CLASS_NAME[label_class[label]]}) listed in {path}; download at least one")
+    found, not_wav, bad, listed, missing = Counter(), Counter(), [], 0, 0
+    for ytid, start, label, split in _read_vggsound_csv(path):
+        if label not in label_class:
+            continue
+        stem = f"{ytid}_{int(start):06d}"
+        listed += 1
+        if stem not in wavs:
+            if stem in others:
+                not_wav[others[stem]] += 1
+            else:
+                missing += 1
+        elif wav_ok(os.path.join(audio, stem + ".wav")):
+            found[label] += 1
+            pools[label_class[label]][split].add(stem)
+        else:
+            bad.append(stem + ".wav")
+    exts = sorted(not_wav, key=lambda e: (-not_wav[e], e))
+    convert = f"convert them to WAV: {convert_command(audio, exts)}" if exts else ""
+    if not found:
+        why = f"{sum(not_wav.values())} are .{'/.'.join(exts)}, not WAV; {convert}" if exts else \
+            "download the clips of the CAVP Table 7 labels (README)"
+        raise DataError(f"{audio}: no usable clip of the {listed} Table 7 clips listed in {path}; {why}")
+    if missing:
+        warn(f"{missing} of {listed} Table 7 clips listed in {path} are not in {audio}; skipped them")
+    if exts:
+        warn(f"{sum(not_wav.values())} listed clips are in {audio} as .{'/.'.join(exts)}, not WAV; "
+             f"skipped them; {convert}")
+    if bad:
+        warn(f"{len(bad)} clips in {audio} are not readable WAV (first: {bad[0]}); skipped them; re-encode "
+             "each as 16-bit PCM: ffmpeg -i IN -vn -ac 1 -ar 16000 -c:a pcm_s16le OUT.wav")
+    labels_missing = sorted(lab for lab in label_class if not found[lab])
+    for label in labels_missing:
+        name = CLASS_NAME[label_class[label]]
+        if any(pools[label_class[label]].values()):
+            warn(f"VGGSound label {label!r} has no usable clip in {audio}; "
+                 f"class {name} uses its other labels")
     pools = {c: {s: sorted(v) for s, v in p.items()} for c, p in pools.items()}
-    return pools, dict(clips_listed=listed, clips_missing=missing)
+    stats = dict(clips_listed=listed, clips_missing=missing, clips_not_wav=sum(not_wav.values()),
+                 clips_unreadable=len(bad))
+    return pools, stats, labels_missing
 
 
 # ---------------------------------------------------------------- sampling (CAVP Sec. 3)
@@ -503,10 +662,6 @@ def write_dataset(subsets, vgg_root, out, workers):
                                        [(o.cid, o.seg) for o, _ in s.sources])))
     links = sorted({(s.img.path, _sample_paths(out, subset, s)[0])
                     for subset, samples in subsets.items() for s in samples})
-    absent = [src for src, _ in links if not os.path.isfile(src)]
-    if absent:
-        raise DataError(f"{absent[0]} not found ({len(absent)} COCO images missing); "
-                        "download the COCO 2017 images next to annotations/")
     results = run_tasks(tasks + [(put_link, pair) for pair in links], workers, "vpo files")
     alphas = {k: results[i:i + len(subsets[k])] for k, i in spans.items()}
     for subset, samples in subsets.items():
@@ -515,10 +670,10 @@ def write_dataset(subsets, vgg_root, out, workers):
                   _csv_bytes(subset, samples, alphas[subset]))
 
 
-def summarize(subsets, sizes, eligible, seed, mi_share, persons, vgg_stats):
-    """Per-subset sizes, per-class source counts and imbalance ratio N_max/N_min (App. A.1)."""
-    summary = dict(seed=seed, mi_share=round(mi_share, 6), persons=persons, vggsound=vgg_stats,
-                   eligible_images=eligible, subsets={})
+def summarize(subsets, sizes, seed, mi_share, stats):
+    """Per-subset sizes, per-class source counts and imbalance ratio N_max/N_min (App. A.1), plus
+    the inputs' statistics and what was missing from them (`stats`, see prepare)."""
+    summary = dict(seed=seed, mi_share=round(mi_share, 6), **stats, subsets={})
     for subset, samples in subsets.items():
         entry = {}
         for col, (split, _, _) in enumerate(SPLITS):
@@ -554,26 +709,64 @@ def format_summary(summary):
     persons = ", ".join(f"{k} {v}" for k, v in summary["persons"].items())
     lines.append(f"persons (images, caption rule): {persons}")
     v = summary["vggsound"]
-    lines.append(f"vggsound: {v['clips_listed']} Table 7 clips listed, {v['clips_missing']} missing, "
+    lines.append(f"vggsound: {v['clips_listed']} Table 7 clips listed, skipped {v['clips_missing']} "
+                 f"missing, {v['clips_not_wav']} not WAV and {v['clips_unreadable']} unreadable; "
                  f"{v['clips_used']} used")
+    m = summary["missing"]
+    if m["labels"]:
+        lines.append("missing VGGSound labels (no usable clip): " + ", ".join(map(repr, m["labels"])))
+    if m["classes"]:
+        lines.append("silent classes (no clip; objects are background): "
+                     + ", ".join(f"{c} in {n} images" for c, n in m["classes"].items()))
+    coco = [f"{folder}/ (split skipped)" for folder in m["coco_splits"]]
+    coco += [f"{m['coco_images']} listed images (skipped)"] if m["coco_images"] else []
+    if coco:
+        lines.append("missing COCO: " + ", ".join(coco))
     return "\n".join(lines)
 
 
+def prepare(coco_root, vgg_root, sizes, mi_share, seed, strict=False):
+    """Read COCO and VGGSound and plan the subsets -> ({subset: [Sample]}, stats).
+
+    stats: persons (person-rule counts), vggsound (clip counts), eligible_images (per split) and
+    missing: labels (Table 7 labels without a usable clip), classes ({class: images} whose objects
+    are silent because the class has no clip), coco_splits (image folders not found), coco_images
+    (listed images not on disk). Stops only when no image holds an object of a class with clips.
+    """
+    print(f"reading COCO annotations from {coco_root} ...", file=sys.stderr, flush=True)
+    images, coco = load_coco(coco_root, strict)
+    pools, vgg_stats, labels_missing = load_vggsound(vgg_root)
+    sounding = {c for c, p in pools.items() if p["train"] or p["test"]}
+    images, affected = silence(images, sounding)
+    silent = {CLASS_NAME[c]: affected[c] for c in VPO_COCO_IDS if c not in sounding}
+    for name, n in silent.items():
+        labels = ", ".join(map(repr, VPO_AUDIO_LABELS[name]))
+        warn(f"class {name} has no usable VGGSound clip ({labels}); its objects are silent "
+             f"(background, never a source) in {n} images")
+    if not images:
+        have = ", ".join(CLASS_NAME[c] for c in VPO_COCO_IDS if c in sounding)
+        raise DataError(f"nothing to build: no COCO image on disk under {coco_root} holds an object of a "
+                        f"class with VGGSound clips ({have}); add COCO images or clips of the same classes")
+    subsets, eligible = plan(images, pools, sizes, mi_share, seed)
+    missing = dict(labels=labels_missing, classes=silent, coco_splits=coco["coco_splits"],
+                   coco_images=coco["coco_images"])
+    return subsets, dict(persons=coco["persons"], vggsound=vgg_stats, eligible_images=eligible,
+                         missing=missing)
+
+
 def build(coco_root, vgg_root, out, sizes=None, mi_share=PAPER_MI_SHARE, seed=0, workers=1,
-          synthetic_size=None):
+          synthetic_size=None, strict=False):
     """Real-mode builder: COCO + VGGSound -> DATA_ROOT (see module docstring); returns the summary.
 
     synthetic_size: the image side of built-in sources; recorded in the summary ("synthetic",
-    "image_size") so that the training scripts pick their CPU-sized defaults.
+    "image_size") so that the training scripts pick their CPU-sized defaults. strict: missing COCO
+    images or image folders are errors instead of warnings.
     """
     sizes = sizes or PAPER_SIZES
-    print(f"reading COCO annotations from {coco_root} ...", file=sys.stderr, flush=True)
-    images, persons = load_coco(coco_root)
-    pools, vgg_stats = load_vggsound(vgg_root)
-    subsets, eligible = plan(images, pools, sizes, mi_share, seed)
+    subsets, stats = prepare(coco_root, vgg_root, sizes, mi_share, seed, strict)
     write_dataset(subsets, vgg_root, out, workers)
-    vgg_stats["clips_used"] = len({v for ss in subsets.values() for s in ss for _, v in s.sources})
-    summary = summarize(subsets, sizes, eligible, seed, mi_share, persons, vgg_stats)
+    stats["vggsound"]["clips_used"] = len({v for ss in subsets.values() for s in ss for _, v in s.sources})
+    summary = summarize(subsets, sizes, seed, mi_share, stats)
     summary.update(synthetic=synthetic_size is not None, image_size=synthetic_size)
     put_bytes(os.path.join(out, "vpo_summary.json"), (json.dumps(summary, indent=1) + "\n").encode())
     return summary
@@ -852,6 +1045,9 @@ def parse_args(argv=None):
     p.add_argument("--mi-share", type=float, help="share of multi-instance images in VPO-MSMI (default: "
                    f"the paper's {PAPER_MI_SHARE:.3f} in real mode, {SYNTHETIC_MI_SHARE} synthetic)")
     p.add_argument("--size", type=int, default=64, help="synthetic image side in pixels (>= 32)")
+    p.add_argument("--strict", action="store_true", help="stop with an error when a COCO image listed in the "
+                   "annotations, or a whole train2017/ or val2017/ folder, is missing (default: skip it with "
+                   "a warning)")
     args = p.parse_args(argv)
     if args.synthetic and (args.coco or args.vggsound):
         p.error("--synthetic builds its own sources: drop --coco/--vggsound")
@@ -880,7 +1076,7 @@ def main(argv=None):
                   file=sys.stderr, flush=True)
             coco, vgg = make_sources(args.out, args.size, *sizes["msmi"], mi_share, args.seed)
         summary = build(coco, vgg, args.out, sizes, mi_share, args.seed, args.workers,
-                        args.size if args.synthetic else None)
+                        args.size if args.synthetic else None, args.strict)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shutil
+import struct
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -126,8 +127,8 @@ def src(tmp_path_factory):
     return coco, vgg
 
 
-def build(src, out, workers=1, seed=0):
-    return vpo_make.build(*src, str(out), SIZES, 0.5, seed, workers)
+def build(src, out, workers=1, seed=0, strict=False):
+    return vpo_make.build(*src, str(out), SIZES, 0.5, seed, workers, strict=strict)
 
 
 @pytest.fixture(scope="module")
@@ -291,44 +292,68 @@ def _corrupt(path):
     return path
 
 
-def _used_clip(built, vgg):
-    return os.path.join(vgg, "audio", rows(built[0], "ss")[0]["vgg_file"] + ".wav")
+def _used_clip(built, vgg, i=0):
+    return os.path.join(vgg, "audio", rows(built[0], "ss")[i]["vgg_file"] + ".wav")
 
 
-def _drop_label(vgg, label):
-    with open(os.path.join(vgg, "vggsound.csv")) as f:
-        keep = [r for r in csv.reader(f) if r[2] != label]
-    with open(os.path.join(vgg, "vggsound.csv"), "w", newline="") as f:
-        csv.writer(f).writerows(keep)
-    return repr(label)
+def _edit_csv(vgg, edit):
+    """Rewrite vggsound.csv as edit(rows)."""
+    path = os.path.join(vgg, "vggsound.csv")
+    with open(path) as f:
+        table = list(csv.reader(f))
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(edit(table))
+    return path
+
+
+def _keep_labels(vgg, keep):
+    _edit_csv(vgg, lambda table: [r for r in table if keep(r[2])])
 
 
 def _append_bad_row(vgg):
-    path = os.path.join(vgg, "vggsound.csv")
-    with open(path, "a", newline="") as f:
-        csv.writer(f).writerow(["x", "soon", "dog barking", "train"])
-    with open(path) as f:
-        return f"{path}:{len(f.readlines())}:"
+    path = _edit_csv(vgg, lambda table: table + [["x", "soon", "dog barking", "train"]])
+    return f"{path}:{len(AUDIO_ROWS) + 3}:"
 
 
+def _rename_clips(vgg, ext, names=None):
+    audio = os.path.join(vgg, "audio")
+    for name in names or os.listdir(audio):
+        os.rename(os.path.join(audio, name), os.path.join(audio, name[:-4] + ext))
+    return ext
+
+
+AUDIO_ROWS = [lab for labs in VPO_AUDIO_LABELS.values() for lab in labs for _ in ("train", "test")]
 BAD_INPUTS = {  # name -> mutate(coco, vgg, built) returning what the error message must contain
     "no instances": lambda c, v, b: _remove(os.path.join(c, "annotations", "instances_val2017.json")),
     "no captions": lambda c, v, b: _remove(os.path.join(c, "annotations", "captions_train2017.json")),
     "bad json": lambda c, v, b: _corrupt(os.path.join(c, "annotations", "instances_train2017.json")),
-    "no image": lambda c, v, b: _remove(os.path.join(c, "train2017", f"{11:012d}.jpg")),
+    "no image folder": lambda c, v, b: [shutil.rmtree(os.path.join(c, d)) for d in ("train2017", "val2017")]
+    and "neither train2017/ nor val2017/ found",
+    "no image (strict)": lambda c, v, b: _remove(image_path(c, 11)),
+    "no train2017 (strict)": lambda c, v, b: shutil.rmtree(os.path.join(c, "train2017"))
+    or "train2017 not found",
     "no vggsound.csv": lambda c, v, b: _remove(os.path.join(v, "vggsound.csv")),
     "bad csv row": lambda c, v, b: _append_bad_row(v),
-    "label without audio": lambda c, v, b: _drop_label(v, "dog baying"),
-    "unreadable clip": lambda c, v, b: _corrupt(_used_clip(b, v)),
+    "only flac clips": lambda c, v, b: _rename_clips(v, ".flac") and "convert them to WAV: for f in",
+    "nothing to build": lambda c, v, b: _keep_labels(v, lambda lab: "airplane" in lab)
+    or "nothing to build: no COCO image on disk",
 }
+
+
+def image_path(coco, img_id):
+    return os.path.join(coco, "train2017", f"{img_id:012d}.jpg")
+
+
+def _copy(src, tmp_path):
+    return str(shutil.copytree(src[0], tmp_path / "coco")), str(shutil.copytree(src[1], tmp_path / "vgg"))
 
 
 @pytest.mark.parametrize("name", BAD_INPUTS)
 def test_bad_input_raises_one_line_data_error(name, src, built, tmp_path):
-    coco, vgg = shutil.copytree(src[0], tmp_path / "coco"), shutil.copytree(src[1], tmp_path / "vgg")
-    expected = BAD_INPUTS[name](str(coco), str(vgg), built)
+    coco, vgg = _copy(src, tmp_path)
+    expected = BAD_INPUTS[name](coco, vgg, built)
     with pytest.raises(DataError) as e:
-        build((str(coco), str(vgg)), tmp_path / "out")
+        build((coco, vgg), tmp_path / "out", strict=name.endswith("(strict)"))
     assert expected in str(e.value) and "\n" not in str(e.value)
 
 
@@ -336,9 +361,134 @@ def test_cli_prints_error_and_exits_2(tmp_path, capsys):
     assert vpo_make.main(["--coco", str(tmp_path), "--vggsound", str(tmp_path),
                           "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: ") and "instances_train2017.json" in err
+    assert err.startswith("error: ") and "train2017" in err
     with pytest.raises(SystemExit):
         vpo_make.main(["--synthetic", "--coco", str(tmp_path), "--out", str(tmp_path)])
+
+
+# ---------------------------------------------------------------- partial and real-world inputs
+def warnings(err):
+    return [line for line in err.splitlines() if line.startswith(("warning: ", "note: "))]
+
+
+def sources(out):
+    """Every CSV row without its clip: (subset, image, ann ids, class, split, audio_pos)."""
+    return {(s, r["img_Id"], r["ann_Ids"], r["cateName"], r["split"], r["audio_pos"])
+            for s in vpo_make.SUBSETS for r in rows(out, s)}
+
+
+def test_labels_without_clips_warn(src, built, tmp_path, capsys):
+    coco, vgg = _copy(src, tmp_path)
+    _keep_labels(vgg, lambda lab: lab not in ("airplane", "airplane flyby", "dog baying"))
+    summary = build((coco, vgg), tmp_path / "out")
+    audio = os.path.join(vgg, "audio")
+    assert warnings(capsys.readouterr().err)[1:] == [
+        f"warning: VGGSound label 'dog baying' has no usable clip in {audio}; "
+        "class dog uses its other labels",
+        "warning: class airplane has no usable VGGSound clip ('airplane', 'airplane flyby'); its objects are "
+        "silent (background, never a source) in 0 images"]
+    assert summary["missing"] == dict(labels=["airplane", "airplane flyby", "dog baying"],
+                                      classes={"airplane": 0}, coco_splits=[], coco_images=0)
+    assert sources(str(tmp_path / "out")) == sources(built[0])  # no airplane in the images
+
+
+def test_class_without_clips_is_silent(src, built, tmp_path, capsys):
+    coco, vgg = _copy(src, tmp_path)
+    _keep_labels(vgg, lambda lab: lab not in VPO_AUDIO_LABELS["dog"])
+    out = str(tmp_path / "out")
+    assert vpo_make.main(["--coco", coco, "--vggsound", vgg, "--out", out, "--n-train", "10",
+                          "--n-test", "10", "--mi-share", "0.5", "--workers", "1"]) == 0
+    printed = capsys.readouterr()
+    labels = ", ".join(map(repr, VPO_AUDIO_LABELS["dog"]))
+    assert (f"warning: class dog has no usable VGGSound clip ({labels}); its objects are silent "
+            "(background, never a source) in 3 images") in warnings(printed.err)
+    assert "silent classes (no clip; objects are background): dog in 3 images" in printed.out.splitlines()
+    every = [r for s in vpo_make.SUBSETS for r in rows(out, s)]
+    assert every and "dog" not in {r["cateName"] for r in every}
+    ss, msmi = by_image(out, "ss"), by_image(out, "msmi")
+    assert set(ss) == SINGLE | {12}, "without its dogs image 12 has one bird: single-instance"
+    assert {i for i, g in msmi.items() if g[0]["multi_instance"] == "1"} == MULTI - {12}
+    for i in (11, 21):
+        mask = np.array(Image.open(os.path.join(out, "VPO-MS", "mask", f"{i:012d}.png")))
+        assert vpo_make.CLASS_ID["dog"] not in mask
+    with open(os.path.join(out, "vpo_summary.json")) as f:
+        assert json.load(f)["missing"]["classes"] == {"dog": 3}
+
+
+def test_missing_coco_image_is_skipped(src, built, tmp_path, capsys):
+    coco, vgg = _copy(src, tmp_path)
+    os.remove(image_path(coco, 11))
+    summary = build((coco, vgg), tmp_path / "out")
+    inst, image = os.path.join(coco, "annotations", "instances_train2017.json"), image_path(coco, 11)
+    assert warnings(capsys.readouterr().err)[0] == (
+        f"warning: 1 of 8 images listed in {inst} are not on disk (first: {image}); skipped them "
+        "(pass --strict to stop instead)")
+    assert summary["missing"]["coco_images"] == 1
+    assert {s for s in sources(built[0]) if s[1] != "11"} == sources(str(tmp_path / "out"))
+
+
+def test_coco_root_with_only_val2017(src, built, tmp_path, capsys):
+    coco, vgg = _copy(src, tmp_path)
+    shutil.rmtree(os.path.join(coco, "train2017"))
+    os.remove(os.path.join(coco, "annotations", "instances_train2017.json"))  # not needed either
+    summary = build((coco, vgg), tmp_path / "out")
+    assert warnings(capsys.readouterr().err)[0] == (
+        f"warning: {os.path.join(coco, 'train2017')} not found; skipped the VPO train split (pass --strict "
+        "to stop instead)")
+    assert summary["missing"]["coco_splits"] == ["train2017"]
+    assert all(e["train"]["samples"] == 0 < e["val"]["samples"] for e in summary["subsets"].values())
+    assert sources(str(tmp_path / "out")) == {s for s in sources(built[0]) if s[4] == "val"}
+
+
+@pytest.mark.parametrize("header, order", [
+    (["# YouTube ID", "start seconds", "label", "train/test split", "duration"], [0, 1, 2, 3]),
+    (["label", "split", "youtube_id", "start_seconds"], [2, 3, 0, 1]),
+])
+def test_vggsound_csv_with_header_and_extra_columns(src, built, tmp_path, capsys, header, order):
+    coco, vgg = _copy(src, tmp_path)
+    path = _edit_csv(vgg, lambda table: [header] + [[r[order.index(i)] for i in range(4)] + ["10"] * (
+        len(header) - 4) for r in table])
+    build((coco, vgg), tmp_path / "out")
+    columns = ",".join(str(i + 1) for i in order)
+    assert warnings(capsys.readouterr().err)[0] == (
+        f"note: {path}: header row {','.join(header)!r} skipped, {len(header)} columns; reading "
+        f"youtube_id,start_seconds,label,split from columns {columns}")
+    assert tree(tmp_path / "out") == tree(built[0])
+
+
+def test_non_wav_clips_are_skipped_with_the_conversion(src, built, tmp_path, capsys):
+    coco, vgg = _copy(src, tmp_path)
+    flac, mp4, bad = (_used_clip(built, vgg, i) for i in range(3))
+    _rename_clips(vgg, ".flac", [os.path.basename(flac)])
+    _rename_clips(vgg, ".mp4", [os.path.basename(mp4)])
+    _corrupt(bad)
+    summary = build((coco, vgg), tmp_path / "out")
+    audio = os.path.join(vgg, "audio")
+    assert warnings(capsys.readouterr().err)[1:3] == [
+        f"warning: 2 listed clips are in {audio} as .flac/.mp4, not WAV; skipped them; convert them to WAV: "
+        f'for f in {audio}/*.{{flac,mp4}}; do ffmpeg -nostdin -loglevel error -i "$f" -vn -ac 1 -ar 16000 '
+        '-c:a pcm_s16le "${f%.*}.wav"; done',
+        f"warning: 1 clips in {audio} are not readable WAV (first: {os.path.basename(bad)}); skipped them; "
+        "re-encode each as 16-bit PCM: ffmpeg -i IN -vn -ac 1 -ar 16000 -c:a pcm_s16le OUT.wav"]
+    assert (summary["vggsound"]["clips_not_wav"], summary["vggsound"]["clips_unreadable"]) == (2, 1)
+    used = {r["vgg_file"] for s in vpo_make.SUBSETS for r in rows(str(tmp_path / "out"), s)}
+    assert not used & {os.path.basename(p)[:-4] for p in (flac, mp4, bad)}
+    assert {s[:5] for s in sources(str(tmp_path / "out"))} == {s[:5] for s in sources(built[0])}
+
+
+def test_wav_ok(tmp_path):
+    """PCM and float WAVs with samples are usable clips; empty, corrupt and absent ones are not."""
+    pcm, empty, float32, junk = (str(tmp_path / f"{name}.wav") for name in ("pcm", "empty", "float", "junk"))
+    write_wav(pcm, np.zeros(100))
+    write_wav(empty, np.zeros(0))
+    data = np.full(100, 0.25, "<f4").tobytes()
+    fmt = struct.pack("<HHIIHH", 3, 1, 16000, 64000, 4, 32)  # IEEE float, mono, 32 bit
+    with open(float32, "wb") as f:
+        f.write(b"RIFF" + struct.pack("<I", 20 + len(fmt) + len(data)) + b"WAVEfmt "
+                + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data)
+    _corrupt(junk)
+    paths = (pcm, empty, float32, junk, str(tmp_path / "absent.wav"))
+    assert [vpo_make.wav_ok(p) for p in paths] == [True, False, True, False, False]
 
 
 def _check_stereo(ds):
