@@ -103,7 +103,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from data import (VPO_AUDIO_LABELS, VPO_CLASSES, VPO_COCO_IDS, VPO_SUBSETS, DataError, read_wav,
+from data import (VPO_AUDIO_LABELS, VPO_CLASSES, VPO_COCO_IDS, VPO_SUBSETS, DataError, decode_coco, read_wav,
                   write_wav)
 
 SUBSETS = ("ss", "ms", "msmi")
@@ -399,17 +399,6 @@ def silence(images, sounding):
     return kept, affected
 
 
-def decode(seg, h, w):
-    """COCO segmentation -> (h, w) uint8 {0,1} mask (as pycocotools COCO.annToMask)."""
-    if isinstance(seg, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-    elif isinstance(seg["counts"], list):
-        rle = mask_utils.frPyObjects(seg, h, w)
-    else:
-        rle = seg
-    return mask_utils.decode(rle)
-
-
 # ---------------------------------------------------------------- VGGSound side
 CSV_FIELDS = ("youtube_id", "start_seconds", "label", "split")
 COLUMN_NAMES = (("youtubeid", "ytid", "videoid"), ("startseconds", "start", "startsec", "starttime"),
@@ -602,10 +591,10 @@ def write_mask(dst, h, w, crowd_segs, sources):
     """Mask PNG of the sounding objects; returns their audio_pos (centre of mass x / width)."""
     mask = np.zeros((h, w), np.uint8)
     for seg in crowd_segs:
-        mask[decode(seg, h, w) > 0] = 255
+        mask[decode_coco(seg, h, w) > 0] = 255
     alphas = []
     for cid, seg in sources:
-        inst = decode(seg, h, w) > 0
+        inst = decode_coco(seg, h, w) > 0
         mask[inst] = cid
         xs = np.nonzero(inst)[1]
         alphas.append(float((xs.mean() + 0.5) / w) if xs.size else 0.5)  # pixel centres
@@ -814,7 +803,7 @@ def _shape_mask(shape, cx, cy, r, theta, size):
         rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
         pts = POLYGONS[shape] @ rot.T * r + (cx, cy)
         poly = [round(float(v), 2) for v in pts.ravel()]
-        return decode([poly], size, size).astype(bool), [poly]
+        return decode_coco([poly], size, size).astype(bool), [poly]
     yy, xx = np.mgrid[:size, :size] + 0.5
     mask = np.hypot(xx - cx, yy - cy) <= r
     if shape == "ring":

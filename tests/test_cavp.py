@@ -82,6 +82,9 @@ def test_train_eval_stereo_and_mono(tiny_vpo, tmp_path):
         for key in ("miou", "mean_fbeta", "mean_fdr"):
             assert math.isfinite(m["final"][key])
         assert m["final"]["miou"] == m["best"]["miou"]
+        # twin metrics on the multi-instance test images; with stereo also with the channels swapped
+        assert m["final"]["twin_images"] > 0 and 0 <= m["final"]["twin_recall"] <= 1
+        assert ("twin_recall_swap" in m["final"]) != mono and "twins (" in proc.stdout
         ckpt = torch.load(out / "last.pt", weights_only=False)
         assert ckpt["iteration"] == 2 and ckpt["args"]["mono"] == mono
     proc = run("--data", "vpo_msmi", "--data-root", tiny_vpo, "--eval-only", "--ckpt", out / "best.pt",
@@ -130,6 +133,7 @@ def test_ddp_gloo_one_step(tiny_vpo, tmp_path):
     (["--resume", "/nonexistent/last.pt"], "/nonexistent/last.pt"),
     (["--eval-only", "--ckpt", "pytest.ini"], "pytest.ini: not a readable checkpoint"),
     (["--eval-audio", "silence"], "--eval-audio silence is for --eval-only"),
+    (["--match", "side", "--mono"], "--match side compares stereo positions"),
 ])
 def test_clear_errors(tiny_vpo, tmp_path, argv, needle):
     base = ["--data-root", tiny_vpo, "--out", tmp_path / "e", "--workers", "0"]

@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 
 import vpo_make
 from conftest import TINY_ARGS
-from data import VPO_AUDIO_LABELS, DataError, LogMel, VPODataset, write_wav
+from data import VPO_AUDIO_LABELS, DataError, LogMel, VPODataset, decode_coco, write_wav
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools")  # numpy 2 notice
 H, W = 30, 48
@@ -543,7 +543,7 @@ def test_synthetic_world():
     for i in range(80):
         kind = "multi" if i % 2 else "single"
         _, objects, captions = vpo_make.synth_image(np.random.default_rng([7, i]), 64, kind)
-        masks = [vpo_make.decode(seg, 64, 64).astype(int) for _, seg, _, _ in objects]
+        masks = [decode_coco(seg, 64, 64).astype(int) for _, seg, _, _ in objects]
         assert max(sum(masks).max(), 1) == 1 and [m.sum() for m in masks] == [a for *_, a, _ in objects]
         seg_types |= {type(seg).__name__ for _, seg, _, _ in objects}
         if any(vpo_make.VPO_CLASSES[k + 1] in vpo_make.PERSONS for k, *_ in objects):
