@@ -635,21 +635,27 @@ def predict(logits, binary):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp, binary, num_classes):
-    """Dataset-level metrics over this rank's shard, summed over ranks (SPEC §2)."""
+def evaluate(model, loader, device, amp, binary, num_classes, swap=False):
+    """Dataset-level metrics over this rank's shard, summed over ranks (SPEC §2), and on VPO samples that
+    carry silent twins the twin metrics (metrics.TwinMeter). swap: left and right audio channels exchanged."""
     model.eval()
     cm = metrics.ConfusionMatrix(2 if binary else num_classes, device)
     meter = metrics.AVSObjectsMeter(device) if binary else None
+    twins = metrics.TwinMeter(num_classes, device)
     for batch in loader:
         image, mask, wave, valid = unpack(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(image, wave, valid)[0].float()
+            logits = model(image, wave.flip(1) if swap else wave, valid)[0].float()
         target = mask.flatten(0, 1)
-        cm.update(predict(logits, binary), target)
+        pred = predict(logits, binary)
+        cm.update(pred, target)
         if binary:
             meter.update(torch.sigmoid(logits[:, 0]), target)  # AVS M_J / M_F
+        if "twin" in batch:
+            twins.update(pred, target, batch["twin"].to(device))
     cm.all_reduce()
-    res = cm.compute()
+    twins.all_reduce()
+    res = dict(cm.compute(), **twins.compute())
     if binary:
         meter.all_reduce()
         res.update(meter.compute())
@@ -751,15 +757,19 @@ def main(args):
     val_split = "val" if spec["kind"] == "avs" else "test"  # VPO has no val split (release "val" = test)
     splits = ["test"] if args.eval_only else sorted({"train", val_split, "test"})
     sets = build_datasets(args, spec, splits)  # read and checked before the run folder is made
+    twin_idx = []
+    if spec["kind"] == "vpo" and args.eval_audio == "real" and data.attach_twins(sets["test"], args.coco_ann):
+        twin_idx = sorted(sets["test"].twins)  # VPO-MSMI: images whose sounding object has silent twins
     if args.eval_only:
         sets["test"] = data.eval_audio_set(sets["test"], args.eval_audio, args.coco_ann, args.seed)
     log_path = os.path.join(args.out, "log.txt") if main_rank else None
     if main_rank:
         os.makedirs(args.out, exist_ok=True)
 
-    def eval_loader(split):
+    def eval_loader(split, indices=None):
+        indices = range(len(sets[split])) if indices is None else indices
         return torch.utils.data.DataLoader(
-            torch.utils.data.Subset(sets[split], range(rank, len(sets[split]), world)),  # exact shards
+            torch.utils.data.Subset(sets[split], indices[rank::world]),  # exact shards
             batch_size=args.eval_batch_size, num_workers=args.workers, collate_fn=data.pad_collate,
             pin_memory=use_cuda, generator=torch.Generator().manual_seed(args.seed))
 
@@ -777,12 +787,17 @@ def main(args):
 
     def run_eval(net, split, weights):
         res = evaluate(net, eval_loader(split), device, amp, binary, num_classes)
+        if split == "test" and twin_idx and not args.mono:  # the twin metrics with the stereo cue reversed
+            swapped = evaluate(net, eval_loader(split, twin_idx), device, amp, binary, num_classes, swap=True)
+            res.update({f"{key}_swap": swapped[key] for key in metrics.TWIN_KEYS})
         if main_rank:
             names = data.VPO_CLASSES if spec["kind"] == "vpo" else (
                 ["background", "sounding object"] if binary else [f"class {i}" for i in range(num_classes)])
             log(f"eval {split} ({weights} weights):\n{metrics.format_table(names, res)}", log_path)
             if binary:
                 log(f"M_J {res['mj']:.4f} | M_F {res['mf']:.4f}", log_path)
+            if res["twin_images"]:
+                log(metrics.format_twins(res), log_path)
             if split == "test" and args.overlays:
                 write_overlays(net, sets["test"], args.overlays, os.path.join(args.out, "overlays"), device,
                                amp, binary, num_classes)

@@ -237,3 +237,13 @@ def test_bad_combinations_and_missing_data(tmp_path, tiny_vpo):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
     assert str(missing) in proc.stderr and "vpo_make.py" in proc.stderr
+
+
+def test_vpo_msmi_twin_metrics(tiny_vpo, tmp_path):
+    """VPO-MSMI: the twin metrics, once with the real stereo and once with left and right swapped."""
+    out = tmp_path / "msmi"
+    argv = quick_vpo(tiny_vpo, out, "--epochs", "1", "--max-iters", "1", "--no-amp", "--overlays", "0")
+    proc = run(*[("vpo_msmi" if a == "vpo_ss" else a) for a in argv])
+    final = load_json(out / "metrics.json")["final"]
+    assert final["twin_images"] > 0 and 0 <= final["twin_recall"] <= 1 and 0 <= final["twin_share_swap"] <= 1
+    assert "twins (" in proc.stdout and "L/R swapped" in proc.stdout
