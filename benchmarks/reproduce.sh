@@ -5,6 +5,7 @@
 #   bash benchmarks/reproduce.sh claims                # items 1-5 (Tables 4, 5, 8, Figs. 1, 6, 7), ~2 h on 2 CPU cores
 #   bash benchmarks/reproduce.sh readings              # readings of Eq. (1)-(3) and stereo vs mono, ~3.5 h
 #   OUT=runs/repro2 SEEDS="2 3" bash benchmarks/reproduce.sh claims
+#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/reproduce.sh readings   # two runs at a time, one thread each
 #
 # Every run gets its own folder OUT/<method>-<subset>-s<seed>; a finished run (its log.txt says "done in")
 # is skipped, an interrupted one continues from its last.pt, so the script can be stopped and started again.
@@ -14,6 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-all}
 PY=${PYTHON:-python}
+JOBS=${JOBS:-1}
 [ -f data/vpo_summary.json ] || $PY vpo_make.py --synthetic --out data
 
 train() {  # train NAME SCRIPT ARGS...: one training run in OUT/NAME
@@ -22,8 +24,10 @@ train() {  # train NAME SCRIPT ARGS...: one training run in OUT/NAME
     if grep -qs "done in" "$dir/log.txt"; then return; fi
     local resume=()
     [ -f "$dir/last.pt" ] && resume=(--resume "$dir/last.pt")
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
     echo "$(date +%T) $name"
-    $PY "$script" "$@" --epochs "$EPOCHS" --eval-every "$EVAL_EVERY" --out "$dir" "${resume[@]}" > "$dir.log" 2>&1
+    $PY "$script" "$@" --epochs "$EPOCHS" --eval-every "$EVAL_EVERY" --out "$dir" "${resume[@]}" > "$dir.log" 2>&1 &
+    [ "$JOBS" -gt 1 ] || wait $!
 }
 
 if [ "$PART" = readings ] || [ "$PART" = all ]; then
@@ -57,6 +61,7 @@ for seed in $SEEDS; do
         train best-mono-$s-s$seed cavp.py "${common[@]}" ${BEST//--match side/} --mono
     done
 done
+wait
 $PY benchmarks/summarize.py --readings "$OUT"
 fi
 [ "$PART" = claims ] || [ "$PART" = all ] || exit 0
@@ -91,6 +96,7 @@ for seed in $SEEDS; do  # Table 5 rows 2-3 with every seed (the first seed ran a
     train ca-msmi-s$seed cavp.py --data vpo_msmi --seed "$seed" --contrast none
     train supcon-msmi-s$seed cavp.py --data vpo_msmi --seed "$seed" --contrast supcon
 done
+wait
 
 # item 5: every trained model (last.pt) tested with the real audio, with silence and with a clip of a class
 # that is absent from the image; writes eval-real.json, eval-silence.json, eval-absent.json beside metrics.json
