@@ -1,6 +1,7 @@
 """Print the README tables of benchmarks/reproduce.sh from its run folders.
 
     python benchmarks/summarize.py runs/repro
+    python benchmarks/summarize.py --readings runs/readings     # readings of Eq. (1)-(3), stereo vs mono
 
 Figures are test-split percentages of the last epoch (metrics.json "final"); "a (b-c)" = mean over
 seeds (lowest-highest). Item 5 reads eval-real.json / eval-silence.json / eval-absent.json.
@@ -17,6 +18,12 @@ SUBSETS = ("ss", "ms", "msmi")
 NAMES = {"tpavi": "TPAVI (tpavi.py, AVS recipe)", "tpavifusion": "TPAVI-like fusion (cavp.py, no contrast)",
          "cavp": "CAVP (stereo)", "cavp-mono": "CAVP (mono)", "ca": "f_CA, no contrast",
          "supcon": "f_CA + SupCon (uniform)"}
+
+
+READINGS = {"supcon": "SupCon, uniform (Table 5 row 3)", "cavp": "CAVP as before (set, mismatched, label, class, single)",
+            "poslabel": "--positives label", "unkliteral": "--unknown literal", "bgone": "--bg-groups one",
+            "side": "--match side", "bankall": "--bank-sources all", "cavp-mono": "CAVP as before, mono",
+            "best": "best combination", "best-mono": "best combination, mono"}
 
 
 def load(path):
@@ -62,9 +69,10 @@ def scores(root, method, subset):
     """Per-seed lists (in %, null metrics as None) of the finished runs of one method on one subset."""
     rs = runs(root, method, subset)
     res = [final(d) for _, d in rs]
-    pct = lambda key: [None if r[key] is None else 100 * r[key] for r in res]  # noqa: E731
+    pct = lambda key: [None if r.get(key) is None else 100 * r[key] for r in res]  # noqa: E731
     return dict(n=len(rs), seeds=[s for s, _ in rs], miou=pct("miou"), fbeta=pct("mean_fbeta"),
-                fdr=pct("mean_fdr"), minutes=[wall_time(d) / 60 for _, d in rs])
+                fdr=pct("mean_fdr"), minutes=[wall_time(d) / 60 for _, d in rs],
+                **{k: pct(k) for k in TWIN_COLUMNS})
 
 
 def table(header, rows):
@@ -84,6 +92,42 @@ def metric_rows(root, methods, subsets, names=NAMES):
     return table(["data", "method", "seeds", "mIoU", "F-beta", "FDR (lower is better)", "wall min"], rows)
 
 
+TWIN_COLUMNS = ("twin_recall", "twin_share", "twin_side_acc", "twin_recall_swap", "twin_share_swap",
+                "twin_side_acc_swap")
+
+
+def paired(root, a, b, subset):
+    """Per-seed mIoU differences a - b over the seeds both have."""
+    ra, rb = scores(root, a, subset), scores(root, b, subset)
+    mb = dict(zip(rb["seeds"], rb["miou"]))
+    return [v - mb[s] for s, v in zip(ra["seeds"], ra["miou"]) if s in mb]
+
+
+def readings_rows(root, methods, subsets, base):
+    """Table rows with the twin metrics and the seed-paired mIoU difference to `base` on the same subset."""
+    rows = []
+    for s in subsets:
+        for m in methods:
+            r = scores(root, m, s)
+            if r["n"]:
+                rows.append([f"VPO-{s.upper()}", READINGS[m], ",".join(map(str, r["seeds"])), spread(r["miou"]),
+                             spread(paired(root, m, base, s)) if m != base else "",
+                             spread(r["fbeta"]), spread(r["fdr"])] + [spread(r[k], 1) for k in TWIN_COLUMNS])
+    return table(["data", "method", "seeds", "mIoU", f"mIoU - {base} (paired by seed)", "F-beta",
+                  "FDR (lower is better)", "twin: sounding recall", "twin: silent-twin share", "twin: side acc",
+                  "L/R swapped: recall", "swapped: twin share", "swapped: side acc"], rows)
+
+
+def readings(root):
+    """Issue 10: single changes of Eq. (1)-(3) against CAVP as before and SupCon on VPO-MSMI, then the best
+    combination and stereo vs mono on every subset."""
+    print("### Readings of Eq. (1)-(3) on VPO-MSMI\n")
+    print(readings_rows(root, ("supcon", "cavp", "poslabel", "unkliteral", "bgone", "side", "bankall", "cavp-mono",
+                               "best", "best-mono"), ("msmi",), "cavp"))
+    print("\n### Best combination: stereo vs mono\n")
+    print(readings_rows(root, ("best-mono", "best"), SUBSETS, "best-mono"))
+
+
 def margin(root, a, b, subset):
     """mean mIoU of a minus mean mIoU of b (seeds that both have), or None."""
     ra, rb = scores(root, a, subset), scores(root, b, subset)
@@ -97,9 +141,13 @@ def margin(root, a, b, subset):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", help="OUT folder of benchmarks/reproduce.sh")
-    root = p.parse_args(argv).root
+    p.add_argument("--readings", action="store_true", help="the folder is the 'readings' part's (issue 10)")
+    args = p.parse_args(argv)
+    root = args.root
     if not os.path.isdir(root):
         sys.exit(f"{root} not found: pass the OUT folder of benchmarks/reproduce.sh")
+    if args.readings:
+        return readings(root)
 
     print("### 1. Table 4: CAVP vs TPAVI\n")
     print(metric_rows(root, ("tpavi", "tpavifusion", "cavp"), SUBSETS))

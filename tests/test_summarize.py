@@ -47,3 +47,24 @@ def test_eval_disagreeing_with_training_stops(tmp_path):
         summarize.main([str(tmp_path)])
     with pytest.raises(SystemExit, match="not found"):
         summarize.main([str(tmp_path / "missing")])
+
+
+def test_readings_tables_pair_seeds_and_show_twin_metrics(tmp_path, capsys):
+    fake_run(tmp_path, "cavp-msmi-s0", 0.20)
+    fake_run(tmp_path, "cavp-msmi-s1", 0.30)
+    fake_run(tmp_path, "poslabel-msmi-s0", 0.25)
+    fake_run(tmp_path, "poslabel-msmi-s1", 0.31)
+    fake_run(tmp_path, "poslabel-msmi-s2", 0.90)  # no cavp seed 2: in the mean, not in the paired difference
+    twins = dict(twin_recall=0.5, twin_share=0.25, twin_side_acc=0.75, twin_recall_swap=0.125,
+                 twin_share_swap=0.5, twin_side_acc_swap=0.0)
+    for name, miou in (("best-msmi-s0", 0.4), ("best-mono-msmi-s0", 0.3)):
+        fake_run(tmp_path, name, miou)
+        res = json.loads((tmp_path / name / "metrics.json").read_text())
+        res["final"].update(twins)
+        (tmp_path / name / "metrics.json").write_text(json.dumps(res))
+    summarize.main(["--readings", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| VPO-MSMI | --positives label | 0,1,2 | 48.67 (25.00-90.00) | 3.00 (1.00-5.00) |" in out
+    assert "| VPO-MSMI | best combination | 0 | 40.00 | 10.00 | 50.00 | 25.00 | 50.0 | 25.0 | 75.0 | 12.5 | 50.0 " \
+           "| 0.0 |" in out
+    assert "| VPO-SS |" not in out
