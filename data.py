@@ -1,4 +1,5 @@
 """Datasets and audio I/O shared by cavp.py and tpavi.py (SPEC 1.1-1.3)."""
+import colorsys
 import csv
 import json
 import math
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 import torchaudio
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
 
@@ -716,3 +717,175 @@ class AVSBenchDataset(torch.utils.data.Dataset):
         wave_[:, :x.shape[1]] = x
         valid = torch.arange(t) < n
         return dict(image=image, mask=mask, wave=wave_, valid=valid, name=s["name"])
+
+
+# ---------------------------------------------------------------- pictures and --predict inputs (issue 13)
+PANEL_MIN = 192  # panels are shown at least this high (nearest-neighbour upscale) so titles fit
+PANEL_MAX = 512  # ... and at most this high (downscaled), so the PNGs stay small
+PANEL_GAP = 4  # white pixels between panels
+
+
+def _array(x):
+    return np.asarray(x.detach().cpu() if torch.is_tensor(x) else x)
+
+
+def to_uint8(img):
+    """Normalised (3, H, W) image tensor -> (H, W, 3) uint8 (undoes `normalize`)."""
+    img = (img.detach().cpu().float() * STD + MEAN).clamp(0, 1)
+    return (img * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+# VPO classes 1..21 (car .. baby): bright saturated colours that show on dark and light images alike;
+# the most distinct (blue, red, green) for the people, who appear with every other class
+_CLASS_COLORS = [(255, 140, 0), (180, 80, 255), (0, 230, 255), (255, 235, 0), (170, 255, 0), (255, 0, 255),
+                 (0, 255, 170), (255, 120, 190), (120, 140, 255), (255, 90, 40), (255, 200, 120), (0, 170, 255),
+                 (230, 255, 100), (210, 130, 255), (255, 60, 130), (100, 255, 100), (255, 190, 0),
+                 (150, 255, 230), (30, 90, 255), (255, 20, 40), (0, 220, 60)]
+
+
+def class_colors(n=len(VPO_CLASSES)):
+    """(n, 3) uint8 class colours that stand out from photographs: index 0 (background, never drawn)
+    black, 1..21 a fixed saturated set, further classes hues a golden angle apart."""
+    extra = [colorsys.hsv_to_rgb(j * 0.618034 % 1.0, 1.0, (1.0, 0.7)[j % 2]) for j in range(max(0, n - 22))]
+    cols = [(0, 0, 0)] + _CLASS_COLORS + [tuple(round(255 * v) for v in c) for c in extra]
+    return np.array(cols[:n], dtype=np.uint8).reshape(n, 3)
+
+
+def label_overlay(image, labels, colors, alpha=0.5, width=None):
+    """Label map (H, W) over an (H, W, 3) uint8 image: classes > 0 filled with `colors` at `alpha`
+    and outlined solid `width` px (default 1, 2 from 384 px up) along their borders, 0 left as the
+    image, 255 (ignore) grey with a white hatch."""
+    img = np.asarray(image).astype(np.float32)
+    lab = _array(labels).astype(np.int64)
+    obj = (lab > 0) & (lab != 255)
+    col = np.asarray(colors)[np.where(obj, lab, 0)].astype(np.float32)
+    out = np.where(obj[..., None], (1 - alpha) * img + alpha * col, img)
+    y, x = np.indices(lab.shape)
+    out = np.where((lab == 255)[..., None], np.where(((y + x) % 4 == 0)[..., None], 255.0, 0.5 * img + 64), out)
+    width = width or (2 if min(lab.shape) >= 384 else 1)
+    padded = np.pad(lab, width, mode="edge")
+    h, w = lab.shape
+    same = np.ones_like(obj)
+    for d in range(1, width + 1):  # a pixel within `width` of another label is on a border
+        for dy, dx in ((d, 0), (-d, 0), (0, d), (0, -d)):
+            same &= padded[width + dy:width + dy + h, width + dx:width + dx + w] == lab
+    return np.where((obj & ~same)[..., None], col, out).round().astype(np.uint8)
+
+
+def heatmap_overlay(image, attn, alpha=0.6):
+    """Attention map (any h x w) resized bilinearly to the (H, W, 3) uint8 image, min-max normalised
+    and blended as blue (low) -> green -> red (high)."""
+    a = torch.as_tensor(attn).detach().cpu().float()[None, None]
+    a = torch.nn.functional.interpolate(a, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+    a = ((a - a.min()) / (a.max() - a.min() + 1e-8)).numpy()
+    heat = np.stack([a, 1 - np.abs(2 * a - 1), 1 - a], -1) * 255
+    return ((1 - alpha) * np.asarray(image) + alpha * heat).round().astype(np.uint8)
+
+
+def legend_for(labels_list, class_names, colors):
+    """[(class name, (r, g, b))] of the classes (> 0, != 255) present in any of the label maps."""
+    present = set()
+    for lab in labels_list:
+        present.update(int(c) for c in np.unique(_array(lab)))
+    return [(class_names[c], tuple(int(v) for v in colors[c]))
+            for c in sorted(present) if 0 < c < len(class_names)]
+
+
+def class_shares(labels, class_names):
+    """{class name: share of the pixels} of the classes (> 0, != 255) in a label map, largest first."""
+    lab = _array(labels).astype(np.int64)
+    ids, counts = np.unique(lab, return_counts=True)
+    shares = {class_names[c]: n / lab.size for c, n in zip(ids.tolist(), counts.tolist()) if 0 < c < len(class_names)}
+    return dict(sorted(shares.items(), key=lambda kv: -kv[1]))
+
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(text, font, width):
+    """`text`, cut with '...' to at most `width` px."""
+    if font.getbbox(text)[2] <= width:
+        return text
+    while text and font.getbbox(text + "...")[2] > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def save_panels(panels, titles, legend, path, min_height=PANEL_MIN, max_height=PANEL_MAX):
+    """One PNG: (H, W, 3) uint8 panels side by side, each under its title, above a legend strip
+    (colour swatch + class name per (name, (r, g, b)), wrapped over several lines). Panels lower than
+    `min_height` are upscaled (nearest, integer factor), higher than `max_height` downscaled."""
+    h, w = panels[0].shape[:2]
+    if any(p.shape != panels[0].shape for p in panels) or len(titles) != len(panels):
+        raise ValueError("save_panels: panels must share one (H, W, 3) shape, one title each")
+    if h < min_height:
+        k = -(-min_height // h)
+        tiles = [Image.fromarray(np.asarray(p).repeat(k, 0).repeat(k, 1)) for p in panels]
+    else:
+        size = (max(1, round(w * min(1.0, max_height / h))), min(h, max_height))
+        tiles = [Image.fromarray(np.asarray(p)).resize(size, Image.BOX) for p in panels]
+    pw, ph = tiles[0].size
+    font = _font(max(12, min(20, ph // 13)))
+    line = font.getbbox("Ag")[3]
+    pad = max(3, line // 3)
+    total = len(tiles) * pw + (len(tiles) - 1) * PANEL_GAP
+    # legend items: (x, row) of each swatch, wrapped at the picture's width
+    items = legend or [("no object classes", None)]
+    places, x, row = [], pad, 0
+    for name, _ in items:
+        iw = line + pad + font.getbbox(name)[2]
+        if x > pad and x + iw > total - pad:
+            x, row = pad, row + 1
+        places.append((x, row))
+        x += iw + 2 * pad
+    top = line + 2 * pad
+    canvas = Image.new("RGB", (total, top + ph + (row + 1) * (line + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (tile, title) in enumerate(zip(tiles, titles)):
+        x0 = i * (pw + PANEL_GAP)
+        canvas.paste(tile, (x0, top))
+        text = _fit(title, font, pw - 2)
+        draw.text((x0 + (pw - font.getbbox(text)[2]) // 2, pad), text, fill=(20, 20, 20), font=font)
+    for (name, color), (x, r) in zip(items, places):
+        y = top + ph + pad + r * (line + pad)
+        if color is not None:
+            draw.rectangle([x, y, x + line - 1, y + line - 1], fill=color, outline=(20, 20, 20))
+        draw.text((x + line + pad if color is not None else x, y), name, fill=(20, 20, 20), font=font)
+    canvas.save(path, optimize=True)
+
+
+def read_rgb(path):
+    """--predict image: any RGB-convertible picture -> (normalised float (3, H, W), (H, W, 3) uint8)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: image not found; check the path given to --predict")
+    img = normalize(read_image(path))
+    return img, to_uint8(img)
+
+
+def load_predict_audio(path, stereo, audio_pos=None, seconds=3.0):
+    """--predict audio: any WAV (PCM / float, any rate, 1 or 2+ channels) resampled to SAMPLE_RATE,
+    `seconds` centred crop / repeat-pad -> (C, N) as VPODataset's `wave`: C = 2 for a stereo model
+    (a stereo clip as is; a mono clip, or any clip when `audio_pos` is given, downmixed and panned at
+    audio_pos, 0 = left .. 1 = right), C = 1 (channels averaged) for a mono model."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: audio file not found; check the path given to --audio")
+    if audio_pos is not None and not 0.0 <= audio_pos <= 1.0:
+        raise DataError(f"--audio-pos {audio_pos} for {path} is not in [0, 1] (0 = left, 1 = right)")
+    try:
+        x = load_clip(path, seconds=seconds)
+    except DataError as e:
+        raise DataError(f"{e} (e.g. ffmpeg -i {os.path.basename(path)} -c:a pcm_s16le -ar {SAMPLE_RATE} "
+                        "out.wav)") from None
+    if not stereo:
+        return x.mean(0, keepdim=True)
+    if audio_pos is not None:
+        return pan(x.mean(0, keepdim=True), audio_pos)
+    if x.shape[0] == 1:
+        raise DataError(f"{path} is mono; a stereo model needs --audio-pos A (0 = left, 1 = right) to pan it")
+    return x[:2]
