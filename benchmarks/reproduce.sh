@@ -49,7 +49,6 @@ for seed in $SEEDS; do
     train bgone-msmi-s$seed cavp.py "${common[@]}" --bg-groups one
     train side-msmi-s$seed cavp.py "${common[@]}" --match side
     train bankall-msmi-s$seed cavp.py "${common[@]}" --bank-sources all
-    train cavp-mono-msmi-s$seed cavp.py "${common[@]}" --mono
 done
 [ -n "$BEST" ] || SEEDS=""
 for seed in $SEEDS; do

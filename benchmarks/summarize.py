@@ -122,7 +122,7 @@ def readings(root):
     """Issue 10: single changes of Eq. (1)-(3) against CAVP as before and SupCon on VPO-MSMI, then the best
     combination and stereo vs mono on every subset."""
     print("### Readings of Eq. (1)-(3) on VPO-MSMI\n")
-    print(readings_rows(root, ("supcon", "cavp", "poslabel", "unkliteral", "bgone", "side", "bankall", "cavp-mono",
+    print(readings_rows(root, ("supcon", "cavp", "poslabel", "unkliteral", "bgone", "side", "bankall",
                                "best", "best-mono"), ("msmi",), "cavp"))
     print("\n### Best combination: stereo vs mono\n")
     print(readings_rows(root, ("best-mono", "best"), SUBSETS, "best-mono"))
