@@ -52,6 +52,8 @@ from PIL import Image
 import data
 import metrics
 
+# ----------------------------------------------------------------------------- arguments
+
 # --data -> loader, subset / task, logits K (1 = binary), default epochs, lambda of L_AVM, frame size
 DATASETS = {
     # VPO: CAVP §3; epochs and crop from the CAVP protocol (App. B.1)
@@ -163,6 +165,9 @@ def parse_args(argv=None):
         p.error("--audio-encoder vggish needs --vggish-weights PATH (VGGish weights load from a local file only)"
                 if args.audio_encoder == "vggish" else "--vggish-weights needs --audio-encoder vggish")
     return args
+
+
+# ----------------------------------------------------------------------------- defaults
 
 
 def resolve_defaults(args):
@@ -652,6 +657,31 @@ def init_distributed(args):
     return device, rank, world
 
 
+def run_folder(args, world):
+    """--out; else the checkpoint's folder with --resume; else runs/tpavi-<data>-s<seed>-<time>, rank 0's on
+    every rank."""
+    if args.out is not None:
+        return args.out
+    if args.resume:
+        return os.path.dirname(os.path.abspath(args.resume))
+    holder = [os.path.join("runs", f"tpavi-{args.data}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")]
+    if world > 1:
+        dist.broadcast_object_list(holder)
+    return holder[0]
+
+
+def write_metrics(main_rank, args, run, split, final, meter):
+    """metrics.json (rank 0): settings, every evaluation, the best one on `split`, the final one, the wall
+    time and the training images/s."""
+    if main_rank:
+        scored = [h for h in run["history"] if h["split"] == split]
+        best = max(scored, key=lambda h: h[run["metric"]]) if scored else None
+        write_json(os.path.join(args.out, "metrics.json"), dict(
+            args=vars(args), history=run["history"], final=final,
+            best=best and dict(best, metric=run["metric"], score=best[run["metric"]]),
+            wall_time_s=round(time.time() - meter.t0, 1), train_images_per_s=meter.images_per_s()))
+
+
 def seed_all(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -859,13 +889,14 @@ def evaluate(model, loader, device, amp, binary, num_classes, overlay_dir=None, 
     return res
 
 
-def run_eval(model, loaders, split, weights, device, amp, args, out, log_path):
+def run_eval(model, loaders, split, weights, device, amp, args, log_path):
     """Metrics of one split (test: overlays and, with stereo twins, the twin metrics with left and right
     swapped), logged on rank 0 -> dict(split, weights, metrics)."""
     spec = DATASETS[args.data]
     binary, num_classes = spec["classes"] == 1, spec["classes"]
     n_overlays = args.overlays if log_path and split == "test" else 0
-    res = evaluate(model, loaders[split], device, amp, binary, num_classes, os.path.join(out, "overlays"), n_overlays)
+    res = evaluate(model, loaders[split], device, amp, binary, num_classes, os.path.join(args.out, "overlays"),
+                   n_overlays)
     if split == "test" and "swap" in loaders:
         swapped = evaluate(model, loaders["swap"], device, amp, binary, num_classes, swap=True)
         res.update({f"{key}_swap": swapped[key] for key in metrics.TWIN_KEYS})
@@ -896,13 +927,7 @@ def main(args):
     resolve_defaults(args)
     spec = DATASETS[args.data]
     binary, num_classes = spec["classes"] == 1, spec["classes"]
-    if args.out is None:
-        args.out = os.path.dirname(os.path.abspath(args.resume)) if args.resume else os.path.join(
-            "runs", f"tpavi-{args.data}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if world > 1:  # every rank writes to rank 0's folder
-            holder = [args.out]
-            dist.broadcast_object_list(holder)
-            args.out = holder[0]
+    args.out = run_folder(args, world)
     seed_all(args.seed + rank)
 
     val_split = "val" if spec["kind"] == "avs" else "test"  # VPO has no val split (release "val" = test)
@@ -928,7 +953,7 @@ def main(args):
     if ckpt:
         model.load_state_dict(ckpt["model"])
     if args.eval_only:
-        res = run_eval(model, eval_loaders, "test", args.ckpt, device, amp, args, args.out, log_path)
+        res = run_eval(model, eval_loaders, "test", args.ckpt, device, amp, args, log_path)
         if main_rank:
             if args.eval_audio != "real":
                 log(f"{args.eval_audio} audio: {100 * res['fg_pred']:.2f}% of the pixels segmented as a sounding "
@@ -946,8 +971,8 @@ def main(args):
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)  # AVS: Adam 1e-4
     iters_per_epoch = len(train_loader)
     total = min(args.max_iters or math.inf, args.epochs * iters_per_epoch)
-    run = dict(iteration=0, epoch=0, best=-math.inf, metric="mj" if binary else "miou", history=[])
     # released model selection: M_J (S4 / MS3), mIoU (AVSS)
+    run = dict(iteration=0, epoch=0, best=-math.inf, metric="mj" if binary else "miou", history=[])
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         run = {key: ckpt[key] for key in run}
@@ -955,15 +980,6 @@ def main(args):
             set_rng_state(ckpt["rng"][rank])
         if main_rank:
             log(f"resumed from {args.resume} at epoch {run['epoch']}, iteration {run['iteration']}", log_path)
-
-    def write_metrics(final, meter):
-        if main_rank:
-            scored = [h for h in run["history"] if h["split"] == val_split]
-            best = max(scored, key=lambda h: h[run["metric"]]) if scored else None
-            write_json(os.path.join(args.out, "metrics.json"), dict(
-                args=vars(args), history=run["history"], final=final,
-                best=best and dict(best, metric=run["metric"], score=best[run["metric"]]),
-                wall_time_s=round(time.time() - meter.t0, 1), train_images_per_s=meter.images_per_s()))
 
     criterion = Criterion(args, binary, device, amp, world)
     meter = Meter(run["iteration"], total, world)
@@ -979,15 +995,15 @@ def main(args):
         stop = run["iteration"] >= total
         if stop or (epoch + 1) % args.eval_every == 0:
             eval_t = time.time()
-            res = run_eval(model, eval_loaders, val_split, "last", device, amp, args, args.out, log_path)
+            res = run_eval(model, eval_loaders, val_split, "last", device, amp, args, log_path)
             run["history"].append(dict(epoch=epoch + 1, iteration=run["iteration"], **res))
             if main_rank:
-                log(f"eval ep {epoch + 1}: {run['metric']} {res[run['metric']]:.4f} ({time.time() - eval_t:.1f} s)",
-                    log_path)
+                log(f"eval ep {epoch + 1}: mIoU {100 * res['miou']:.2f} F-beta {100 * res['mean_fbeta']:.2f} "
+                    f"FDR {100 * res['mean_fdr']:.2f} ({time.time() - eval_t:.1f} s)", log_path)
             if res[run["metric"]] > run["best"]:
                 run["best"] = res[run["metric"]]
                 save_checkpoint(main_rank and os.path.join(args.out, "best.pt"), model, optimizer, run, args, {}, world)
-            write_metrics(res if val_split == "test" else None, meter)
+            write_metrics(main_rank, args, run, val_split, res if val_split == "test" else None, meter)
         save_checkpoint(main_rank and os.path.join(args.out, "last.pt"), model, optimizer, run, args, {}, world)
         if stop:
             break
@@ -995,8 +1011,8 @@ def main(args):
         dist.barrier()  # best.pt is written by rank 0
     if val_split != "test" and os.path.isfile(os.path.join(args.out, "best.pt")):
         model.load_state_dict(load_checkpoint(os.path.join(args.out, "best.pt"))["model"])
-        res = run_eval(model, eval_loaders, "test", "best", device, amp, args, args.out, log_path)
-    write_metrics(res, meter)
+        res = run_eval(model, eval_loaders, "test", "best", device, amp, args, log_path)
+    write_metrics(main_rank, args, run, val_split, res, meter)
     if main_rank:
         log(f"done in {time.time() - meter.t0:.0f} s; best {run['metric']} {run['best']:.4f}; run folder {args.out}",
             log_path)
