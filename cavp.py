@@ -643,6 +643,13 @@ def seed_all(seed):
     torch.manual_seed(seed)
 
 
+def build_datasets(args, splits):
+    """split name -> VPO dataset of the --data subset (training augmentation and --crop on train only)."""
+    return {split: data.VPODataset(args.data_root, args.data.split("_")[1], split, audio_root=args.audio_root,
+                                   stereo=not args.mono, train=split == "train", crop=args.crop, limit=args.limit)
+            for split in splits}
+
+
 class EpochSampler(torch.utils.data.DistributedSampler):
     """This rank's share of a permutation seeded from (seed, epoch); set_epoch's `skip` leaves out the
     samples a resumed run has already trained on in that epoch, so the loader is built once."""
@@ -841,16 +848,12 @@ def main(args):
     args.out = run_folder(args, world)
     seed_all(args.seed + rank)
 
-    subset = args.data.split("_")[1]
-    kw = dict(audio_root=args.audio_root, stereo=not args.mono, limit=args.limit)
-    sets = dict(test=data.VPODataset(args.data_root, subset, "test", **kw))  # read and checked before the run folder
+    sets = build_datasets(args, ["test"] if args.eval_only else ["test", "train"])  # read before the run folder
     twin_idx = []
     if args.eval_audio == "real" and data.attach_twins(sets["test"], args.coco_ann):
         twin_idx = sorted(sets["test"].twins)  # VPO-MSMI: images whose sounding object has silent twins
     if args.eval_only:
         sets["test"] = data.eval_audio_set(sets["test"], args.eval_audio, args.coco_ann, args.seed)
-    else:
-        sets["train"] = data.VPODataset(args.data_root, subset, "train", train=True, crop=args.crop, **kw)
     train_loader, eval_loaders = build_loaders(args, sets, twin_idx, rank, world, device)
     log_path = os.path.join(args.out, "log.txt") if main_rank else None
     if main_rank:

@@ -737,7 +737,8 @@ def build_loaders(args, sets, twin_idx, rank, world, device):
         evals["swap"] = loader(torch.utils.data.Subset(sets["test"], twin_idx[rank::world]), args.eval_batch_size)
     if "train" not in sets:
         return None, evals
-    sampler = EpochSampler(sets["train"], world, rank, shuffle=True, seed=args.seed)
+    # (seed, epoch) -> seed * 100003 + epoch: no two seeds share an epoch's order
+    sampler = EpochSampler(sets["train"], world, rank, shuffle=True, seed=args.seed * 100003)
     return loader(sets["train"], args.batch_size // world, sampler), evals
 
 
