@@ -889,7 +889,8 @@ def main(args):
                              f"--batch-size {args.batch_size}: lower --batch-size or --limit")
     total = min(args.max_iters or math.inf, args.epochs * iters_per_epoch)
     head = list(model.classifier.parameters())
-    rest = [p for p in model.parameters() if all(p is not h for h in head)]
+    head_ids = {id(p) for p in head}
+    rest = [p for p in model.parameters() if id(p) not in head_ids]
     lr = args.lr * args.batch_size / 16  # App. B.1: lr 1e-3 for batch 16, scaled linearly
     optimizer = torch.optim.SGD([dict(params=rest, lr=lr), dict(params=head, lr=lr * args.head_lr_mult)],
                                 lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
@@ -909,7 +910,7 @@ def main(args):
             log(f"resumed from {args.resume} at epoch {run['epoch']}, iteration {run['iteration']}", log_path)
 
     meter = Meter(run["iteration"], total, world)
-    res = None
+    res = run["history"][-1] if run["history"] else None  # a resumed finished run keeps its final metrics
     for epoch in range(run["iteration"] // iters_per_epoch, args.epochs):
         if run["iteration"] >= total:
             break

@@ -984,7 +984,7 @@ def main(args):
 
     criterion = Criterion(args, binary, device, amp, world)
     meter = Meter(run["iteration"], total, world)
-    res = None
+    res = run["history"][-1] if run["history"] else None  # a resumed finished run keeps its final metrics
     for epoch in range(run["iteration"] // iters_per_epoch, args.epochs):
         if run["iteration"] >= total:
             break
