@@ -17,6 +17,7 @@ lr 1e-3 for batch 16, poly 0.9, 80 epochs, crop 512). On the built-in synthetic 
 CPU-sized settings instead; every such default is listed in `--help`.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -142,13 +143,16 @@ def parse_args(argv=None):
     return args
 
 
+# ----------------------------------------------------------------------------- defaults
+
+
 PAPER = dict(backbone="resnet50", pretrained="imagenet", output_stride=8, crop=512, lr=1e-3, anchors_per_group=512,
              eval_batch_size=1)
 # built-in VPO on a CPU: fixed-size 64 px images (crop = image size, so any eval batch size gives the same
 # result), trained from scratch; fewer anchors for 1/64 of the paper's crop area
 BUILTIN = dict(backbone="resnet18", pretrained="none", output_stride=16, crop=None, lr=1e-2, anchors_per_group=128,
                eval_batch_size=16)
-ARCH_KEYS = ("backbone", "output_stride", "fusion", "attn", "heads", "mono")
+CKPT_KEYS = ("backbone", "output_stride", "fusion", "attn", "heads", "mono")  # taken from a checkpoint
 
 
 def resolve_defaults(args):
@@ -359,7 +363,7 @@ class CAVPModel(nn.Module):
         return logits, z, attn.reshape(-1, h, w)
 
 
-# ----------------------------------------------------------------------------- contrastive pairing (Eq. 1-5)
+# ----------------------------------------------------------------------------- loss (Eq. 1-5)
 
 
 class WaveBank:
@@ -376,6 +380,13 @@ class WaveBank:
             slot = int(self.count[c]) % self.waves.shape[1]
             self.waves[c, slot] = wave[i].sum(0)
             self.count[c] += 1
+
+    def state_dict(self):
+        return dict(waves=self.waves, count=self.count)
+
+    def load_state_dict(self, state):
+        self.waves.copy_(state["waves"])
+        self.count.copy_(state["count"])
 
     def draw(self, c):
         """A random stored waveform of class c, or None when the class has none yet."""
@@ -495,6 +506,38 @@ def contrastive_loss(z, y, t, match, mode, tau, cap, positives="set", unknown="m
     return info_nce(z[idx], pos, neg, tau)
 
 
+class Criterion:
+    """Eq. (5) on one training batch: CE on the original pairs plus the contrastive term (Eq. 1-4) on the
+    pairs and their re-pairs -> loss, parts. Holds the memory bank (App. B.1)."""
+
+    def __init__(self, args, num_classes, mel_fn, device, amp):
+        self.args, self.mel_fn, self.device, self.amp = args, mel_fn, device, amp
+        self.bank = WaveBank(num_classes, args.bank_size, 48000, device)
+        self.ce = nn.CrossEntropyLoss(ignore_index=255)
+
+    def __call__(self, net, batch, epoch):
+        args, device = self.args, self.device
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        image, mask, b = batch["image"], batch["mask"], batch["image"].shape[0]
+        waves, perm, idx = batch["wave"], None, None
+        if args.contrast != "none":
+            self.bank.push(batch["wave"], batch["audio_classes"], batch["audio_pos"])
+            perm, extra, idx, t2, match2, side2 = repair(batch, self.bank, args.pos_share, epoch >= 1,
+                                                         args.bank_sources, args.match == "side")  # Eq. (1), App. B
+            waves = torch.cat([waves, extra])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits, z, _ = net(image, self.mel_fn(waves), perm, idx)
+            loss_ce = self.ce(logits.float(), mask)  # Eq. (5), CE on the original pairs
+        loss_cp = torch.zeros((), device=device)
+        if args.contrast != "none":
+            t = torch.cat([batch["audio_classes"], t2])
+            match = torch.cat([torch.ones(b, dtype=torch.bool, device=device), match2])
+            loss_cp = contrastive_loss(z, torch.cat([mask, mask]), t.long(), match, args.contrast, args.tau,
+                                       args.anchors_per_group, args.positives, args.unknown, args.bg_groups,
+                                       torch.cat([torch.zeros_like(side2), side2]))  # Eq. (2)-(4)
+        return loss_ce + loss_cp, dict(ce=loss_ce, cp=loss_cp)  # Eq. (5)
+
+
 # ----------------------------------------------------------------------------- run helpers
 
 
@@ -514,7 +557,7 @@ def save_atomic(obj, path):
 def write_json(path, obj):
     """Atomic JSON write; NaN (an undefined metric, e.g. FDR of a never-predicted class) becomes null."""
     def clean(x):
-        if isinstance(x, float) and math.isnan(x):
+        if isinstance(x, float) and not math.isfinite(x):
             return None
         if isinstance(x, dict):
             return {k: clean(v) for k, v in x.items()}
@@ -526,14 +569,18 @@ def write_json(path, obj):
 
 
 def rng_state():
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+    """Python, numpy, torch (and CUDA) RNG states as plain containers and tensors (weights_only loads them)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(python=random.getstate(), torch=torch.get_rng_state(),
+                numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=pos, has_gauss=has_gauss, gauss=gauss),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
 
 
 def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
     random.setstate(s["python"])
+    torch.set_rng_state(s["torch"])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
@@ -546,6 +593,180 @@ def native_bf16(device):
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def init_distributed(args):
+    """One process per rank under torchrun (nccl on CUDA, gloo on CPU) -> device, rank, world."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise data.DataError("--device cuda: no CUDA device is visible; use --device cpu")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if args.batch_size % world:
+        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
+    return device, rank, world
+
+
+def run_folder(args, world):
+    """--out; else the checkpoint's folder with --resume; else runs/cavp-<data>-s<seed>-<time>, rank 0's on
+    every rank."""
+    if args.out is not None:
+        return args.out
+    if args.resume:
+        return os.path.dirname(os.path.abspath(args.resume))
+    holder = [os.path.join("runs", f"cavp-{args.data}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")]
+    if world > 1:
+        dist.broadcast_object_list(holder)
+    return holder[0]
+
+
+def write_metrics(main_rank, args, run, split, final, meter):
+    """metrics.json (rank 0): settings, every evaluation, the best one on `split`, the final one, the wall
+    time and the training images/s."""
+    if main_rank:
+        scored = [h for h in run["history"] if h["split"] == split]
+        best = max(scored, key=lambda h: h[run["metric"]]) if scored else None
+        write_json(os.path.join(args.out, "metrics.json"), dict(
+            args=vars(args), history=run["history"], final=final,
+            best=best and dict(best, metric=run["metric"], score=best[run["metric"]]),
+            wall_time_s=round(time.time() - meter.t0, 1), train_images_per_s=meter.images_per_s()))
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_datasets(args, splits):
+    """split name -> VPO dataset of the --data subset (training augmentation and --crop on train only)."""
+    return {split: data.VPODataset(args.data_root, args.data.split("_")[1], split, audio_root=args.audio_root,
+                                   stereo=not args.mono, train=split == "train", crop=args.crop, limit=args.limit)
+            for split in splits}
+
+
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """This rank's share of a permutation seeded from (seed, epoch); set_epoch's `skip` leaves out the
+    samples a resumed run has already trained on in that epoch, so the loader is built once."""
+    skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+def build_loaders(args, sets, twin_idx, rank, world, device):
+    """The loaders, built once with persistent workers: train (EpochSampler, --batch-size split over the
+    ranks, incomplete batches dropped) and one for the test split (exact shards; 'swap': its twins). Every
+    loader has its own generator, so loading never draws from the training RNG; bit-exact --resume needs
+    --workers 0 (worker RNG states are not checkpointed)."""
+    def loader(dataset, batch_size, sampler=None):
+        return torch.utils.data.DataLoader(
+            dataset, batch_size, sampler=sampler, num_workers=args.workers, collate_fn=data.pad_collate,
+            pin_memory=device.type == "cuda", drop_last=sampler is not None, persistent_workers=args.workers > 0,
+            generator=torch.Generator().manual_seed(args.seed))
+    evals = {split: loader(torch.utils.data.Subset(ds, range(rank, len(ds), world)), args.eval_batch_size)
+             for split, ds in sets.items() if split != "train"}
+    if twin_idx and not args.mono:  # the twin metrics once more with the stereo cue reversed
+        evals["swap"] = loader(torch.utils.data.Subset(sets["test"], twin_idx[rank::world]), args.eval_batch_size)
+    if "train" not in sets:
+        return None, evals
+    # (seed, epoch) -> seed * 100003 + epoch: no two seeds share an epoch's order
+    sampler = EpochSampler(sets["train"], world, rank, shuffle=True, seed=args.seed * 100003, drop_last=True)
+    return loader(sets["train"], args.batch_size // world, sampler), evals
+
+
+def load_checkpoint(path):
+    """A last.pt / best.pt of this script (plain containers, read with weights_only=True); anything else,
+    a missing file included, is a one-line DataError naming the file."""
+    if not os.path.isfile(path):
+        raise data.DataError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise data.DataError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
+                             "pass a last.pt/best.pt written by cavp.py") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != "cavp":
+        by = f" (written by {ckpt['script']}.py)" if isinstance(ckpt, dict) and "script" in ckpt else ""
+        raise data.DataError(f"{path}: not a cavp.py checkpoint{by}; pass a last.pt/best.pt written by cavp.py")
+    return ckpt
+
+
+def save_checkpoint(path, model, optimizer, run, args, extra, world):
+    """Called on every rank (it gathers the per-rank RNG states); rank 0 passes the path and writes the
+    model, optimiser, `run` (iteration, epoch, best, metric, history) and the method's `extra` state."""
+    rngs = [rng_state()] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rngs[0])
+    if path:
+        save_atomic(dict(script="cavp", args=vars(args), model=model.state_dict(), optimizer=optimizer.state_dict(),
+                         rng=rngs, extra=extra, **run), path)
+
+
+class Meter:
+    """Loss parts averaged between log lines; images/s over training time only, the first step (warm-up)
+    left out; ETA from the wall time since the start, evaluations included."""
+
+    def __init__(self, iteration, total, world):
+        self.t0, self.start, self.total, self.world = time.time(), iteration, total, world
+        self.sums, self.train_s, self.images = {}, 0.0, 0
+        self.window_s, self.window_images = 0.0, 0
+
+    def update(self, loss, parts, images, seconds, iteration):
+        for key, value in dict(loss=loss, **parts).items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.item()
+        self.sums["n"] = self.sums.get("n", 0) + 1
+        self.window_s, self.window_images = self.window_s + seconds, self.window_images + images * self.world
+        if iteration > self.start + 1:
+            self.train_s, self.images = self.train_s + seconds, self.images + images * self.world
+
+    def line(self, epoch, epochs, iteration, lr):
+        n = self.sums.pop("n")
+        parts = {k: v / n for k, v in self.sums.items()}
+        loss = parts.pop("loss")
+        eta = (time.time() - self.t0) / (iteration - self.start) * (self.total - iteration)
+        text = (f"ep {epoch + 1}/{epochs} it {iteration}/{self.total} loss {loss:.4f} "
+                f"({' '.join(f'{k} {v:.4f}' for k, v in parts.items())}) lr {lr:.2e} "
+                f"{self.window_images / max(self.window_s, 1e-9):.1f} img/s "
+                f"eta {eta // 3600:.0f}:{eta % 3600 // 60:02.0f}:{eta % 60:02.0f}")
+        self.sums, self.window_s, self.window_images = {}, 0.0, 0
+        return text
+
+    def images_per_s(self):
+        return round(self.images / max(self.train_s, 1e-9), 2)
+
+
+def train_one_epoch(net, loader, optimizer, scheduler, criterion, meter, epoch, iteration, args, log_path):
+    """One pass over the loader (the rest of it after a resume inside the epoch), ending early at
+    meter.total (--max-iters); returns the iteration count."""
+    net.train()
+    tick = time.time()
+    for batch in loader:
+        loss, parts = criterion(net, batch, epoch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()  # poly, per iteration (App. B.1)
+        iteration += 1
+        now = time.time()
+        meter.update(loss, parts, math.prod(batch["image"].shape[:-3]), now - tick, iteration)
+        tick = now
+        if log_path and (iteration % args.log_every == 0 or iteration == meter.total):
+            log(meter.line(epoch, args.epochs, iteration, optimizer.param_groups[0]["lr"]), log_path)
+        if iteration >= meter.total:
+            break
+    return iteration
 
 
 def save_overlay(path, image, mask, pred, attn):
@@ -569,10 +790,10 @@ def save_overlay(path, image, mask, pred, attn):
 
 
 @torch.no_grad()
-def evaluate(model, loader, mel_fn, device, amp, num_classes, overlay_dir, n_overlays, swap=False):
+def evaluate(model, loader, mel_fn, device, amp, num_classes, overlay_dir=None, n_overlays=0, swap=False):
     """Dataset-level mIoU / F-beta / FDR from one confusion matrix (SPEC 2) and, where the samples carry
-    silent twins, the twin metrics (metrics.TwinMeter), all-reduced over ranks. swap: the left and right
-    audio channels exchanged, so the stereo cue points at the other side."""
+    silent twins, the twin metrics (metrics.TwinMeter), all-reduced over ranks; overlays of the first
+    n_overlays images. swap: left and right audio channels exchanged."""
     model.eval()
     cm = metrics.ConfusionMatrix(num_classes, device=device)
     twins = metrics.TwinMeter(num_classes, device=device)
@@ -585,9 +806,9 @@ def evaluate(model, loader, mel_fn, device, amp, num_classes, overlay_dir, n_ove
         cm.update(pred, mask)
         if "twin" in batch:
             twins.update(pred, mask, batch["twin"].to(device))
-        for i in range(image.shape[0]):
+        for i, name in enumerate(batch["name"]):
             if written < n_overlays:
-                save_overlay(os.path.join(overlay_dir, f"{batch['name'][i]}.png"), image[i], mask[i], pred[i], attn[i])
+                save_overlay(os.path.join(overlay_dir, f"{name}.png"), image[i], mask[i], pred[i], attn[i])
                 written += 1
     cm.all_reduce()
     twins.all_reduce()
@@ -595,111 +816,59 @@ def evaluate(model, loader, mel_fn, device, amp, num_classes, overlay_dir, n_ove
     return dict(cm.compute(), **twins.compute())
 
 
+def run_eval(model, loaders, weights, mel_fn, device, amp, args, log_path):
+    """Test metrics (overlays and, with stereo twins, the twin metrics with left and right swapped),
+    logged on rank 0 -> dict(split, weights, metrics)."""
+    num_classes = len(data.VPO_CLASSES)
+    n_overlays = args.overlays if log_path else 0
+    res = evaluate(model, loaders["test"], mel_fn, device, amp, num_classes, os.path.join(args.out, "overlays"),
+                   n_overlays)
+    if "swap" in loaders:
+        swapped = evaluate(model, loaders["swap"], mel_fn, device, amp, num_classes, swap=True)
+        res.update({f"{key}_swap": swapped[key] for key in metrics.TWIN_KEYS})
+    if log_path:
+        log(metrics.format_table(data.VPO_CLASSES, res), log_path)
+        if res["twin_images"]:
+            log(metrics.format_twins(res), log_path)
+    return dict(split="test", weights=weights, **res)
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def main(args):
-    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise data.DataError("--device cuda: no CUDA device is visible; use --device cpu")
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    rank, world = 0, 1
-    if distributed:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    amp = not args.no_amp and native_bf16(device)
-    main_rank = rank == 0
-
-    ckpt = None
-    if args.resume or args.eval_only:
-        path = args.resume or args.ckpt
-        if not os.path.isfile(path):
-            raise data.DataError(f"checkpoint {path} not found")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise data.DataError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
-                                 "pass a last.pt/best.pt written by cavp.py")
-        if not isinstance(ckpt, dict) or not {"model", "args"} <= ckpt.keys():
-            raise data.DataError(f"{path}: not a cavp.py checkpoint; pass a last.pt/best.pt written by cavp.py")
-        for key in ARCH_KEYS:
+    device, rank, world = init_distributed(args)
+    main_rank, amp = rank == 0, not args.no_amp and native_bf16(device)
+    ckpt = load_checkpoint(args.resume or args.ckpt) if args.resume or args.eval_only else None
+    if ckpt:
+        for key in CKPT_KEYS:  # the architecture comes from the checkpoint
             setattr(args, key, ckpt["args"][key])
         args.pretrained = "none"  # the checkpoint holds the weights
-        if args.resume:
-            args.out = args.out or os.path.dirname(os.path.abspath(path))
     resolve_defaults(args)
-    if args.out is None:
-        args.out = os.path.join("runs", f"cavp-{args.data}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if distributed:  # every rank uses rank 0's folder name
-            holder = [args.out]
-            dist.broadcast_object_list(holder)
-            args.out = holder[0]
-    if args.batch_size % world:
-        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
+    args.out = run_folder(args, world)
+    seed_all(args.seed + rank)
 
-    # data (read and checked before the run folder is made)
-    subset = args.data.split("_")[1]
-    kw = dict(audio_root=args.audio_root, stereo=not args.mono, limit=args.limit)
-    test_set = data.VPODataset(args.data_root, subset, "test", **kw)
+    sets = build_datasets(args, ["test"] if args.eval_only else ["test", "train"])  # read before the run folder
     twin_idx = []
-    if args.eval_audio == "real" and data.attach_twins(test_set, args.coco_ann):
-        twin_idx = sorted(test_set.twins)  # VPO-MSMI: images whose sounding object has silent twins
+    if args.eval_audio == "real" and data.attach_twins(sets["test"], args.coco_ann):
+        twin_idx = sorted(sets["test"].twins)  # VPO-MSMI: images whose sounding object has silent twins
     if args.eval_only:
-        test_set = data.eval_audio_set(test_set, args.eval_audio, args.coco_ann, args.seed)
-    train_set = None if args.eval_only else \
-        data.VPODataset(args.data_root, subset, "train", train=True, crop=args.crop, **kw)
-    overlay_dir = os.path.join(args.out, "overlays")
-    n_overlays = args.overlays if main_rank else 0
+        sets["test"] = data.eval_audio_set(sets["test"], args.eval_audio, args.coco_ann, args.seed)
+    train_loader, eval_loaders = build_loaders(args, sets, twin_idx, rank, world, device)
     log_path = os.path.join(args.out, "log.txt") if main_rank else None
     if main_rank:
-        os.makedirs(overlay_dir, exist_ok=True)
+        os.makedirs(os.path.join(args.out, "overlays"), exist_ok=True)
         log(f"cavp: {' '.join(sys.argv[1:])}", log_path)
         log(f"settings: {json.dumps(vars(args), sort_keys=True)}", log_path)
         log(f"{world} rank(s) on {device}, bf16 autocast {amp}", log_path)
-    seed = args.seed + rank
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    def eval_loader(indices):
-        return torch.utils.data.DataLoader(
-            torch.utils.data.Subset(test_set, indices[rank::world]),  # exact shards, no padding
-            batch_size=args.eval_batch_size, num_workers=args.workers, collate_fn=data.pad_collate,
-            generator=torch.Generator(), persistent_workers=args.workers > 0)  # own RNG: eval keeps the train stream
-    test_loader = eval_loader(range(len(test_set)))
-    swap_loader = eval_loader(twin_idx) if twin_idx and not args.mono else None
     num_classes = len(data.VPO_CLASSES)
     mel_fn = data.LogMel(frames=300).to(device)  # SPEC 1.3: 3 s -> 300 frames x 64 mel bins
 
-    # model
     model = CAVPModel(args, num_classes).to(device)
-    if ckpt is not None:
+    if ckpt:
         model.load_state_dict(ckpt["model"])
-    if distributed and use_cuda:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif distributed and main_rank:
-        log("note: SyncBatchNorm needs CUDA; on CPU each rank keeps its own BatchNorm statistics", log_path)
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None) \
-        if distributed else model
-    history = ckpt.get("history", []) if args.resume else []
-
-    def run_eval():
-        """Test metrics; with stereo twins, the twin metrics once more with left and right swapped."""
-        res = evaluate(model, test_loader, mel_fn, device, amp, num_classes, overlay_dir, n_overlays)
-        if swap_loader is not None:
-            swapped = evaluate(model, swap_loader, mel_fn, device, amp, num_classes, overlay_dir, 0, swap=True)
-            res.update({f"{key}_swap": swapped[key] for key in metrics.TWIN_KEYS})
-        if main_rank:
-            log(metrics.format_table(data.VPO_CLASSES, res), log_path)
-            if res["twin_images"]:
-                log(metrics.format_twins(res), log_path)
-        return res
-
     if args.eval_only:
-        res = run_eval()
+        res = run_eval(model, eval_loaders, args.ckpt, mel_fn, device, amp, args, log_path)
         if main_rank:
             if args.eval_audio != "real":
                 log(f"{args.eval_audio} audio: {100 * res['fg_pred']:.2f}% of the pixels segmented as a sounding "
@@ -708,120 +877,69 @@ def main(args):
             write_json(os.path.join(args.out, f"eval-{args.eval_audio}.json"), dict(args=vars(args), eval=res))
         return res
 
-    per_rank = args.batch_size // world
-    sampler = torch.utils.data.DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True) \
-        if distributed else None
-    gen = torch.Generator()
-    train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=per_rank, shuffle=sampler is None, sampler=sampler, generator=gen,
-        num_workers=args.workers, collate_fn=data.pad_collate, drop_last=True, pin_memory=use_cuda,
-        persistent_workers=args.workers > 0)  # workers outlive epochs; bit-exact --resume needs --workers 0
+    if world > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif world > 1 and main_rank:
+        log("note: SyncBatchNorm needs CUDA; on CPU each rank keeps its own BatchNorm statistics", log_path)
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
     iters_per_epoch = len(train_loader)
     if iters_per_epoch == 0:
-        raise data.DataError(f"{args.data} train split has {len(train_set)} samples, fewer than "
+        raise data.DataError(f"{args.data} train split has {len(sets['train'])} samples, fewer than "
                              f"--batch-size {args.batch_size}: lower --batch-size or --limit")
-    total_iters = iters_per_epoch * args.epochs
-
+    total = min(args.max_iters or math.inf, args.epochs * iters_per_epoch)
     head = list(model.classifier.parameters())
     head_ids = {id(p) for p in head}
     rest = [p for p in model.parameters() if id(p) not in head_ids]
     lr = args.lr * args.batch_size / 16  # App. B.1: lr 1e-3 for batch 16, scaled linearly
     optimizer = torch.optim.SGD([dict(params=rest, lr=lr), dict(params=head, lr=lr * args.head_lr_mult)],
                                 lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    schedule = args.epochs * iters_per_epoch  # poly over the epochs, per iteration (App. B.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: (1 - min(it, total_iters - 1) / total_iters) ** args.poly_power)  # poly, per iteration
-    bank = WaveBank(num_classes, args.bank_size, 48000, device)
-    start_epoch, iteration, best = 0, 0, -1.0
-    if args.resume:
+        optimizer, lambda it: (1 - min(it, schedule - 1) / schedule) ** args.poly_power)
+    criterion = Criterion(args, num_classes, mel_fn, device, amp)
+    run = dict(iteration=0, epoch=0, best=-math.inf, metric="miou", history=[])
+    if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        bank.waves.copy_(ckpt["bank"]["waves"])
-        bank.count.copy_(ckpt["bank"]["count"])
-        start_epoch, iteration, best = ckpt["epoch"], ckpt["iteration"], ckpt["best"]
-        set_rng_state(ckpt["rng"])
+        scheduler.load_state_dict(ckpt["extra"]["scheduler"])
+        criterion.bank.load_state_dict(ckpt["extra"]["bank"])
+        run = {key: ckpt[key] for key in run}
+        if len(ckpt["rng"]) == world:  # per-rank RNG states; with another world size the seeds stay fresh
+            set_rng_state(ckpt["rng"][rank])
         if main_rank:
-            log(f"resumed from {args.resume} at epoch {start_epoch}, iteration {iteration}", log_path)
+            log(f"resumed from {args.resume} at epoch {run['epoch']}, iteration {run['iteration']}", log_path)
 
-    def checkpoint(epoch, name):
-        if main_rank:
-            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         bank=dict(waves=bank.waves, count=bank.count), epoch=epoch, iteration=iteration,
-                         best=best, args=vars(args), rng=rng_state(), history=history)
-            save_atomic(state, os.path.join(args.out, name))
-
-    ce = nn.CrossEntropyLoss(ignore_index=255)
-    start_iter = iteration
-    t0, window_t, window_n = time.time(), time.time(), 0
-    step_end, train_s = time.time(), 0.0  # training time without evaluation and the first (warm-up) step
-    res = None
-    stop = False
-    for epoch in range(start_epoch, args.epochs):
-        gen.manual_seed(args.seed * 100003 + epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        for batch in train_loader:
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            image, mask, b = batch["image"], batch["mask"], batch["image"].shape[0]
-            waves, perm, idx = batch["wave"], None, None
-            if args.contrast != "none":
-                bank.push(batch["wave"], batch["audio_classes"], batch["audio_pos"])
-                perm, extra, idx, t2, match2, side2 = repair(batch, bank, args.pos_share, epoch >= 1, args.bank_sources,
-                                                             args.match == "side")  # Eq. (1), App. B
-                waves = torch.cat([waves, extra])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits, z, _ = net(image, mel_fn(waves), perm, idx)
-                loss_ce = ce(logits.float(), mask)  # Eq. (5), CE on the original pairs
-            loss_cp = torch.zeros((), device=device)
-            if args.contrast != "none":
-                t = torch.cat([batch["audio_classes"], t2])
-                match = torch.cat([torch.ones(b, dtype=torch.bool, device=device), match2])
-                loss_cp = contrastive_loss(z, torch.cat([mask, mask]), t.long(), match, args.contrast, args.tau,
-                                           args.anchors_per_group, args.positives, args.unknown, args.bg_groups,
-                                           torch.cat([torch.zeros_like(side2), side2]))  # Eq. (2)-(4)
-            loss = loss_ce + loss_cp  # Eq. (5)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            iteration += 1
-            window_n += b * world
-            train_s += (time.time() - step_end) if iteration > start_iter + 1 else 0.0
-            step_end = time.time()
-            if main_rank and iteration % args.log_every == 0:
-                now = time.time()
-                eta = (now - t0) / (iteration - start_iter) * (total_iters - iteration)
-                log(f"ep {epoch + 1}/{args.epochs} it {iteration}/{total_iters} loss {loss.item():.4f} "
-                    f"(ce {loss_ce.item():.4f} cp {loss_cp.item():.4f}) lr {scheduler.get_last_lr()[0]:.2e} "
-                    f"{window_n / (now - window_t):.1f} img/s eta {time.strftime('%H:%M:%S', time.gmtime(eta))}",
-                    log_path)
-                window_t, window_n = now, 0
-            if args.max_iters and iteration >= args.max_iters:
-                stop = True
-                break
-        last = stop or epoch + 1 == args.epochs
-        if (epoch + 1) % args.eval_every == 0 or last:
+    meter = Meter(run["iteration"], total, world)
+    res = run["history"][-1] if run["history"] else None  # a resumed finished run keeps its final metrics
+    for epoch in range(run["iteration"] // iters_per_epoch, args.epochs):
+        if run["iteration"] >= total:
+            break
+        skip = (run["iteration"] - epoch * iters_per_epoch) * (args.batch_size // world)  # resume inside an epoch
+        train_loader.sampler.set_epoch(epoch, skip)
+        run["iteration"] = train_one_epoch(net, train_loader, optimizer, scheduler, criterion, meter, epoch,
+                                           run["iteration"], args, log_path)
+        run["epoch"] = run["iteration"] // iters_per_epoch
+        stop = run["iteration"] >= total
+        extra = dict(scheduler=scheduler.state_dict(), bank=criterion.bank.state_dict())
+        if stop or (epoch + 1) % args.eval_every == 0:
             eval_t = time.time()
-            res = run_eval()
-            step_end = time.time()
-            window_t += step_end - eval_t  # images/s in the log counts training time only
-            history.append(dict(epoch=epoch + 1, iteration=iteration, **res))
+            res = run_eval(model, eval_loaders, "last", mel_fn, device, amp, args, log_path)
+            run["history"].append(dict(epoch=epoch + 1, iteration=run["iteration"], **res))
             if main_rank:
                 log(f"eval ep {epoch + 1}: mIoU {100 * res['miou']:.2f} F-beta {100 * res['mean_fbeta']:.2f} "
-                    f"FDR {100 * res['mean_fdr']:.2f} ({step_end - eval_t:.1f} s)", log_path)
-            if res["miou"] > best:
-                best = res["miou"]
-                checkpoint(epoch + 1, "best.pt")
-        checkpoint(epoch + 1, "last.pt")
+                    f"FDR {100 * res['mean_fdr']:.2f} ({time.time() - eval_t:.1f} s)", log_path)
+            if res[run["metric"]] > run["best"]:
+                run["best"] = res[run["metric"]]
+                save_checkpoint(main_rank and os.path.join(args.out, "best.pt"), model, optimizer, run, args, extra,
+                                world)
+            write_metrics(main_rank, args, run, "test", res, meter)
+        save_checkpoint(main_rank and os.path.join(args.out, "last.pt"), model, optimizer, run, args, extra, world)
         if stop:
             break
+    write_metrics(main_rank, args, run, "test", res, meter)
     if main_rank:
-        best_entry = max(history, key=lambda h: h["miou"]) if history else None
-        write_json(os.path.join(args.out, "metrics.json"),
-                   dict(args=vars(args), history=history, best=best_entry, final=history[-1] if history else None,
-                        wall_time_s=round(time.time() - t0, 1),
-                        train_images_per_s=round(max(iteration - start_iter - 1, 0) * args.batch_size
-                                                 / max(train_s, 1e-9), 2)))
-        log(f"done in {time.time() - t0:.0f} s; best mIoU {100 * best:.2f}; run folder {args.out}", log_path)
+        log(f"done in {time.time() - meter.t0:.0f} s; best mIoU {100 * run['best']:.2f}; run folder {args.out}",
+            log_path)
     return res
 
 

@@ -32,6 +32,7 @@ Audio alignment (README): `--eval-only --eval-audio silence|absent` tests with a
 the image sounds; fg_pred in eval-<audio>.json is then the share of pixels falsely segmented.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -50,6 +51,8 @@ from PIL import Image
 
 import data
 import metrics
+
+# ----------------------------------------------------------------------------- arguments
 
 # --data -> loader, subset / task, logits K (1 = binary), default epochs, lambda of L_AVM, frame size
 DATASETS = {
@@ -162,6 +165,9 @@ def parse_args(argv=None):
         p.error("--audio-encoder vggish needs --vggish-weights PATH (VGGish weights load from a local file only)"
                 if args.audio_encoder == "vggish" else "--vggish-weights needs --audio-encoder vggish")
     return args
+
+
+# ----------------------------------------------------------------------------- defaults
 
 
 def resolve_defaults(args):
@@ -554,6 +560,29 @@ def avm_loss(logits, feats, audios, binary, frame_weight=None):
     return total / len(feats)
 
 
+class Criterion:
+    """Eq. (1) on one training batch: seg_loss + lambda * L_AVM over the TPAVI stages -> loss, parts."""
+
+    def __init__(self, args, binary, device, amp, world):
+        self.lam, self.stages, self.binary = args.lambda_avm, sorted(args.tpavi_stages), binary
+        self.avss, self.device, self.amp, self.world = args.data == "avss", device, amp, world
+
+    def __call__(self, net, batch, epoch):
+        image, mask, wave, valid = unpack(batch, self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits, feats, audios = net(image, wave, valid)
+        target = mask.flatten(0, 1)
+        loss_seg = seg_loss(logits.float(), target, self.binary)
+        loss_avm = torch.zeros((), device=self.device)
+        if self.lam > 0:
+            weight = (target != 255).flatten(1).any(1).float() if self.avss else None
+            # a sum over the clips of the step, as the released single-process code: DDP averages
+            # gradients over ranks, so the per-rank sum is scaled by the world size
+            loss_avm = avm_loss(logits, [feats[s] for s in self.stages], [audios[s] for s in self.stages],
+                                self.binary, weight) * (self.world if weight is None else 1)
+        return loss_seg + self.lam * loss_avm, dict(seg=loss_seg, avm=loss_avm)  # Eq. (1)
+
+
 # ----------------------------------------------------------------------------- run helpers
 
 
@@ -571,7 +600,7 @@ def save_atomic(obj, path):
 
 
 def write_json(path, obj):
-    """Atomic JSON; NaN (undefined metrics) -> null."""
+    """Atomic JSON write; NaN (an undefined metric, e.g. FDR of a never-predicted class) becomes null."""
     def clean(x):
         if isinstance(x, float) and not math.isfinite(x):
             return None
@@ -585,6 +614,7 @@ def write_json(path, obj):
 
 
 def rng_state():
+    """Python, numpy, torch (and CUDA) RNG states as plain containers and tensors (weights_only loads them)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return dict(python=random.getstate(), torch=torch.get_rng_state(),
                 numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=pos, has_gauss=has_gauss, gauss=gauss),
@@ -610,81 +640,52 @@ def native_bf16(device):
         return False
 
 
-def unpack(batch, device):
-    """Batch dict -> image (B, T, 3, H, W), mask (B, T, H, W), wave (B, C, N), valid (B, T) or None."""
-    image, mask, valid = batch["image"], batch["mask"], batch.get("valid")
-    if image.dim() == 4:  # VPO: one frame per sample
-        image, mask = image[:, None], mask[:, None]
-    return (image.to(device, non_blocking=True), mask.to(device, non_blocking=True),
-            batch["wave"].to(device, non_blocking=True), None if valid is None else valid.to(device))
+def init_distributed(args):
+    """One process per rank under torchrun (nccl on CUDA, gloo on CPU) -> device, rank, world."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise data.DataError("--device cuda: no CUDA device is visible; use --device cpu")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if args.batch_size % world:
+        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
+    return device, rank, world
 
 
-def save_overlay(path, image, mask, pred, palette):
-    """PNG: image | ground truth | prediction, classes > 0 blended in palette colours, 255 white."""
-    img = ((image.cpu() * data.STD + data.MEAN).clamp(0, 1) * 255).permute(1, 2, 0).numpy()
-
-    def paint(lab):
-        lab = lab.cpu().numpy()
-        col = np.where((lab == 255)[..., None], 255.0, palette[np.minimum(lab, len(palette) - 1)])
-        return np.where((lab > 0)[..., None], 0.5 * img + 0.5 * col, img)
-    Image.fromarray(np.concatenate([img, paint(mask), paint(pred)], 1).astype(np.uint8)).save(path)
-
-
-def predict(logits, binary):
-    return (logits[:, 0] > 0).long() if binary else logits.argmax(1)
+def run_folder(args, world):
+    """--out; else the checkpoint's folder with --resume; else runs/tpavi-<data>-s<seed>-<time>, rank 0's on
+    every rank."""
+    if args.out is not None:
+        return args.out
+    if args.resume:
+        return os.path.dirname(os.path.abspath(args.resume))
+    holder = [os.path.join("runs", f"tpavi-{args.data}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")]
+    if world > 1:
+        dist.broadcast_object_list(holder)
+    return holder[0]
 
 
-@torch.no_grad()
-def evaluate(model, loader, device, amp, binary, num_classes, swap=False):
-    """Dataset-level metrics over this rank's shard, summed over ranks (SPEC §2), and on VPO samples that
-    carry silent twins the twin metrics (metrics.TwinMeter). swap: left and right audio channels exchanged."""
-    model.eval()
-    cm = metrics.ConfusionMatrix(2 if binary else num_classes, device)
-    meter = metrics.AVSObjectsMeter(device) if binary else None
-    twins = metrics.TwinMeter(num_classes, device)
-    for batch in loader:
-        image, mask, wave, valid = unpack(batch, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(image, wave.flip(1) if swap else wave, valid)[0].float()
-        target = mask.flatten(0, 1)
-        pred = predict(logits, binary)
-        cm.update(pred, target)
-        if binary:
-            meter.update(torch.sigmoid(logits[:, 0]), target)  # AVS M_J / M_F
-        if "twin" in batch:
-            twins.update(pred, target, batch["twin"].to(device))
-    cm.all_reduce()
-    twins.all_reduce()
-    res = dict(cm.compute(), **twins.compute())
-    if binary:
-        meter.all_reduce()
-        res.update(meter.compute())
-    model.train()
-    return res
+def write_metrics(main_rank, args, run, split, final, meter):
+    """metrics.json (rank 0): settings, every evaluation, the best one on `split`, the final one, the wall
+    time and the training images/s."""
+    if main_rank:
+        scored = [h for h in run["history"] if h["split"] == split]
+        best = max(scored, key=lambda h: h[run["metric"]]) if scored else None
+        write_json(os.path.join(args.out, "metrics.json"), dict(
+            args=vars(args), history=run["history"], final=final,
+            best=best and dict(best, metric=run["metric"], score=best[run["metric"]]),
+            wall_time_s=round(time.time() - meter.t0, 1), train_images_per_s=meter.images_per_s()))
 
 
-@torch.no_grad()
-def write_overlays(model, dataset, n, out_dir, device, amp, binary, num_classes):
-    """Overlays of the first n test frames (rank 0)."""
-    model.eval()
-    os.makedirs(out_dir, exist_ok=True)
-    palette = data.avss_palette(max(num_classes, 2)).astype(np.float64)
-    done = 0
-    for i in range(len(dataset)):
-        sample = dataset[i]
-        image, mask, wave, valid = unpack(data.pad_collate([sample]), device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            pred = predict(model(image, wave, valid)[0].float(), binary)
-        name = str(sample["name"]).replace(os.sep, "_")
-        for t in range(image.shape[1]):
-            if done == n:
-                model.train()
-                return
-            if valid is None or valid[0, t]:
-                suffix = f"_{t}" if image.shape[1] > 1 else ""
-                save_overlay(os.path.join(out_dir, f"{name}{suffix}.png"), image[0, t], mask[0, t], pred[t], palette)
-                done += 1
-    model.train()
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def build_datasets(args, spec, splits):
@@ -704,80 +705,243 @@ def build_datasets(args, spec, splits):
     return out
 
 
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """This rank's share of a permutation seeded from (seed, epoch); set_epoch's `skip` leaves out the
+    samples a resumed run has already trained on in that epoch, so the loader is built once."""
+    skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+def build_loaders(args, sets, twin_idx, rank, world, device):
+    """The loaders, built once with persistent workers: train (EpochSampler, --batch-size split over the
+    ranks) and one per evaluation split (exact shards; 'swap': the twins of the test split). Every loader
+    has its own generator, so loading never draws from the training RNG; bit-exact --resume needs
+    --workers 0 (worker RNG states are not checkpointed)."""
+    def loader(dataset, batch_size, sampler=None):
+        return torch.utils.data.DataLoader(
+            dataset, batch_size, sampler=sampler, num_workers=args.workers, collate_fn=data.pad_collate,
+            pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+            generator=torch.Generator().manual_seed(args.seed))
+    evals = {split: loader(torch.utils.data.Subset(ds, range(rank, len(ds), world)), args.eval_batch_size)
+             for split, ds in sets.items() if split != "train"}
+    if twin_idx and not args.mono:  # the twin metrics once more with the stereo cue reversed
+        evals["swap"] = loader(torch.utils.data.Subset(sets["test"], twin_idx[rank::world]), args.eval_batch_size)
+    if "train" not in sets:
+        return None, evals
+    # (seed, epoch) -> seed * 100003 + epoch: no two seeds share an epoch's order
+    sampler = EpochSampler(sets["train"], world, rank, shuffle=True, seed=args.seed * 100003)
+    return loader(sets["train"], args.batch_size // world, sampler), evals
+
+
+def load_checkpoint(path):
+    """A last.pt / best.pt of this script (plain containers, read with weights_only=True); anything else,
+    a missing file included, is a one-line DataError naming the file."""
+    if not os.path.isfile(path):
+        raise data.DataError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise data.DataError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
+                             "pass a last.pt/best.pt written by tpavi.py") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != "tpavi":
+        by = f" (written by {ckpt['script']}.py)" if isinstance(ckpt, dict) and "script" in ckpt else ""
+        raise data.DataError(f"{path}: not a tpavi.py checkpoint{by}; pass a last.pt/best.pt written by tpavi.py")
+    return ckpt
+
+
+def save_checkpoint(path, model, optimizer, run, args, extra, world):
+    """Called on every rank (it gathers the per-rank RNG states); rank 0 passes the path and writes the
+    model, optimiser, `run` (iteration, epoch, best, metric, history) and the method's `extra` state."""
+    rngs = [rng_state()] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rngs[0])
+    if path:
+        save_atomic(dict(script="tpavi", args=vars(args), model=model.state_dict(), optimizer=optimizer.state_dict(),
+                         rng=rngs, extra=extra, **run), path)
+
+
+class Meter:
+    """Loss parts averaged between log lines; images/s over training time only, the first step (warm-up)
+    left out; ETA from the wall time since the start, evaluations included."""
+
+    def __init__(self, iteration, total, world):
+        self.t0, self.start, self.total, self.world = time.time(), iteration, total, world
+        self.sums, self.train_s, self.images = {}, 0.0, 0
+        self.window_s, self.window_images = 0.0, 0
+
+    def update(self, loss, parts, images, seconds, iteration):
+        for key, value in dict(loss=loss, **parts).items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.item()
+        self.sums["n"] = self.sums.get("n", 0) + 1
+        self.window_s, self.window_images = self.window_s + seconds, self.window_images + images * self.world
+        if iteration > self.start + 1:
+            self.train_s, self.images = self.train_s + seconds, self.images + images * self.world
+
+    def line(self, epoch, epochs, iteration, lr):
+        n = self.sums.pop("n")
+        parts = {k: v / n for k, v in self.sums.items()}
+        loss = parts.pop("loss")
+        eta = (time.time() - self.t0) / (iteration - self.start) * (self.total - iteration)
+        text = (f"ep {epoch + 1}/{epochs} it {iteration}/{self.total} loss {loss:.4f} "
+                f"({' '.join(f'{k} {v:.4f}' for k, v in parts.items())}) lr {lr:.2e} "
+                f"{self.window_images / max(self.window_s, 1e-9):.1f} img/s "
+                f"eta {eta // 3600:.0f}:{eta % 3600 // 60:02.0f}:{eta % 60:02.0f}")
+        self.sums, self.window_s, self.window_images = {}, 0.0, 0
+        return text
+
+    def images_per_s(self):
+        return round(self.images / max(self.train_s, 1e-9), 2)
+
+
+def train_one_epoch(net, loader, optimizer, criterion, meter, epoch, iteration, args, log_path):
+    """One pass over the loader (the rest of it after a resume inside the epoch), ending early at
+    meter.total (--max-iters); returns the iteration count."""
+    net.train()
+    tick = time.time()
+    for batch in loader:
+        loss, parts = criterion(net, batch, epoch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()  # AVS: constant lr
+        iteration += 1
+        now = time.time()
+        meter.update(loss, parts, math.prod(batch["image"].shape[:-3]), now - tick, iteration)
+        tick = now
+        if log_path and (iteration % args.log_every == 0 or iteration == meter.total):
+            log(meter.line(epoch, args.epochs, iteration, optimizer.param_groups[0]["lr"]), log_path)
+        if iteration >= meter.total:
+            break
+    return iteration
+
+
+def unpack(batch, device):
+    """Batch dict -> image (B, T, 3, H, W), mask (B, T, H, W), wave (B, C, N), valid (B, T) or None."""
+    image, mask, valid = batch["image"], batch["mask"], batch.get("valid")
+    if image.dim() == 4:  # VPO: one frame per sample
+        image, mask = image[:, None], mask[:, None]
+    return (image.to(device, non_blocking=True), mask.to(device, non_blocking=True),
+            batch["wave"].to(device, non_blocking=True), None if valid is None else valid.to(device))
+
+
+def save_overlay(path, image, mask, pred, palette):
+    """One PNG: image | ground truth | prediction, classes > 0 blended in palette colours, 255 white."""
+    img = ((image.cpu().float() * data.STD + data.MEAN).clamp(0, 1) * 255).permute(1, 2, 0).numpy()
+
+    def paint(lab):
+        lab = lab.cpu().numpy()
+        col = np.where((lab == 255)[..., None], 255.0, palette[np.minimum(lab, len(palette) - 1)])
+        return np.where((lab > 0)[..., None], 0.5 * img + 0.5 * col, img)
+    Image.fromarray(np.concatenate([img, paint(mask), paint(pred)], 1).astype(np.uint8)).save(path)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def predict(logits, binary):
+    return (logits[:, 0] > 0).long() if binary else logits.argmax(1)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp, binary, num_classes, overlay_dir=None, n_overlays=0, swap=False):
+    """Dataset-level metrics over this rank's shard, summed over ranks (SPEC §2), and on VPO samples that
+    carry silent twins the twin metrics (metrics.TwinMeter); overlays of the first n_overlays frames.
+    swap: left and right audio channels exchanged."""
+    model.eval()
+    cm = metrics.ConfusionMatrix(2 if binary else num_classes, device)
+    meter = metrics.AVSObjectsMeter(device) if binary else None
+    twins = metrics.TwinMeter(num_classes, device)
+    palette = data.avss_palette(max(num_classes, 2)).astype(np.float64)
+    written = 0
+    for batch in loader:
+        image, mask, wave, valid = unpack(batch, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(image, wave.flip(1) if swap else wave, valid)[0].float()
+        target = mask.flatten(0, 1)
+        pred = predict(logits, binary)
+        cm.update(pred, target)
+        if binary:
+            meter.update(torch.sigmoid(logits[:, 0]), target)  # AVS M_J / M_F
+        if "twin" in batch:
+            twins.update(pred, target, batch["twin"].to(device))
+        t = image.shape[1]
+        for i, name in enumerate(batch["name"]):
+            for j in range(t):
+                if written < n_overlays and (valid is None or valid[i, j]):
+                    suffix = f"_{j}" if t > 1 else ""
+                    save_overlay(os.path.join(overlay_dir, f"{str(name).replace(os.sep, '_')}{suffix}.png"),
+                                 image[i, j], mask[i, j], pred[i * t + j], palette)
+                    written += 1
+    cm.all_reduce()
+    twins.all_reduce()
+    res = dict(cm.compute(), **twins.compute())
+    if binary:
+        meter.all_reduce()
+        res.update(meter.compute())
+    model.train()
+    return res
+
+
+def run_eval(model, loaders, split, weights, device, amp, args, log_path):
+    """Metrics of one split (test: overlays and, with stereo twins, the twin metrics with left and right
+    swapped), logged on rank 0 -> dict(split, weights, metrics)."""
+    spec = DATASETS[args.data]
+    binary, num_classes = spec["classes"] == 1, spec["classes"]
+    n_overlays = args.overlays if log_path and split == "test" else 0
+    res = evaluate(model, loaders[split], device, amp, binary, num_classes, os.path.join(args.out, "overlays"),
+                   n_overlays)
+    if split == "test" and "swap" in loaders:
+        swapped = evaluate(model, loaders["swap"], device, amp, binary, num_classes, swap=True)
+        res.update({f"{key}_swap": swapped[key] for key in metrics.TWIN_KEYS})
+    if log_path:
+        names = data.VPO_CLASSES if spec["kind"] == "vpo" else (
+            ["background", "sounding object"] if binary else [f"class {i}" for i in range(num_classes)])
+        log(f"eval {split} ({weights} weights):\n{metrics.format_table(names, res)}", log_path)
+        if binary:
+            log(f"M_J {res['mj']:.4f} | M_F {res['mf']:.4f}", log_path)
+        if res["twin_images"]:
+            log(metrics.format_twins(res), log_path)
+    return dict(split=split, weights=weights, **res)
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def main(args):
-    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise data.DataError("--device cuda: no CUDA device is visible; use --device cpu")
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    rank, world = 0, 1
-    if distributed:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
+    device, rank, world = init_distributed(args)
     main_rank, amp = rank == 0, not args.no_amp and native_bf16(device)
-    if args.batch_size % world:
-        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
-
-    ckpt = None
-    if args.resume or args.eval_only:
-        path = args.resume or args.ckpt
-        if not os.path.isfile(path):
-            raise data.DataError(f"{path}: checkpoint not found")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise data.DataError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
-                                 "pass a last.pt/best.pt written by tpavi.py")
-        if not isinstance(ckpt, dict) or not {"model", "args"} <= ckpt.keys():
-            raise data.DataError(f"{path}: not a tpavi.py checkpoint; pass a last.pt/best.pt written by tpavi.py")
+    ckpt = load_checkpoint(args.resume or args.ckpt) if args.resume or args.eval_only else None
+    if ckpt:
         for key in CKPT_KEYS:  # the architecture comes from the checkpoint
             setattr(args, key, ckpt["args"][key])
         if DATASETS[ckpt["args"]["data"]]["classes"] != DATASETS[args.data]["classes"]:
-            raise data.DataError(f"{path} was trained on --data {ckpt['args']['data']}, whose classes differ "
-                                 f"from --data {args.data}")
+            raise data.DataError(f"{args.resume or args.ckpt} was trained on --data {ckpt['args']['data']}, whose "
+                                 f"classes differ from --data {args.data}")
     resolve_defaults(args)
     spec = DATASETS[args.data]
     binary, num_classes = spec["classes"] == 1, spec["classes"]
-    if args.out is None:
-        args.out = os.path.dirname(os.path.abspath(args.resume)) if args.resume else os.path.join(
-            "runs", f"tpavi-{args.data}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if distributed:  # every rank writes to rank 0's folder
-            holder = [args.out]
-            dist.broadcast_object_list(holder)
-            args.out = holder[0]
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
+    args.out = run_folder(args, world)
+    seed_all(args.seed + rank)
 
     val_split = "val" if spec["kind"] == "avs" else "test"  # VPO has no val split (release "val" = test)
-    splits = ["test"] if args.eval_only else sorted({"train", val_split, "test"})
-    sets = build_datasets(args, spec, splits)  # read and checked before the run folder is made
+    sets = build_datasets(args, spec, ["test"] if args.eval_only else sorted({"train", val_split, "test"}))
     twin_idx = []
     if spec["kind"] == "vpo" and args.eval_audio == "real" and data.attach_twins(sets["test"], args.coco_ann):
         twin_idx = sorted(sets["test"].twins)  # VPO-MSMI: images whose sounding object has silent twins
     if args.eval_only:
         sets["test"] = data.eval_audio_set(sets["test"], args.eval_audio, args.coco_ann, args.seed)
+    train_loader, eval_loaders = build_loaders(args, sets, twin_idx, rank, world, device)
     log_path = os.path.join(args.out, "log.txt") if main_rank else None
     if main_rank:
-        os.makedirs(args.out, exist_ok=True)
-
-    def eval_loader(split, indices=None):
-        indices = range(len(sets[split])) if indices is None else indices
-        return torch.utils.data.DataLoader(
-            torch.utils.data.Subset(sets[split], indices[rank::world]),  # exact shards
-            batch_size=args.eval_batch_size, num_workers=args.workers, collate_fn=data.pad_collate,
-            pin_memory=use_cuda, generator=torch.Generator().manual_seed(args.seed))
-
-    model = AVSModel(args.backbone, "none" if ckpt else args.pretrained, num_classes, args.tpavi_stages,
-                     args.audio_encoder, 1 if args.mono else 2, None if ckpt else args.vggish_weights).to(device)
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-    if main_rank:
+        os.makedirs(os.path.join(args.out, "overlays"), exist_ok=True)
         log(f"tpavi: {args.data} (K={num_classes}{', binary' if binary else ''}) | {args.backbone} "
             f"pretrained={args.pretrained} | TPAVI stages {args.tpavi_stages} | audio {args.audio_encoder} "
             f"{'mono' if args.mono else 'stereo'} | lambda_avm {args.lambda_avm} | crop {args.crop} | "
@@ -785,26 +949,12 @@ def main(args):
             log_path)
         log(f"samples: {', '.join(f'{s} {len(d)}' for s, d in sets.items())}; run folder {args.out}", log_path)
 
-    def run_eval(net, split, weights):
-        res = evaluate(net, eval_loader(split), device, amp, binary, num_classes)
-        if split == "test" and twin_idx and not args.mono:  # the twin metrics with the stereo cue reversed
-            swapped = evaluate(net, eval_loader(split, twin_idx), device, amp, binary, num_classes, swap=True)
-            res.update({f"{key}_swap": swapped[key] for key in metrics.TWIN_KEYS})
-        if main_rank:
-            names = data.VPO_CLASSES if spec["kind"] == "vpo" else (
-                ["background", "sounding object"] if binary else [f"class {i}" for i in range(num_classes)])
-            log(f"eval {split} ({weights} weights):\n{metrics.format_table(names, res)}", log_path)
-            if binary:
-                log(f"M_J {res['mj']:.4f} | M_F {res['mf']:.4f}", log_path)
-            if res["twin_images"]:
-                log(metrics.format_twins(res), log_path)
-            if split == "test" and args.overlays:
-                write_overlays(net, sets["test"], args.overlays, os.path.join(args.out, "overlays"), device,
-                               amp, binary, num_classes)
-        return dict(split=split, weights=weights, **res)
-
+    model = AVSModel(args.backbone, "none" if ckpt else args.pretrained, num_classes, args.tpavi_stages,
+                     args.audio_encoder, 1 if args.mono else 2, None if ckpt else args.vggish_weights).to(device)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
     if args.eval_only:
-        res = run_eval(model, "test", args.ckpt)
+        res = run_eval(model, eval_loaders, "test", args.ckpt, device, amp, args, log_path)
         if main_rank:
             if args.eval_audio != "real":
                 log(f"{args.eval_audio} audio: {100 * res['fg_pred']:.2f}% of the pixels segmented as a sounding "
@@ -813,120 +963,60 @@ def main(args):
             write_json(os.path.join(args.out, f"eval-{args.eval_audio}.json"), dict(args=vars(args), eval=res))
         return res
 
-    if use_cuda and distributed:
+    if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif distributed and main_rank:
+    elif world > 1 and main_rank:
         log("note: SyncBatchNorm runs on CUDA only; on CPU each rank keeps its own BatchNorm statistics", log_path)
-    raw = model
-    if distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None,
-                                                    find_unused_parameters=not args.tpavi_stages)
-    optimizer = torch.optim.Adam([p for p in raw.parameters() if p.requires_grad], lr=args.lr)  # AVS: Adam 1e-4
-
-    per_rank = args.batch_size // world
-    sampler = torch.utils.data.distributed.DistributedSampler(sets["train"], world, rank, shuffle=True,
-                                                              seed=args.seed)
-    iters_per_epoch = math.ceil(len(sampler) / per_rank)
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              find_unused_parameters=not args.tpavi_stages) if world > 1 else model
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)  # AVS: Adam 1e-4
+    iters_per_epoch = len(train_loader)
     total = min(args.max_iters or math.inf, args.epochs * iters_per_epoch)
-    metric = "mj" if binary else "miou"  # released model selection: M_J (S4 / MS3), mIoU (AVSS)
-    iteration, best, history = 0, -math.inf, []
+    # released model selection: M_J (S4 / MS3), mIoU (AVSS)
+    run = dict(iteration=0, epoch=0, best=-math.inf, metric="mj" if binary else "miou", history=[])
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
-        iteration, best, history = ckpt["iteration"], ckpt["best"], ckpt["history"]
+        run = {key: ckpt[key] for key in run}
         if len(ckpt["rng"]) == world:  # per-rank RNG states; with another world size the seeds stay fresh
             set_rng_state(ckpt["rng"][rank])
         if main_rank:
-            log(f"resumed {args.resume} at iteration {iteration} (epoch {ckpt['epoch']})", log_path)
+            log(f"resumed from {args.resume} at epoch {run['epoch']}, iteration {run['iteration']}", log_path)
 
-    def checkpoint(name):
-        """Called on every rank (gathers the RNG states); rank 0 writes. epoch = completed epochs; a
-        resume continues from `iteration`, inside an epoch if need be."""
-        rngs = [rng_state()] * world
-        if distributed:
-            dist.all_gather_object(rngs, rngs[0])
-        if main_rank:
-            save_atomic(dict(model=raw.state_dict(), optimizer=optimizer.state_dict(),
-                             epoch=iteration // iters_per_epoch, iteration=iteration, best=best, metric=metric,
-                             args=vars(args), rng=rngs, history=history), os.path.join(args.out, name))
-
-    def write_metrics(final=None):
-        if main_rank:
-            scored = [h for h in history if h["split"] == val_split]
-            best_entry = max(scored, key=lambda h: h[metric]) if scored else None
-            write_json(os.path.join(args.out, "metrics.json"), dict(
-                args=vars(args), history=history, final=final,
-                best=best_entry and dict(metric=metric, score=best_entry[metric], epoch=best_entry["epoch"],
-                                         iteration=best_entry["iteration"])))
-
-    lam = args.lambda_avm
-    stages = sorted(args.tpavi_stages)
-    t0, start_iteration = time.time(), iteration
-    window = dict.fromkeys(("loss", "seg", "avm", "n", "frames", "time"), 0.0)  # sums between log lines
-    res = None
-    model.train()
-    for epoch in range(iteration // iters_per_epoch, args.epochs):
-        if iteration >= total:
+    criterion = Criterion(args, binary, device, amp, world)
+    meter = Meter(run["iteration"], total, world)
+    res = run["history"][-1] if run["history"] else None  # a resumed finished run keeps its final metrics
+    for epoch in range(run["iteration"] // iters_per_epoch, args.epochs):
+        if run["iteration"] >= total:
             break
-        sampler.set_epoch(epoch)
-        skip = (iteration - epoch * iters_per_epoch) * per_rank  # resume inside an epoch
-        loader = torch.utils.data.DataLoader(
-            sets["train"], batch_size=per_rank, sampler=list(sampler)[skip:], num_workers=args.workers,
-            collate_fn=data.pad_collate, pin_memory=use_cuda,
-            generator=torch.Generator().manual_seed(args.seed * 100003 + epoch * 101 + rank))
-        tick = time.time()
-        for batch in loader:
-            image, mask, wave, valid = unpack(batch, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits, feats, audios = model(image, wave, valid)
-            target = mask.flatten(0, 1)
-            loss_seg = seg_loss(logits.float(), target, binary)
-            loss_avm = torch.zeros((), device=device)
-            if lam > 0:
-                weight = (target != 255).flatten(1).any(1).float() if args.data == "avss" else None
-                # a sum over the clips of the step, as the released single-process code: DDP averages
-                # gradients over ranks, so the per-rank sum is scaled by the world size
-                loss_avm = avm_loss(logits, [feats[s] for s in stages], [audios[s] for s in stages], binary,
-                                    weight) * (world if weight is None else 1)
-            loss = loss_seg + lam * loss_avm  # Eq. (1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            iteration += 1
-            now = time.time()
-            for key, value in (("loss", loss.item()), ("seg", loss_seg.item()), ("avm", loss_avm.item()), ("n", 1),
-                               ("frames", image.shape[0] * image.shape[1] * world), ("time", now - tick)):
-                window[key] += value
-            tick = now
-            if main_rank and (iteration % args.log_every == 0 or iteration == total):
-                n = window["n"]
-                eta = (now - t0) / (iteration - start_iteration) * (total - iteration)  # evaluations included
-                log(f"epoch {epoch + 1}/{args.epochs} iter {iteration}/{total} | loss {window['loss'] / n:.4f} "
-                    f"(seg {window['seg'] / n:.4f}, avm {window['avm'] / n:.4f}) | "
-                    f"lr {optimizer.param_groups[0]['lr']:.1e} | {window['frames'] / window['time']:.1f} img/s | "
-                    f"eta {eta // 3600:.0f}:{eta % 3600 // 60:02.0f}:{eta % 60:02.0f}", log_path)
-                window = dict.fromkeys(window, 0.0)
-            if iteration >= total:
-                break
-        stop = iteration >= total
+        skip = (run["iteration"] - epoch * iters_per_epoch) * (args.batch_size // world)  # resume inside an epoch
+        train_loader.sampler.set_epoch(epoch, skip)
+        run["iteration"] = train_one_epoch(net, train_loader, optimizer, criterion, meter, epoch, run["iteration"],
+                                           args, log_path)
+        run["epoch"] = run["iteration"] // iters_per_epoch
+        stop = run["iteration"] >= total
         if stop or (epoch + 1) % args.eval_every == 0:
-            res = run_eval(raw, val_split, "last")
-            history.append(dict(epoch=epoch + 1, iteration=iteration, **res))
-            if res[metric] > best:
-                best = res[metric]
-                checkpoint("best.pt")
-            write_metrics(res if val_split == "test" else None)
-        checkpoint("last.pt")
+            eval_t = time.time()
+            res = run_eval(model, eval_loaders, val_split, "last", device, amp, args, log_path)
+            run["history"].append(dict(epoch=epoch + 1, iteration=run["iteration"], **res))
+            if main_rank:
+                log(f"eval ep {epoch + 1}: mIoU {100 * res['miou']:.2f} F-beta {100 * res['mean_fbeta']:.2f} "
+                    f"FDR {100 * res['mean_fdr']:.2f} ({time.time() - eval_t:.1f} s)", log_path)
+            if res[run["metric"]] > run["best"]:
+                run["best"] = res[run["metric"]]
+                save_checkpoint(main_rank and os.path.join(args.out, "best.pt"), model, optimizer, run, args, {}, world)
+            write_metrics(main_rank, args, run, val_split, res if val_split == "test" else None, meter)
+        save_checkpoint(main_rank and os.path.join(args.out, "last.pt"), model, optimizer, run, args, {}, world)
         if stop:
             break
-    if distributed:
+    if world > 1:
         dist.barrier()  # best.pt is written by rank 0
     if val_split != "test" and os.path.isfile(os.path.join(args.out, "best.pt")):
-        best_ckpt = torch.load(os.path.join(args.out, "best.pt"), map_location=device, weights_only=True)
-        raw.load_state_dict(best_ckpt["model"])
-        res = run_eval(raw, "test", "best")
-    write_metrics(res)
+        model.load_state_dict(load_checkpoint(os.path.join(args.out, "best.pt"))["model"])
+        res = run_eval(model, eval_loaders, "test", "best", device, amp, args, log_path)
+    write_metrics(main_rank, args, run, val_split, res, meter)
     if main_rank:
-        log(f"done in {time.time() - t0:.0f} s; best {metric} {best:.4f}; run folder {args.out}", log_path)
+        log(f"done in {time.time() - meter.t0:.0f} s; best {run['metric']} {run['best']:.4f}; run folder {args.out}",
+            log_path)
     return res
 
 

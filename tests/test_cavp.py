@@ -1,6 +1,7 @@
 """cavp.py end to end on the tiny built-in VPO: shapes, attention, training runs, resume, DDP, errors."""
 import json
 import math
+import re
 from argparse import Namespace
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 import cavp
 import data
-from script_runner import run_script
+from script_runner import assert_same_run, kill_after_first_epoch, run_script
 
 
 def run(*argv, torchrun=False, check=True):
@@ -85,7 +86,7 @@ def test_train_eval_stereo_and_mono(tiny_vpo, tmp_path):
         # twin metrics on the multi-instance test images; with stereo also with the channels swapped
         assert m["final"]["twin_images"] > 0 and 0 <= m["final"]["twin_recall"] <= 1
         assert ("twin_recall_swap" in m["final"]) != mono and "twins (" in proc.stdout
-        ckpt = torch.load(out / "last.pt", weights_only=False)
+        ckpt = torch.load(out / "last.pt", weights_only=True)
         assert ckpt["iteration"] == 2 and ckpt["args"]["mono"] == mono
     proc = run("--data", "vpo_msmi", "--data-root", tiny_vpo, "--eval-only", "--ckpt", out / "best.pt",
                "--out", tmp_path / "ev", "--workers", "0", "--limit", "4")
@@ -104,18 +105,32 @@ def test_train_eval_stereo_and_mono(tiny_vpo, tmp_path):
     assert (out / "metrics.json").read_bytes() == before
 
 
-def test_resume_is_exact(tiny_vpo, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run(*quick(tiny_vpo, straight, "--epochs", "2", "--eval-every", "2"))
-    run(*quick(tiny_vpo, split, "--epochs", "2", "--eval-every", "2", "--max-iters", "2"))
-    assert torch.load(split / "last.pt", weights_only=False)["iteration"] == 2
-    run(*quick(tiny_vpo, split, "--epochs", "2", "--eval-every", "2", "--resume", split / "last.pt"))
-    a = torch.load(straight / "last.pt", weights_only=False)
-    b = torch.load(split / "last.pt", weights_only=False)
-    assert a["iteration"] == b["iteration"] == 4
-    for k, v in a["model"].items():
-        assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-6), k
-    assert torch.equal(a["bank"]["count"], b["bank"]["count"])
+def test_resume_after_epochs_and_sigkill_is_exact(tiny_vpo, tmp_path):
+    """--workers 0, 2 iterations an epoch: 3 epochs straight == 1 epoch (--max-iters 2) + --resume == SIGKILL
+    during epoch 2 + --resume from the intact last.pt of epoch 1, bit for bit (memory bank included)."""
+    straight, split, killed = tmp_path / "straight", tmp_path / "split", tmp_path / "killed"
+
+    def argv(out, *extra):
+        return quick(tiny_vpo, out, "--epochs", "3", "--overlays", "0", *extra)
+    run(*argv(straight))
+    run(*argv(split, "--max-iters", "2"))
+    run(*argv(split, "--resume", split / "last.pt"))
+    assert kill_after_first_epoch("cavp.py", argv(killed), killed)["iteration"] == 2
+    run(*argv(killed, "--resume", killed / "last.pt"))
+    assert_same_run(straight, split)
+    assert_same_run(straight, killed)
+    banks = [torch.load(d / "last.pt", weights_only=True)["extra"]["bank"] for d in (straight, split)]
+    assert torch.equal(banks[0]["count"], banks[1]["count"]) and torch.equal(banks[0]["waves"], banks[1]["waves"])
+
+
+def test_foreign_or_corrupt_checkpoint(tmp_path):
+    """A tpavi.py checkpoint or a corrupt file: a one-line error naming the file."""
+    torch.save(dict(script="tpavi", model={}, args={}), tmp_path / "tpavi.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    for name, needle in (("tpavi.pt", "not a cavp.py checkpoint (written by tpavi.py)"),
+                         ("bad.pt", "not a readable checkpoint")):
+        with pytest.raises(data.DataError, match=r"^\S*" + name + ": " + re.escape(needle)):
+            cavp.main(cavp.parse_args(["--resume", str(tmp_path / name), "--out", str(tmp_path / "o")]))
 
 
 def test_ddp_gloo_one_step(tiny_vpo, tmp_path):

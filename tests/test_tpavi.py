@@ -2,6 +2,7 @@
 short CPU runs of the script (train + eval, AVSBench S4, resume, DDP with gloo, errors)."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 import data
 import fixtures_layouts as fl
 import tpavi
-from script_runner import run_script
+from script_runner import assert_same_run, kill_after_first_epoch, run_script
 
 
 def run(*argv, torchrun=False, check=True):
@@ -177,6 +178,32 @@ def test_vpo_train_eval_and_exact_resume(tiny_vpo, tmp_path):
         assert res["fg_true"] == 0 and res["fg_pred"] == pytest.approx(1 - res["pixel_acc"])
         assert f"{audio} audio: {100 * res['fg_pred']:.2f}% of the pixels" in proc.stdout
     assert (straight / "metrics.json").read_bytes() == before
+
+
+def test_resume_after_epochs_and_sigkill_is_exact(tiny_vpo, tmp_path):
+    """--workers 0, 3 iterations an epoch: 3 epochs straight == 1 epoch (--max-iters 3) + --resume ==
+    SIGKILL during epoch 2 + --resume from the intact last.pt of epoch 1, bit for bit."""
+    straight, split, killed = tmp_path / "straight", tmp_path / "split", tmp_path / "killed"
+
+    def argv(out, *extra):
+        return quick_vpo(tiny_vpo, out, "--epochs", "3", "--no-amp", "--overlays", "0", *extra)
+    run(*argv(straight))
+    run(*argv(split, "--max-iters", "3"))
+    run(*argv(split, "--resume", split / "last.pt"))
+    assert kill_after_first_epoch("tpavi.py", argv(killed), killed)["iteration"] == 3
+    run(*argv(killed, "--resume", killed / "last.pt"))
+    assert_same_run(straight, split)
+    assert_same_run(straight, killed)
+
+
+def test_foreign_or_corrupt_checkpoint(tmp_path):
+    """A cavp.py checkpoint or a corrupt file: a one-line error naming the file."""
+    torch.save(dict(script="cavp", model={}, args={}), tmp_path / "cavp.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    for name, needle in (("cavp.pt", "not a tpavi.py checkpoint (written by cavp.py)"),
+                         ("bad.pt", "not a readable checkpoint")):
+        with pytest.raises(data.DataError, match=r"^\S*" + name + ": " + re.escape(needle)):
+            tpavi.main(tpavi.parse_args(["--resume", str(tmp_path / name), "--out", str(tmp_path / "o")]))
 
 
 def test_avsbench_s4_train_eval(tmp_path):
