@@ -38,10 +38,12 @@ OUT=${OUT_READINGS:-runs/readings}
 EPOCHS=${EPOCHS_READINGS:-12}
 EVAL_EVERY=$EPOCHS
 SEEDS=${SEEDS_READINGS:-"0 1 2"}
-BEST=${BEST-"--positives label"}   # picked from the single-change runs (README); BEST="" stops after them
+BEST=${BEST-"--positives label --bg-groups one"}   # picked from the single-change runs (README); BEST="" stops after them
+# the readings as they were before issue 10 (the baseline "cavp" runs); each change below overrides one of them
+BEFORE=(--positives set --unknown mismatched --bg-groups label --match class --bank-sources single)
 mkdir -p "$OUT"
 for seed in $SEEDS; do
-    common=(--data vpo_msmi --seed "$seed" --workers 0 --overlays 0)
+    common=(--data vpo_msmi --seed "$seed" --workers 0 --overlays 0 "${BEFORE[@]}")
     train cavp-msmi-s$seed cavp.py "${common[@]}"
     train supcon-msmi-s$seed cavp.py "${common[@]}" --contrast supcon
     train poslabel-msmi-s$seed cavp.py "${common[@]}" --positives label
@@ -53,7 +55,7 @@ done
 [ -n "$BEST" ] || SEEDS=""
 for seed in $SEEDS; do
     for s in msmi ms ss; do
-        common=(--data vpo_$s --seed "$seed" --workers 0 --overlays 0)
+        common=(--data vpo_$s --seed "$seed" --workers 0 --overlays 0 "${BEFORE[@]}")
         # shellcheck disable=SC2086
         train best-$s-s$seed cavp.py "${common[@]}" $BEST
         # shellcheck disable=SC2086
