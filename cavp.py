@@ -31,7 +31,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
 
 import data
 import metrics
@@ -116,7 +115,7 @@ def parse_args(argv=None):
     a("--out", default=None, help="run folder (default: runs/cavp-<data>-s<seed>-<time>)")
     a("--resume", default=None, help="continue training from this checkpoint (e.g. runs/x/last.pt)")
     a("--eval-only", action="store_true", help="only evaluate --ckpt on the test split")
-    a("--ckpt", default=None, help="checkpoint to evaluate with --eval-only")
+    a("--ckpt", default=None, help="checkpoint to evaluate with --eval-only or to run with --predict")
     a("--eval-audio", default="real", choices=data.EVAL_AUDIO,
       help="with --eval-only: test with the real audio, silence, or a clip of a class absent from the image; "
            "the last two make the target all background, so fg_pred is the false-detection rate")
@@ -128,7 +127,23 @@ def parse_args(argv=None):
       help="test batch size per rank (default: 1 as App. B.1, original resolution; built-in VPO: 16)")
     a("--log-every", type=int, default=10, help="log line every N iterations")
     a("--overlays", type=int, default=4, help="write PNG overlays and attention heatmaps for this many test images")
+    # predict on your own image and sound
+    a("--predict", default=None, metavar="IMAGE",
+      help="segment this image (any size and RGB format) with the sound --audio using --ckpt; writes "
+           "<stem>.png (image | prediction | attention) and <stem>.json (classes, pixel shares) to --out "
+           "(default: the checkpoint's folder/predict)")
+    a("--audio", default=None, metavar="WAV",
+      help="with --predict: the sound, a WAV (mono or stereo, any sample rate; 3 s from its middle are used)")
+    a("--audio-pos", type=float, default=None, metavar="A",
+      help="with --predict: pan the (downmixed) clip to horizontal position A, 0 = left .. 1 = right, as VPO "
+           "does (Sec. 3); needed for a mono clip on a stereo model")
     args = p.parse_args(argv)
+    if args.predict and not (args.ckpt and args.audio):
+        p.error("--predict needs --ckpt PATH and --audio WAV")
+    if (args.audio or args.audio_pos is not None) and not args.predict:
+        p.error("--audio and --audio-pos are for --predict IMAGE")
+    if args.predict and (args.eval_only or args.resume):
+        p.error("--predict excludes --eval-only and --resume")
     if args.eval_only and not args.ckpt:
         p.error("--eval-only needs --ckpt PATH")
     if args.eval_audio != "real" and not args.eval_only:
@@ -771,20 +786,13 @@ def train_one_epoch(net, loader, optimizer, scheduler, criterion, meter, epoch, 
 
 
 def save_overlay(path, image, mask, pred, attn):
-    """One PNG: image | ground truth | prediction | cross-attention heatmap (App. C, Fig. 10)."""
-    img = ((image.cpu().float() * data.STD + data.MEAN).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-    pal = data.avss_palette(256)  # the VOC-style bit palette of AVSBench; 255 (ignore) white
-    pal[255] = 255
-
-    def blend(lab):  # class colours over the image, background left as it is, 255 white
-        lab = lab.cpu().numpy()
-        return np.where(lab[..., None] > 0, 0.35 * img + 0.65 * pal[lab], img).astype(np.uint8)
-    a = attn.float()[None, None]
-    a = F.interpolate(a, size=img.shape[:2], mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
-    a = (a - a.min()) / (a.max() - a.min() + 1e-8)
-    heat = np.stack([a, 1 - np.abs(2 * a - 1), 1 - a], -1) * 255  # blue (low) -> green -> red (high)
-    tiles = [img, blend(mask), blend(pred), (0.4 * img + 0.6 * heat).astype(np.uint8)]
-    Image.fromarray(np.concatenate(tiles, 1)).save(path)
+    """One PNG: image | ground truth | prediction | cross-attention heatmap (App. C, Fig. 10), titled,
+    with a legend of the classes in ground truth or prediction."""
+    img, colors = data.to_uint8(image), data.class_colors()
+    panels = [img, data.label_overlay(img, mask, colors), data.label_overlay(img, pred, colors),
+              data.heatmap_overlay(img, attn.float())]
+    data.save_panels(panels, ["image", "ground truth", "prediction", "attention"],
+                     data.legend_for([mask, pred], data.VPO_CLASSES, colors), path)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -834,10 +842,48 @@ def run_eval(model, loaders, weights, mel_fn, device, amp, args, log_path):
     return dict(split="test", weights=weights, **res)
 
 
+@torch.no_grad()
+def predict(args):
+    """--predict: one image (any size) and one WAV through the --ckpt model, as the evaluation at original
+    resolution does -> OUT/<stem>.png (image | prediction | attention, legend) and OUT/<stem>.json
+    (predicted classes, their pixel shares, the inputs); returns the JSON's content."""
+    ckpt = load_checkpoint(args.ckpt)
+    for key in CKPT_KEYS:  # the architecture comes from the checkpoint
+        setattr(args, key, ckpt["args"][key])
+    args.pretrained = "none"  # the checkpoint holds the weights
+    device = init_distributed(args)[0]
+    amp = not args.no_amp and native_bf16(device)
+    image, rgb = data.read_rgb(args.predict)
+    wave = data.load_predict_audio(args.audio, stereo=not args.mono, audio_pos=args.audio_pos)
+    model = CAVPModel(args, len(data.VPO_CLASSES)).to(device).eval()
+    model.load_state_dict(ckpt["model"])
+    mel_fn = data.LogMel(frames=300).to(device)
+    # any H x W works: DeepLabV3+ resizes its high-level map to the 1/4 one and the logits to the input
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        logits, _, attn = model(image[None].to(device), mel_fn(wave[None].to(device)))
+    pred, colors = logits.argmax(1)[0].cpu(), data.class_colors()
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "predict")
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, os.path.splitext(os.path.basename(args.predict))[0])
+    data.save_panels([rgb, data.label_overlay(rgb, pred, colors), data.heatmap_overlay(rgb, attn[0].float())],
+                     ["image", "prediction", "attention"], data.legend_for([pred], data.VPO_CLASSES, colors),
+                     stem + ".png")
+    shares = data.class_shares(pred, data.VPO_CLASSES)
+    res = dict(image=args.predict, audio=args.audio, audio_pos=args.audio_pos, checkpoint=args.ckpt,
+               height=rgb.shape[0], width=rgb.shape[1], classes=list(shares), shares=shares,
+               background=(pred == 0).float().mean().item())
+    write_json(stem + ".json", res)
+    for ext in (".png", ".json"):
+        print(f"wrote {stem}{ext}")
+    return res
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def main(args):
+    if args.predict:
+        return predict(args)
     device, rank, world = init_distributed(args)
     main_rank, amp = rank == 0, not args.no_amp and native_bf16(device)
     ckpt = load_checkpoint(args.resume or args.ckpt) if args.resume or args.eval_only else None

@@ -867,9 +867,10 @@ def read_rgb(path):
     return img, to_uint8(img)
 
 
-def load_predict_audio(path, stereo, audio_pos=None, seconds=3.0):
+def load_predict_audio(path, stereo, audio_pos=None, seconds=3.0, centre=True):
     """--predict audio: any WAV (PCM / float, any rate, 1 or 2+ channels) resampled to SAMPLE_RATE,
-    `seconds` centred crop / repeat-pad -> (C, N) as VPODataset's `wave`: C = 2 for a stereo model
+    `seconds` crop (centred as VPODataset, or from the start as AVSBenchDataset with centre=False) /
+    repeat-pad -> (C, N) as the datasets' `wave`: C = 2 for a stereo model
     (a stereo clip as is; a mono clip, or any clip when `audio_pos` is given, downmixed and panned at
     audio_pos, 0 = left .. 1 = right), C = 1 (channels averaged) for a mono model."""
     path = os.fspath(path)
@@ -878,7 +879,7 @@ def load_predict_audio(path, stereo, audio_pos=None, seconds=3.0):
     if audio_pos is not None and not 0.0 <= audio_pos <= 1.0:
         raise DataError(f"--audio-pos {audio_pos} for {path} is not in [0, 1] (0 = left, 1 = right)")
     try:
-        x = load_clip(path, seconds=seconds)
+        x = load_clip(path, seconds=seconds, centre=centre)
     except DataError as e:
         raise DataError(f"{e} (e.g. ffmpeg -i {os.path.basename(path)} -c:a pcm_s16le -ar {SAMPLE_RATE} "
                         "out.wav)") from None

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 
@@ -129,7 +130,7 @@ def parse_args(argv=None):
       help="run folder (default: runs/tpavi-<data>-s<seed>-<time>; with --resume the checkpoint's folder)")
     a("--resume", default=None, help="continue training from this checkpoint (e.g. runs/<run>/last.pt)")
     a("--eval-only", action="store_true", help="only evaluate --ckpt on the test split")
-    a("--ckpt", default=None, help="checkpoint to evaluate with --eval-only")
+    a("--ckpt", default=None, help="checkpoint to evaluate with --eval-only or to run with --predict")
     a("--eval-audio", default="real", choices=data.EVAL_AUDIO,
       help="with --eval-only on VPO: test with the real audio, silence, or a clip of a class absent from the "
            "image; the last two make the target all background, so fg_pred is the false-detection rate")
@@ -141,6 +142,17 @@ def parse_args(argv=None):
       help="clips per evaluation step and rank (CAVP App. B.1: 1, VPO at original resolution)")
     a("--log-every", type=int, default=20, help="log line every N iterations (AVS release: 20)")
     a("--overlays", type=int, default=4, help="write PNG overlays for the first N test images")
+    # predict on your own frames and sound
+    a("--predict", default=None, metavar="FRAMES_DIR_OR_IMAGE",
+      help="segment a clip, a folder of frames (image files in name order, one size), or a single image with "
+           "the sound --audio using --ckpt; writes one <frame stem>.png (image | prediction) per frame and "
+           "<stem>.json (classes and pixel shares per frame) to --out (default: the checkpoint's folder/predict)")
+    a("--audio", default=None, metavar="WAV",
+      help="with --predict: the sound, a WAV (mono or stereo, any sample rate); 1 s per frame from its start as "
+           "AVSBench, or 3 s from its middle for a single image on a VPO model as VPO")
+    a("--audio-pos", type=float, default=None, metavar="A",
+      help="with --predict: pan the (downmixed) clip to horizontal position A, 0 = left .. 1 = right, as VPO "
+           "does (CAVP Sec. 3); needed for a mono clip on a stereo model")
     args = p.parse_args(argv)
     for flag in ("batch_size", "eval_every", "eval_batch_size", "log_every", "epochs", "max_iters",
                  "limit", "crop"):
@@ -148,9 +160,15 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.workers < 0 or args.overlays < 0:
         p.error("--workers and --overlays must be >= 0")
-    if args.eval_only != (args.ckpt is not None):
+    if args.predict and not (args.ckpt and args.audio):
+        p.error("--predict needs --ckpt PATH and --audio WAV")
+    if (args.audio or args.audio_pos is not None) and not args.predict:
+        p.error("--audio and --audio-pos are for --predict FRAMES_DIR_OR_IMAGE")
+    if args.predict and (args.eval_only or args.resume):
+        p.error("--predict excludes --eval-only and --resume")
+    if (args.eval_only or args.predict is not None) != (args.ckpt is not None):
         p.error("--eval-only needs --ckpt PATH" if args.eval_only else
-                "--ckpt is for --eval-only; use --resume PATH to continue training")
+                "--ckpt is for --eval-only or --predict; use --resume PATH to continue training")
     if args.eval_audio != "real" and not (args.eval_only and args.data.startswith("vpo")):
         p.error(f"--eval-audio {args.eval_audio} is for --eval-only on a VPO --data")
     if args.eval_only and args.resume:
@@ -832,41 +850,47 @@ def unpack(batch, device):
             batch["wave"].to(device, non_blocking=True), None if valid is None else valid.to(device))
 
 
-def save_overlay(path, image, mask, pred, palette):
-    """One PNG: image | ground truth | prediction, classes > 0 blended in palette colours, 255 white."""
-    img = ((image.cpu().float() * data.STD + data.MEAN).clamp(0, 1) * 255).permute(1, 2, 0).numpy()
-
-    def paint(lab):
-        lab = lab.cpu().numpy()
-        col = np.where((lab == 255)[..., None], 255.0, palette[np.minimum(lab, len(palette) - 1)])
-        return np.where((lab > 0)[..., None], 0.5 * img + 0.5 * col, img)
-    Image.fromarray(np.concatenate([img, paint(mask), paint(pred)], 1).astype(np.uint8)).save(path)
+def save_overlay(path, image, mask, pred, names):
+    """One PNG: image | ground truth | prediction, titled, with a legend of the classes (`names`) in ground
+    truth or prediction."""
+    img, colors = data.to_uint8(image), data.class_colors(len(names))
+    data.save_panels([img, data.label_overlay(img, mask, colors), data.label_overlay(img, pred, colors)],
+                     ["image", "ground truth", "prediction"], data.legend_for([mask, pred], names, colors), path)
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
-def predict(logits, binary):
+def class_names(dataset):
+    """Class names of a --data: VPO's 22, background / sounding object (S4 / MS3, binary), AVSS class ids."""
+    spec = DATASETS[dataset]
+    if spec["kind"] == "vpo":
+        return data.VPO_CLASSES
+    return ["background", "sounding object"] if spec["classes"] == 1 else [f"class {i}" for i in range(spec["classes"])]
+
+
+def to_labels(logits, binary):
+    """Logits (N, K, H, W) -> label map (N, H, W): sigmoid > 0.5 (binary) or argmax."""
     return (logits[:, 0] > 0).long() if binary else logits.argmax(1)
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp, binary, num_classes, overlay_dir=None, n_overlays=0, swap=False):
+def evaluate(model, loader, device, amp, binary, num_classes, overlay_dir=None, n_overlays=0, swap=False,
+             names=None):
     """Dataset-level metrics over this rank's shard, summed over ranks (SPEC §2), and on VPO samples that
-    carry silent twins the twin metrics (metrics.TwinMeter); overlays of the first n_overlays frames.
-    swap: left and right audio channels exchanged."""
+    carry silent twins the twin metrics (metrics.TwinMeter); overlays of the first n_overlays frames
+    (legend: `names`). swap: left and right audio channels exchanged."""
     model.eval()
     cm = metrics.ConfusionMatrix(2 if binary else num_classes, device)
     meter = metrics.AVSObjectsMeter(device) if binary else None
     twins = metrics.TwinMeter(num_classes, device)
-    palette = data.avss_palette(max(num_classes, 2)).astype(np.float64)
     written = 0
     for batch in loader:
         image, mask, wave, valid = unpack(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(image, wave.flip(1) if swap else wave, valid)[0].float()
         target = mask.flatten(0, 1)
-        pred = predict(logits, binary)
+        pred = to_labels(logits, binary)
         cm.update(pred, target)
         if binary:
             meter.update(torch.sigmoid(logits[:, 0]), target)  # AVS M_J / M_F
@@ -878,7 +902,7 @@ def evaluate(model, loader, device, amp, binary, num_classes, overlay_dir=None, 
                 if written < n_overlays and (valid is None or valid[i, j]):
                     suffix = f"_{j}" if t > 1 else ""
                     save_overlay(os.path.join(overlay_dir, f"{str(name).replace(os.sep, '_')}{suffix}.png"),
-                                 image[i, j], mask[i, j], pred[i * t + j], palette)
+                                 image[i, j], mask[i, j], pred[i * t + j], names)
                     written += 1
     cm.all_reduce()
     twins.all_reduce()
@@ -896,14 +920,13 @@ def run_eval(model, loaders, split, weights, device, amp, args, log_path):
     spec = DATASETS[args.data]
     binary, num_classes = spec["classes"] == 1, spec["classes"]
     n_overlays = args.overlays if log_path and split == "test" else 0
+    names = class_names(args.data)
     res = evaluate(model, loaders[split], device, amp, binary, num_classes, os.path.join(args.out, "overlays"),
-                   n_overlays)
+                   n_overlays, names=names)
     if split == "test" and "swap" in loaders:
         swapped = evaluate(model, loaders["swap"], device, amp, binary, num_classes, swap=True)
         res.update({f"{key}_swap": swapped[key] for key in metrics.TWIN_KEYS})
     if log_path:
-        names = data.VPO_CLASSES if spec["kind"] == "vpo" else (
-            ["background", "sounding object"] if binary else [f"class {i}" for i in range(num_classes)])
         log(f"eval {split} ({weights} weights):\n{metrics.format_table(names, res)}", log_path)
         if binary:
             log(f"M_J {res['mj']:.4f} | M_F {res['mf']:.4f}", log_path)
@@ -912,10 +935,75 @@ def run_eval(model, loaders, split, weights, device, amp, args, log_path):
     return dict(split=split, weights=weights, **res)
 
 
+def read_frames(path):
+    """--predict input: a folder of frames (image files in natural name order, one size) or a single image ->
+    (paths, normalised (T, 3, H, W), (H, W, 3) uint8 per frame)."""
+    if os.path.isdir(path):
+        exts = Image.registered_extensions()
+        paths = sorted((os.path.join(path, n) for n in os.listdir(path) if os.path.splitext(n)[1].lower() in exts),
+                       key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", os.path.basename(p))])
+        if not paths:
+            raise data.DataError(f"{path}: no image files in the folder given to --predict")
+    else:
+        paths = [path]
+    frames = [data.read_rgb(p) for p in paths]
+    sizes = {tuple(f[1].shape[:2]) for f in frames}
+    if len(sizes) > 1:
+        raise data.DataError(f"{path}: frames differ in size ({', '.join(f'{h}x{w}' for h, w in sorted(sizes))}); "
+                             "resize them to one size")
+    return paths, torch.stack([f[0] for f in frames]), [f[1] for f in frames]
+
+
+@torch.no_grad()
+def predict(args):
+    """--predict: the frames of one clip (or one image, any size) and one WAV through the --ckpt model, as
+    the evaluation does -> OUT/<frame stem>.png (image | prediction, legend) per frame and OUT/<stem>.json
+    (predicted classes and their pixel shares per frame, the inputs); returns the JSON's content."""
+    ckpt = load_checkpoint(args.ckpt)
+    for key in CKPT_KEYS:  # the architecture comes from the checkpoint
+        setattr(args, key, ckpt["args"][key])
+    spec = DATASETS[ckpt["args"]["data"]]
+    binary, names = spec["classes"] == 1, class_names(ckpt["args"]["data"])
+    device = init_distributed(args)[0]
+    amp = not args.no_amp and native_bf16(device)
+    paths, image, rgbs = read_frames(args.predict)
+    t = len(paths)
+    # the datasets' audio: a single image on a VPO model gets VPO's 3 s from the middle (T = 1), a clip 1 s
+    # per frame from the start (AVSBench)
+    vpo_image = spec["kind"] == "vpo" and not os.path.isdir(args.predict)
+    wave = data.load_predict_audio(args.audio, stereo=not args.mono, audio_pos=args.audio_pos,
+                                   seconds=3.0 if vpo_image else t, centre=vpo_image)
+    model = AVSModel(args.backbone, "none", spec["classes"], args.tpavi_stages, args.audio_encoder,
+                     1 if args.mono else 2).to(device).eval()
+    model.load_state_dict(ckpt["model"])
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(image[None].to(device), wave[None].to(device))[0].float()
+    preds, colors = to_labels(logits, binary).cpu(), data.class_colors(len(names))
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "predict")
+    os.makedirs(out, exist_ok=True)
+    frames = []
+    for path, rgb, pred in zip(paths, rgbs, preds):
+        png = os.path.join(out, os.path.splitext(os.path.basename(path))[0] + ".png")
+        data.save_panels([rgb, data.label_overlay(rgb, pred, colors)], ["image", "prediction"],
+                         data.legend_for([pred], names, colors), png)
+        print(f"wrote {png}")
+        shares = data.class_shares(pred, names)
+        frames.append(dict(image=path, png=png, classes=list(shares), shares=shares,
+                           background=(pred == 0).float().mean().item()))
+    res = dict(input=args.predict, audio=args.audio, audio_pos=args.audio_pos, checkpoint=args.ckpt,
+               data=ckpt["args"]["data"], height=rgbs[0].shape[0], width=rgbs[0].shape[1], frames=frames)
+    name = os.path.splitext(os.path.basename(os.path.normpath(args.predict)))[0]
+    write_json(os.path.join(out, name + ".json"), res)
+    print(f"wrote {os.path.join(out, name + '.json')}")
+    return res
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def main(args):
+    if args.predict:
+        return predict(args)
     device, rank, world = init_distributed(args)
     main_rank, amp = rank == 0, not args.no_amp and native_bf16(device)
     ckpt = load_checkpoint(args.resume or args.ckpt) if args.resume or args.eval_only else None
