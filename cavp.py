@@ -80,9 +80,10 @@ def parse_args(argv=None):
     a("--unknown", default="mismatched", choices=["mismatched", "literal", "none"],
       help="Eq. (2) E_unknown: background pixels of mismatched re-pairs (mismatched, SPEC 4), Eq. (2) as printed, "
            "t != y(w) and y(w) = bg, i.e. every background pixel (literal), or no unknown set (none)")
-    a("--bg-groups", default="label", choices=["label", "one"],
+    a("--bg-groups", default="one", choices=["label", "one"],
       help="anchor sampling of E_bg (Eq. 2): one group per visual label, silenced objects and true background "
-           "capped apiece (label), or one group for all of E_bg (one, as SupCon's background label)")
+           "capped apiece (label), or one group for all of E_bg (one, as SupCon's background label; the default, "
+           "picked with --positives label by the runs in README 'Readings of Eq. (1)-(3)')")
     a("--match", default="class", choices=["class", "side"],
       help="Eq. (1) re-pairs: the audio matches the image when the class sets agree (class), or when also every "
            "shared class sounds from the side of the image where its object is (side, stereo only); a class on "

@@ -3,9 +3,9 @@
 #
 #   bash benchmarks/reproduce.sh                       # all of it
 #   bash benchmarks/reproduce.sh claims                # items 1-5 (Tables 4, 5, 8, Figs. 1, 6, 7), ~2 h on 2 CPU cores
-#   bash benchmarks/reproduce.sh readings              # readings of Eq. (1)-(3) and stereo vs mono, ~3.5 h
+#   bash benchmarks/reproduce.sh readings              # readings of Eq. (1)-(3) and stereo vs mono (39 runs)
 #   OUT=runs/repro2 SEEDS="2 3" bash benchmarks/reproduce.sh claims
-#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/reproduce.sh readings   # two runs at a time, one thread each
+#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/reproduce.sh readings   # two runs at a time, one thread each: ~2.3 h
 #
 # Every run gets its own folder OUT/<method>-<subset>-s<seed>; a finished run (its log.txt says "done in")
 # is skipped, an interrupted one continues from its last.pt, so the script can be stopped and started again.

@@ -124,6 +124,9 @@ def readings(root):
     print("### Readings of Eq. (1)-(3) on VPO-MSMI\n")
     print(readings_rows(root, ("supcon", "cavp", "poslabel", "unkliteral", "bgone", "side", "bankall",
                                "best", "best-mono"), ("msmi",), "cavp"))
+    pairs = [(a, b, paired(root, a, b, "msmi")) for a, b in (("best", "supcon"), ("best", "poslabel"),
+                                                            ("poslabel", "supcon"))]
+    print("\npaired by seed, mIoU: " + "; ".join(f"{a} - {b} {spread(d)}" for a, b, d in pairs if d))
     print("\n### Best combination: stereo vs mono\n")
     print(readings_rows(root, ("best-mono", "best"), SUBSETS, "best-mono"))
 

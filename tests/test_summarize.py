@@ -68,3 +68,4 @@ def test_readings_tables_pair_seeds_and_show_twin_metrics(tmp_path, capsys):
     assert "| VPO-MSMI | best combination | 0 | 40.00 | 10.00 | 50.00 | 25.00 | 50.0 | 25.0 | 75.0 | 12.5 | 50.0 " \
            "| 0.0 |" in out
     assert "| VPO-SS |" not in out
+    assert "paired by seed, mIoU: best - poslabel 15.00" in out  # seed 0 only: 40 - 25
