@@ -720,6 +720,13 @@ def load_checkpoint(path):
     return ckpt
 
 
+def use_checkpoint_args(args, ckpt):
+    """The architecture flags come from the checkpoint, which also holds the weights."""
+    for key in CKPT_KEYS:
+        setattr(args, key, ckpt["args"][key])
+    args.pretrained = "none"
+
+
 def save_checkpoint(path, model, optimizer, run, args, extra, world):
     """Called on every rank (it gathers the per-rank RNG states); rank 0 passes the path and writes the
     model, optimiser, `run` (iteration, epoch, best, metric, history) and the method's `extra` state."""
@@ -849,9 +856,7 @@ def predict(args):
     resolution does -> OUT/<stem>.png (image | prediction | attention, legend) and OUT/<stem>.json
     (predicted classes, their pixel shares, the inputs); returns the JSON's content."""
     ckpt = load_checkpoint(args.ckpt)
-    for key in CKPT_KEYS:  # the architecture comes from the checkpoint
-        setattr(args, key, ckpt["args"][key])
-    args.pretrained = "none"  # the checkpoint holds the weights
+    use_checkpoint_args(args, ckpt)
     device = init_distributed(args)[0]
     amp = not args.no_amp and native_bf16(device)
     image, rgb = data.read_rgb(args.predict)
@@ -889,9 +894,7 @@ def main(args):
     main_rank, amp = rank == 0, not args.no_amp and native_bf16(device)
     ckpt = load_checkpoint(args.resume or args.ckpt) if args.resume or args.eval_only else None
     if ckpt:
-        for key in CKPT_KEYS:  # the architecture comes from the checkpoint
-            setattr(args, key, ckpt["args"][key])
-        args.pretrained = "none"  # the checkpoint holds the weights
+        use_checkpoint_args(args, ckpt)
     resolve_defaults(args)
     args.out = run_folder(args, world)
     seed_all(args.seed + rank)

@@ -776,6 +776,12 @@ def load_checkpoint(path):
     return ckpt
 
 
+def use_checkpoint_args(args, ckpt):
+    """The architecture flags come from the checkpoint."""
+    for key in CKPT_KEYS:
+        setattr(args, key, ckpt["args"][key])
+
+
 def save_checkpoint(path, model, optimizer, run, args, extra, world):
     """Called on every rank (it gathers the per-rank RNG states); rank 0 passes the path and writes the
     model, optimiser, `run` (iteration, epoch, best, metric, history) and the method's `extra` state."""
@@ -960,8 +966,7 @@ def predict(args):
     the evaluation does -> OUT/<frame stem>.png (image | prediction, legend) per frame and OUT/<stem>.json
     (predicted classes and their pixel shares per frame, the inputs); returns the JSON's content."""
     ckpt = load_checkpoint(args.ckpt)
-    for key in CKPT_KEYS:  # the architecture comes from the checkpoint
-        setattr(args, key, ckpt["args"][key])
+    use_checkpoint_args(args, ckpt)
     spec = DATASETS[ckpt["args"]["data"]]
     binary, names = spec["classes"] == 1, class_names(ckpt["args"]["data"])
     device = init_distributed(args)[0]
@@ -1008,8 +1013,7 @@ def main(args):
     main_rank, amp = rank == 0, not args.no_amp and native_bf16(device)
     ckpt = load_checkpoint(args.resume or args.ckpt) if args.resume or args.eval_only else None
     if ckpt:
-        for key in CKPT_KEYS:  # the architecture comes from the checkpoint
-            setattr(args, key, ckpt["args"][key])
+        use_checkpoint_args(args, ckpt)
         if DATASETS[ckpt["args"]["data"]]["classes"] != DATASETS[args.data]["classes"]:
             raise data.DataError(f"{args.resume or args.ckpt} was trained on --data {ckpt['args']['data']}, whose "
                                  f"classes differ from --data {args.data}")

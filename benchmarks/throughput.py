@@ -9,14 +9,11 @@ collected. Prints the median images/s of each and tpavi / cavp. Issue budget: tp
     python benchmarks/throughput.py --data-root data --rounds 3 --iters 24
 """
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from step_cost import ROOT, alternate
 
 
 def main():
@@ -29,22 +26,13 @@ def main():
     p.add_argument("--workers", type=int, default=2, help="data loader workers, both scripts")
     p.add_argument("extra", nargs="*", help="further flags for both scripts, after --")
     args = p.parse_args()
-    speed = {"cavp": [], "tpavi": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            for script in speed:
-                out = os.path.join(tmp, f"{script}{r}")
-                cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--data", args.data, "--data-root",
-                       args.data_root, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-                       "--max-iters", str(args.iters), "--eval-every", "1000", "--eval-batch-size", "16",
-                       "--overlays", "0", "--log-every", "1000", "--out", out, *args.extra]
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-                with open(os.path.join(out, "metrics.json")) as f:
-                    speed[script].append(json.load(f)["train_images_per_s"])
-                print(f"round {r + 1} {script:5s}: {speed[script][-1]:.2f} img/s", flush=True)
+    speed = alternate({script: [sys.executable, os.path.join(ROOT, f"{script}.py"), "--data", args.data,
+                                "--data-root", args.data_root, "--batch-size", str(args.batch_size), "--workers",
+                                str(args.workers), "--max-iters", str(args.iters), "--eval-every", "1000",
+                                "--eval-batch-size", "16", "--overlays", "0", "--log-every", "1000", *args.extra]
+                       for script in ("cavp", "tpavi")}, args.rounds)
     cavp, tpavi = statistics.median(speed["cavp"]), statistics.median(speed["tpavi"])
     print(f"median img/s: cavp {cavp:.2f}, tpavi {tpavi:.2f}; tpavi / cavp = {tpavi / cavp:.3f}")
-
 
 if __name__ == "__main__":
     main()
