@@ -113,6 +113,8 @@ def parse_args(argv=None):
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (auto: cuda when available)")
     a("--no-amp", action="store_true", help="disable bf16 autocast (default: on for CUDA and for CPUs with native bf16, AVX512-BF16 / AMX; "
            "other CPUs emulate it about 20x slower, so they run fp32)")
+    a("--compile", action="store_true",
+      help="torch.compile the image encoder (off by default: measure it on your GPU first; no gain on CPU)")
     a("--out", default=None, help="run folder (default: runs/cavp-<data>-s<seed>-<time>)")
     a("--resume", default=None, help="continue training from this checkpoint (e.g. runs/x/last.pt)")
     a("--eval-only", action="store_true", help="only evaluate --ckpt on the test split")
@@ -192,17 +194,23 @@ def resolve_defaults(args):
 
 
 def load_backbone_weights(net, name, pretrained):
-    """ImageNet weights via torchvision's weights API, or a local state dict."""
+    """ImageNet weights via torchvision's weights API (under torchrun rank 0 downloads them into the cache
+    while the other ranks wait, then they read it), or a local state dict."""
     if pretrained == "none":
         return
     if pretrained == "imagenet":
         weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+        waits = dist.is_initialized() and dist.get_rank() > 0
+        if waits:
+            dist.barrier()
         try:
             state = weights.get_state_dict(progress=False)
         except Exception as e:
             raise data.DataError(
                 f"could not download ImageNet weights for {name} ({type(e).__name__}; offline?): fetch "
                 f"{weights.url} elsewhere and pass --pretrained PATH, or train from scratch with --pretrained none")
+        if dist.is_initialized() and not waits:
+            dist.barrier()
     else:
         if not os.path.isfile(pretrained):
             raise data.DataError(f"--pretrained {pretrained}: no such file (give 'imagenet', 'none' or a .pth path)")
@@ -358,45 +366,95 @@ class CAVPModel(nn.Module):
             nn.Conv2d(256, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
             nn.Conv2d(256, num_classes, 1))
 
-    def forward(self, image, mel, perm=None, extra_idx=None):
-        """image (B,3,H,W), mel (B+k,C,T,F): the B paired clips, then k memory-bank clips.
+    def forward(self, image, mel):
+        """image (B,3,H,W), mel (B,C,T,F) -> logits (B,K,H,W), fused features z (B,D,h,w), attention (B,h,w).
 
-        Without perm: logits (B,K,H,W), fused features z (B,D,h,w), attention maps (B,h,w).
-        With perm (Eq. 1): image i is also fused with audio perm[i], or with bank clip m when
-        extra_idx[m] == i; z and the attention maps then hold the B pairs followed by the B
-        re-pairs. Image features and the B audio embeddings are computed once and reused; the
+        With 2B clips (Eq. 1), image i is fused with clip i and again with clip B + i (its re-pair): z and
+        the attention maps hold the B pairs then the B re-pairs. The image features are computed once; the
         classifier runs on the original pairs only, the only ones with a CE term (Eq. 5).
         """
         feat = self.visual(image)
         b, d, h, w = feat.shape
         tokens = feat.flatten(2).transpose(1, 2)
-        u_a = self.audio(mel)
-        if perm is not None:
-            repaired = u_a[perm].index_copy(0, extra_idx, u_a[b:])
-            u_a, tokens = torch.cat([u_a[:b], repaired]), tokens.repeat(2, 1, 1)
-        z, attn = self.fusion(tokens, u_a)
+        z, attn = self.fusion(tokens.repeat(mel.shape[0] // b, 1, 1), self.audio(mel))
         z = z.transpose(1, 2).reshape(-1, d, h, w)
         logits = F.interpolate(self.classifier(z[:b]), size=image.shape[2:], mode="bilinear", align_corners=False)
         return logits, z, attn.reshape(-1, h, w)
 
 
 # ----------------------------------------------------------------------------- loss (Eq. 1-5)
+#
+# Every choice of Eq. (1)-(4) (re-pairs, bank clips, anchor sets and their sampling) is made on the host from
+# the labels of the whole global batch, with one generator seeded alike on every rank; the device only
+# computes features and the loss at the chosen indices. So a step never waits for the device, and
+# --batch-size 16 is the same method on 1 or 8 ranks: the ranks exchange their labels (host), clips (device)
+# and sampled anchor features (device, gradients flowing back to the rank that owns them).
+
+
+def h2d(x, device):
+    """Host -> device copy that does not wait for the device."""
+    return x.to(device, non_blocking=True)
+
+
+def gather(x, group=None):
+    """x of every rank concatenated along dim 0, in rank order (x itself on one rank); no gradient."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, x.contiguous(), group=group)
+    return torch.cat(out)
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """gather() whose backward sums the gradients of every rank's loss and keeps this rank's slice (the
+    multi-GPU SupCon pattern), so one rank's loss may use the features of all ranks."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.n = x.shape[0]
+        return gather(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rank = dist.get_rank()
+        return grad[rank * ctx.n:(rank + 1) * ctx.n]
 
 
 class WaveBank:
-    """Per-class FIFO of raw mono waveforms from single-source samples (App. B.1 memory bank)."""
+    """Per-class FIFO of raw mono waveforms from single-source samples (App. B.1). The counts live on the
+    host and the waveforms on the device, the same on every rank (it stores the clips of the global batch)."""
 
     def __init__(self, num_classes, size, length, device):
-        self.waves = torch.zeros(num_classes, size, length, device=device)
+        self.size = size
+        self.waves = torch.zeros(num_classes * size, length, device=device)  # row c * size + slot
         self.count = torch.zeros(num_classes, dtype=torch.long)
 
     def push(self, wave, audio_classes, audio_pos):
-        """Store the sources of single-source samples (audio_pos >= 0); L + R gives back the mono clip."""
+        """Store the clips of wave (B, C, N) (device) whose sample is single-source (audio_pos >= 0; host
+        labels); L + R gives back the mono clip."""
+        rows = {}
         for i in torch.nonzero(audio_pos >= 0).flatten().tolist():
             c = int(audio_classes[i].argmax())
-            slot = int(self.count[c]) % self.waves.shape[1]
-            self.waves[c, slot] = wave[i].sum(0)
+            rows[c * self.size + int(self.count[c]) % self.size] = i  # FIFO: a later clip overwrites
             self.count[c] += 1
+        if rows:
+            dst, src = (h2d(torch.tensor(list(v)), wave.device) for v in (rows, rows.values()))
+            self.waves[dst] = wave[src].sum(1).to(self.waves.dtype)
+
+    def draw(self, c, gen=None):
+        """The bank row of a random stored waveform of class c, or None when the class has none yet."""
+        n = min(int(self.count[c]), self.size)
+        return c * self.size + int(torch.randint(n, (), generator=gen)) if n else None
+
+    def clips(self, choice, pos, stereo):
+        """choice (b, K) bank rows (-1: none) and pos (b, K) positions (host) -> (b, C, N) on the device: the
+        chosen clips of each row, each panned at its position (data.pan), summed."""
+        gains = torch.zeros(2 if stereo else 1, choice.shape[0], self.waves.shape[0])
+        for i, c in torch.nonzero(choice >= 0).tolist():
+            gains[:, i, choice[i, c]] += torch.tensor([1 - pos[i, c], pos[i, c]]) if stereo else 1.0
+        return torch.einsum("cbr,rn->bcn", h2d(gains, self.waves.device), self.waves)
 
     def state_dict(self):
         return dict(waves=self.waves, count=self.count)
@@ -405,42 +463,47 @@ class WaveBank:
         self.waves.copy_(state["waves"])
         self.count.copy_(state["count"])
 
-    def draw(self, c):
-        """A random stored waveform of class c, or None when the class has none yet."""
-        n = min(int(self.count[c]), self.waves.shape[1])
-        return self.waves[c, torch.randint(n, ()).item()] if n else None
+
+def derangement(n, gen=None):
+    """A uniform random permutation of n >= 2 without a fixed point (rejection; ~e draws): no image is
+    re-paired with its own audio in Eq. (1)."""
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        if n < 2 or not (perm == torch.arange(n)).any():
+            return perm
 
 
-def repair(batch, bank, pos_share, use_bank, bank_sources="single", match_side=False):
-    """Eq. (1): image i is re-paired with the audio of image perm[i]. The re-pair matches when the
-    audio's class set is the image's; with match_side, also each class must sound from the half of
-    the image (left / right of the centre) where its object is (`wrong_side` (B,K) marks the shared
-    classes that do not). A share of the mismatched re-pairs instead gets bank audio of the image's own
-    classes, each clip panned at its object's position (App. B): single-source images only, or every
-    image with bank_sources 'all'. Returns perm, the bank clips (k,C,N) and the k re-pairs they go to,
+def repair(labels, bank, pos_share, use_bank, gen=None, bank_sources="single", match_side=False):
+    """Eq. (1) on the host labels of the global batch (audio_classes (B,K), audio_pos (B,), source_pos (B,K)):
+    image i is re-paired with the audio of image perm[i], a derangement. The re-pair matches when the
+    audio's class set is the image's; with match_side, also each class must sound from the half of the
+    image (left / right of the centre) where its object is (`wrong_side` (B,K) marks the shared classes that
+    do not). A share of the mismatched re-pairs instead gets bank audio of the image's own classes, each
+    clip panned at its object's position (App. B): single-source images only, or every image with
+    bank_sources 'all'. Returns perm, choice (B,K) (the bank row per class of such a re-pair, -1 elsewhere),
     the re-paired audio classes, the match flags and wrong_side.
 
     The released stereo trainer computes this replacement and then discards it; here it is used.
     """
-    wave, t, pos, src = batch["wave"], batch["audio_classes"], batch["audio_pos"], batch["source_pos"]
-    perm = torch.randperm(wave.shape[0], device=wave.device)
+    t, pos, src = labels["audio_classes"], labels["audio_pos"], labels["source_pos"]
+    b = t.shape[0]
+    perm = derangement(b, gen)
     t2 = t[perm].clone()
     wrong_side = (t > 0) & (t2 > 0) & ((src >= 0.5) != (src[perm] >= 0.5)) if match_side else t2 < 0
     match = (t2 == t).all(1) & ~wrong_side.any(1)
-    extra, idx = [], []
+    choice = torch.full(t.shape, -1, dtype=torch.long)
     if use_bank:
+        share = torch.rand(b, generator=gen)  # one draw per re-pair
         for i in torch.nonzero(~match).flatten().tolist():
-            if (pos[i] < 0 and bank_sources == "single") or torch.rand(()) >= pos_share:
+            if (pos[i] < 0 and bank_sources == "single") or share[i] >= pos_share:
                 continue
             classes = torch.nonzero(t[i]).flatten().tolist()
-            clips = [bank.draw(c) for c in classes]
-            if any(w is None for w in clips):
+            rows = [bank.draw(c, gen) for c in classes]
+            if None in rows:
                 continue
-            extra.append(sum(data.pan(w[None], src[i, c], stereo=wave.shape[1] == 2) for w, c in zip(clips, classes)))
-            idx.append(i)
+            choice[i, classes] = torch.tensor(rows)
             t2[i], match[i], wrong_side[i] = t[i], True, False
-    extra = torch.stack(extra) if extra else wave.new_zeros(0, *wave.shape[1:])
-    return perm, extra, torch.tensor(idx, dtype=torch.long, device=wave.device), t2, match, wrong_side
+    return perm, choice, t2, match, wrong_side
 
 
 def anchor_sets(y, t, match, unknown="mismatched", wrong_side=None):
@@ -459,103 +522,168 @@ def anchor_sets(y, t, match, unknown="mismatched", wrong_side=None):
     return fg, unknown, valid & ~fg & ~unknown
 
 
-def sample_groups(keys, cap):
+def sample_groups(keys, cap, gen=None):
     """Indices of at most `cap` random members of every group (uniform within a group)."""
-    order = torch.randperm(keys.numel(), device=keys.device)
-    k = keys[order]
-    k, sort = torch.sort(k, stable=True)
+    order = torch.randperm(keys.numel(), generator=gen)
+    k, sort = torch.sort(keys[order], stable=True)
     order = order[sort]
-    first = torch.searchsorted(k, k, right=False)
-    rank = torch.arange(k.numel(), device=k.device) - first
+    rank = torch.arange(k.numel()) - torch.searchsorted(k, k, right=False)
     return order[rank < cap]
 
 
-def info_nce(z, pos, neg, tau):
-    """Eq. (4): for each anchor, mean over positives p of -log(e^{z.z_p/tau} / (e^{z.z_p/tau} +
-    sum_n e^{z.z_n/tau})); anchors without positives are dropped; mean over anchors (Eq. 5)."""
-    s = z @ z.T / tau
-    s = s - s.amax(1, keepdim=True).detach()
-    neg_sum = (s.exp() * neg).sum(1, keepdim=True)
-    log_prob = s - torch.log(s.exp() + neg_sum)
-    n_pos = pos.sum(1)
-    keep = n_pos > 0
-    if not keep.any():
-        return z.sum() * 0
-    return (-(log_prob * pos).sum(1)[keep] / n_pos[keep]).mean()
-
-
-def contrastive_loss(z, y, t, match, mode, tau, cap, positives="set", unknown="mismatched", bg_groups="label",
-                     wrong_side=None):
-    """Contrastive term of Eq. (5) on fused features z (N,D,h,w) of the 2B pairs.
+def plan_anchors(y, t, match, mode, cap, gen=None, positives="set", unknown="mismatched", bg_groups="label",
+                 wrong_side=None):
+    """The anchors of Eq. (2)-(3), on the host: y (N,P) labels of the N pairs at feature resolution.
+    Returns the sampled pixels idx (A,) (pair * P + pixel), whether each is foreground and its key (a
+    foreground anchor's positives are the foreground anchors with its key; a background anchor's, the
+    background anchors), and how many anchors have a positive (Eq. (4) averages over those).
 
     mode 'cavp': anchors from E_fg and E_bg (E_unknown never used; see anchor_sets for `unknown` and
     `wrong_side`), foreground sampled per (audio set, visual label) group so hard negatives (same
     audio / other label, other audio / same label) are always present, background per label or as
-    one group (`bg_groups`); Eq. (3): a foreground anchor's positives are the E_fg pixels with its
-    label and its audio set (positives 'set') or any audio set (positives 'label'), everything else
-    in E is a negative; a background anchor's positives are E_bg, its negatives E_fg. mode 'supcon':
-    the released code's uniform sampling per segmentation label (object pixels of mismatched
-    re-pairs relabelled background), positives = same label.
-    """
-    n, d, h, w = z.shape
-    y = F.interpolate(y[:, None].float(), size=(h, w), mode="nearest")[:, 0].long().flatten(1)  # SPEC 4
-    z = F.normalize(z.float().flatten(2).transpose(1, 2), dim=-1).reshape(-1, d)
-    k = t.shape[1]
+    one group (`bg_groups`); the key of a foreground anchor is its (audio set, label) (positives 'set',
+    the literal 'same t') or its label under any audio set (positives 'label'). mode 'supcon': the
+    released code's uniform sampling per segmentation label (object pixels of mismatched re-pairs
+    relabelled background), every anchor keyed by its label."""
     if mode == "supcon":
         label = torch.where(match[:, None] | (y == 255), y, 0).flatten()
-        idx = sample_groups(torch.where(label == 255, -1, label), cap)
+        idx = sample_groups(torch.where(label == 255, -1, label), cap, gen)
         idx = idx[label[idx] != 255]
-        same = label[idx, None] == label[None, idx]
-        eye = torch.eye(idx.numel(), dtype=torch.bool, device=z.device)
-        return info_nce(z[idx], same & ~eye, ~same, tau)
-    fg, _, bg = (m.flatten() for m in anchor_sets(y, t, match, unknown, wrong_side))    # Eq. (2)
-    _, audio_id = torch.unique(t, dim=0, return_inverse=True)
-    audio_id = audio_id[:, None].expand(n, h * w).flatten()
-    label = y.flatten()
-    group = torch.where(fg, audio_id * k + label, -1 - label if bg_groups == "label" else -1)
-    idx = sample_groups(torch.where(fg | bg, group, torch.iinfo(group.dtype).min), cap)
-    idx = idx[(fg | bg)[idx]]
-    fg, key = fg[idx], (group if positives == "set" else label)[idx]
-    eye = torch.eye(idx.numel(), dtype=torch.bool, device=z.device)
-    same = fg[None, :] & (key[:, None] == key[None, :])                                 # P^fg: same t, same y
-    pos = torch.where(fg[:, None], same, ~fg[None, :]) & ~eye                           # Eq. (3), P^bg = E_bg
-    neg = torch.where(fg[:, None], ~same, fg[None, :])                                  # N_hard + N_easy, N^bg = E_fg
-    return info_nce(z[idx], pos, neg, tau)
+        fg, key = torch.ones(idx.numel(), dtype=torch.bool), label[idx]
+    else:
+        fg, _, bg = (m.flatten() for m in anchor_sets(y, t, match, unknown, wrong_side))  # Eq. (2)
+        audio_id = torch.unique(t, dim=0, return_inverse=True)[1][:, None].expand_as(y).flatten()
+        label = y.flatten()
+        group = torch.where(fg, audio_id * t.shape[1] + label, -1 - label if bg_groups == "label" else -1)
+        idx = sample_groups(torch.where(fg | bg, group, torch.iinfo(group.dtype).min), cap, gen)
+        idx = idx[(fg | bg)[idx]]
+        fg, key = fg[idx], (group if positives == "set" else label)[idx]
+    counts = torch.unique(torch.where(fg, key, -1), return_inverse=True, return_counts=True)
+    kept = int((counts[2][counts[1]] > 1).sum())  # anchors with another member of their positive set
+    return idx, fg, key, kept
+
+
+def info_nce(za, zc, pos, neg, tau):
+    """Eq. (4) summed over the anchors za (R,D) against the candidates zc (A,D) (pos / neg (R,A) masks):
+    per anchor the mean over positives p of -log(e^{z.z_p/tau} / (e^{z.z_p/tau} + sum_n e^{z.z_n/tau}));
+    an anchor without positives adds 0."""
+    s = za @ zc.T / tau
+    s = s - s.amax(1, keepdim=True).detach()
+    neg_sum = (s.exp() * neg).sum(1, keepdim=True)
+    log_prob = s - torch.log(s.exp() + neg_sum)
+    return (-(log_prob * pos).sum(1) / pos.sum(1).clamp(min=1)).sum()
+
+
+def contrastive_loss(z, y, t, match, mode, tau, cap, positives="set", unknown="mismatched", bg_groups="label",
+                     wrong_side=None, gen=None, rank=0, world=1):
+    """Contrastive term of Eq. (5): the mean of Eq. (4) over the anchors of plan_anchors, taken over the
+    pairs of the whole global batch. z (2b,D,h,w): this rank's fused features, its b pairs then its b
+    re-pairs; y (2B,H,W) labels (nearest-downsampled to h x w, SPEC 4), t (2B,K), match (2B,) and
+    wrong_side (2B,K): host labels of the global batch, its B pairs then its B re-pairs, ranks in order.
+    A rank computes the rows of its own anchors against every sampled anchor and returns its share
+    scaled by `world`, so that DDP's gradient average gives the gradient of the global mean."""
+    n, d, h, w = z.shape
+    y = F.interpolate(y[:, None].float(), size=(h, w), mode="nearest")[:, 0].long().flatten(1)
+    idx, fg, key, kept = plan_anchors(y, t, match, mode, cap, gen, positives, unknown, bg_groups, wrong_side)
+    b, big_b = n // 2, y.shape[0] // 2
+    pair, pixel = idx // (h * w), idx % (h * w)
+    owner = pair % big_b // b
+    local = (pair // big_b * b + pair % big_b % b) * h * w + pixel  # index in the owner's z
+    mine = torch.nonzero(owner == rank).flatten()
+    per_rank = torch.bincount(owner, minlength=world)
+    width = int(per_rank.max()) if idx.numel() else 0
+    slot = (F.one_hot(owner, world).cumsum(0) - 1).gather(1, owner[:, None])[:, 0]  # place among its rank's
+    take = torch.zeros(width, dtype=torch.long)
+    take[:mine.numel()] = local[mine]
+    feats = F.normalize(z.float().flatten(2).transpose(1, 2).reshape(-1, d)[h2d(take, z.device)], dim=-1)
+    if world > 1:
+        feats = GatherWithGrad.apply(feats)
+    if kept == 0:
+        return z.sum() * 0
+    zc = feats[h2d(owner * width + slot, z.device)]                                     # every anchor
+    fg, key, mine = (h2d(x, z.device) for x in (fg, key, mine))
+    same = fg[None, :] & (key[mine, None] == key[None, :])                              # P^fg: same t, same y
+    eye = mine[:, None] == torch.arange(idx.numel(), device=z.device)[None, :]
+    pos = torch.where(fg[mine, None], same, ~fg[None, :]) & ~eye                        # Eq. (3), P^bg = E_bg
+    neg = torch.where(fg[mine, None], ~same, fg[None, :])                               # N_hard + N_easy, N^bg = E_fg
+    return info_nce(zc[mine], zc, pos, neg, tau) * world / max(kept, 1)
 
 
 class Criterion:
     """Eq. (5) on one training batch: CE on the original pairs plus the contrastive term (Eq. 1-4) on the
-    pairs and their re-pairs -> loss, parts. Holds the memory bank (App. B.1)."""
+    pairs and their re-pairs -> this rank's loss (scaled so that DDP's gradient average is the gradient
+    of the global batch's loss), its parts. Holds the memory bank (App. B.1) and the generator of the
+    re-pairs and anchors, alike on every rank."""
 
-    def __init__(self, args, num_classes, mel_fn, device, amp):
-        self.args, self.mel_fn, self.device, self.amp = args, mel_fn, device, amp
+    def __init__(self, args, num_classes, mel_fn, device, amp, rank, world):
+        self.args, self.mel_fn, self.device, self.amp, self.rank, self.world = args, mel_fn, device, amp, rank, world
         self.bank = WaveBank(num_classes, args.bank_size, 48000, device)
-        self.ce = nn.CrossEntropyLoss(ignore_index=255)
+        self.gen = torch.Generator().manual_seed(args.seed)
+        # labels travel between ranks on the host: the default group where it is gloo, a gloo group beside nccl
+        self.host_group = dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
+
+    def state_dict(self):
+        return dict(bank=self.bank.state_dict(), generator=self.gen.get_state())
+
+    def load_state_dict(self, state):
+        self.bank.load_state_dict(state["bank"])
+        self.gen.set_state(state["generator"])
 
     def __call__(self, net, batch, epoch):
-        args, device = self.args, self.device
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        image, mask, b = batch["image"], batch["mask"], batch["image"].shape[0]
-        waves, perm, idx = batch["wave"], None, None
+        args, device, b, k = self.args, self.device, batch["image"].shape[0], batch["audio_classes"].shape[1]
+        image, mask, waves = (h2d(batch[key], device) for key in ("image", "mask", "wave"))
+        packed = gather(torch.cat([batch["audio_classes"], batch["audio_pos"][:, None], batch["source_pos"],
+                                   (batch["mask"] != 255).flatten(1).sum(1, keepdim=True).float()], 1),
+                        self.host_group)
+        labels = dict(audio_classes=packed[:, :k], audio_pos=packed[:, k], source_pos=packed[:, k + 1:2 * k + 1])
         if args.contrast != "none":
-            self.bank.push(batch["wave"], batch["audio_classes"], batch["audio_pos"])
-            perm, extra, idx, t2, match2, side2 = repair(batch, self.bank, args.pos_share, epoch >= 1,
-                                                         args.bank_sources, args.match == "side")  # Eq. (1), App. B
-            waves = torch.cat([waves, extra])
+            all_waves = gather(waves)
+            perm, choice, t2, match2, side2 = repair(labels, self.bank, args.pos_share, epoch >= 1, self.gen,
+                                                     args.bank_sources, args.match == "side")  # Eq. (1), App. B
+            self.bank.push(all_waves, labels["audio_classes"], labels["audio_pos"])  # after Eq. (1): no own clip
+            own = slice(self.rank * b, (self.rank + 1) * b)
+            repaired = all_waves[h2d(perm[own], device)]
+            if (choice[own] >= 0).any():
+                bank_clips = self.bank.clips(choice[own], labels["source_pos"][own], waves.shape[1] == 2)
+                repaired = torch.where(h2d((choice[own] >= 0).any(1), device)[:, None, None], bank_clips, repaired)
+            waves = torch.cat([waves, repaired])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits, z, _ = net(image, self.mel_fn(waves), perm, idx)
-            loss_ce = self.ce(logits.float(), mask)  # Eq. (5), CE on the original pairs
+            logits, z, _ = net(image, self.mel_fn(waves))
+        # Eq. (5), CE on the original pairs: a sum over this rank's pixels / the labelled pixels of all ranks
+        loss_ce = F.cross_entropy(logits.float(), mask, ignore_index=255, reduction="sum") * self.world / max(
+            float(packed[:, -1].sum()), 1.0)
         loss_cp = torch.zeros((), device=device)
         if args.contrast != "none":
-            t = torch.cat([batch["audio_classes"], t2])
-            match = torch.cat([torch.ones(b, dtype=torch.bool, device=device), match2])
-            loss_cp = contrastive_loss(z, torch.cat([mask, mask]), t.long(), match, args.contrast, args.tau,
+            y = gather(F.interpolate(batch["mask"][:, None].float(), size=z.shape[2:], mode="nearest")[:, 0].long(),
+                       self.host_group)
+            t = torch.cat([labels["audio_classes"], t2]).long()
+            match = torch.cat([torch.ones(len(perm), dtype=torch.bool), match2])
+            loss_cp = contrastive_loss(z, torch.cat([y, y]), t, match, args.contrast, args.tau,
                                        args.anchors_per_group, args.positives, args.unknown, args.bg_groups,
-                                       torch.cat([torch.zeros_like(side2), side2]))  # Eq. (2)-(4)
+                                       torch.cat([torch.zeros_like(side2), side2]), self.gen, self.rank,
+                                       self.world)  # Eq. (2)-(4)
         return loss_ce + loss_cp, dict(ce=loss_ce, cp=loss_cp)  # Eq. (5)
 
 
 # ----------------------------------------------------------------------------- run helpers
+
+
+def exit_on_error(e):
+    """A DataError ends the run with its one line on stderr (exit 2), also written to torchrun's error file
+    so that torchrun's failure report quotes it. A collective broken because another rank ended first waits
+    for torchrun to stop this rank, without a traceback of its own, so the report names the rank that failed.
+    Anything else is a bug: its traceback."""
+    if isinstance(e, data.DataError):
+        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            write_json(os.environ["TORCHELASTIC_ERROR_FILE"], dict(message=dict(
+                message=f"error: {e}", extraInfo=dict(py_callstack=f"error: {e}", timestamp=str(int(time.time()))))))
+        sys.exit(2)
+    if dist.is_initialized() and (isinstance(e, dist.DistError) or "by peer" in str(e)):
+        time.sleep(60)
+        print(f"error: rank {dist.get_rank()}: {str(e).splitlines()[0]} (did another rank fail?)", file=sys.stderr)
+        sys.exit(1)
+    raise e
 
 
 def log(msg, path=None):
@@ -654,6 +782,11 @@ def write_metrics(main_rank, args, run, split, final, meter):
             wall_time_s=round(time.time() - meter.t0, 1), train_images_per_s=meter.images_per_s()))
 
 
+def rank_seed(seed, rank):
+    """One seed per (--seed, rank): every rank, and each of its loader workers, draws its own augmentation."""
+    return seed * 1000003 + rank
+
+
 def seed_all(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -686,13 +819,14 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 def build_loaders(args, sets, twin_idx, rank, world, device):
     """The loaders, built once with persistent workers: train (EpochSampler, --batch-size split over the
     ranks, incomplete batches dropped) and one for the test split (exact shards; 'swap': its twins). Every
-    loader has its own generator, so loading never draws from the training RNG; bit-exact --resume needs
-    --workers 0 (worker RNG states are not checkpointed)."""
+    loader has its own generator, seeded per rank, so loading never draws from the training RNG and each rank's
+    workers draw their own augmentation; bit-exact --resume needs --workers 0 (worker RNG states are not
+    checkpointed)."""
     def loader(dataset, batch_size, sampler=None):
         return torch.utils.data.DataLoader(
             dataset, batch_size, sampler=sampler, num_workers=args.workers, collate_fn=data.pad_collate,
             pin_memory=device.type == "cuda", drop_last=sampler is not None, persistent_workers=args.workers > 0,
-            generator=torch.Generator().manual_seed(args.seed))
+            generator=torch.Generator().manual_seed(rank_seed(args.seed, rank)))
     evals = {split: loader(torch.utils.data.Subset(ds, range(rank, len(ds), world)), args.eval_batch_size)
              for split, ds in sets.items() if split != "train"}
     if twin_idx and not args.mono:  # the twin metrics once more with the stereo cue reversed
@@ -739,32 +873,34 @@ def save_checkpoint(path, model, optimizer, run, args, extra, world):
 
 
 class Meter:
-    """Loss parts averaged between log lines; images/s over training time only, the first step (warm-up)
-    left out; ETA from the wall time since the start, evaluations included."""
+    """Loss parts summed on the device between log lines and read back (averaged over the ranks) only by
+    line(), which every rank calls; images/s over training time only, the first step (warm-up) left out;
+    ETA from the wall time since the start, evaluations included."""
 
     def __init__(self, iteration, total, world):
         self.t0, self.start, self.total, self.world = time.time(), iteration, total, world
-        self.sums, self.train_s, self.images = {}, 0.0, 0
+        self.sums, self.n, self.names, self.train_s, self.images = None, 0, [], 0.0, 0
         self.window_s, self.window_images = 0.0, 0
 
     def update(self, loss, parts, images, seconds, iteration):
-        for key, value in dict(loss=loss, **parts).items():
-            self.sums[key] = self.sums.get(key, 0.0) + value.item()
-        self.sums["n"] = self.sums.get("n", 0) + 1
+        values = torch.stack([loss.detach().float()] + [v.detach().float() for v in parts.values()])
+        self.sums, self.n, self.names = values if self.sums is None else self.sums + values, self.n + 1, list(parts)
         self.window_s, self.window_images = self.window_s + seconds, self.window_images + images * self.world
         if iteration > self.start + 1:
             self.train_s, self.images = self.train_s + seconds, self.images + images * self.world
 
     def line(self, epoch, epochs, iteration, lr):
-        n = self.sums.pop("n")
-        parts = {k: v / n for k, v in self.sums.items()}
-        loss = parts.pop("loss")
+        if self.world > 1:  # each rank's loss is its share times the world size (Criterion): the mean is global
+            dist.all_reduce(self.sums)
+            self.sums /= self.world
+        loss, *values = (self.sums / self.n).tolist()  # the one read-back from the device per log line
+        parts = dict(zip(self.names, values))
         eta = (time.time() - self.t0) / (iteration - self.start) * (self.total - iteration)
         text = (f"ep {epoch + 1}/{epochs} it {iteration}/{self.total} loss {loss:.4f} "
                 f"({' '.join(f'{k} {v:.4f}' for k, v in parts.items())}) lr {lr:.2e} "
                 f"{self.window_images / max(self.window_s, 1e-9):.1f} img/s "
                 f"eta {eta // 3600:.0f}:{eta % 3600 // 60:02.0f}:{eta % 60:02.0f}")
-        self.sums, self.window_s, self.window_images = {}, 0.0, 0
+        self.sums, self.n, self.window_s, self.window_images = None, 0, 0.0, 0
         return text
 
     def images_per_s(self):
@@ -773,8 +909,9 @@ class Meter:
 
 def train_one_epoch(net, loader, optimizer, scheduler, criterion, meter, epoch, iteration, args, log_path):
     """One pass over the loader (the rest of it after a resume inside the epoch), ending early at
-    meter.total (--max-iters); returns the iteration count."""
+    meter.total (--max-iters); returns the iteration count. Fixed crops: cuDNN may pick its fastest kernels."""
     net.train()
+    torch.backends.cudnn.benchmark = True
     tick = time.time()
     for batch in loader:
         loss, parts = criterion(net, batch, epoch)
@@ -786,8 +923,10 @@ def train_one_epoch(net, loader, optimizer, scheduler, criterion, meter, epoch, 
         now = time.time()
         meter.update(loss, parts, math.prod(batch["image"].shape[:-3]), now - tick, iteration)
         tick = now
-        if log_path and (iteration % args.log_every == 0 or iteration == meter.total):
-            log(meter.line(epoch, args.epochs, iteration, optimizer.param_groups[0]["lr"]), log_path)
+        if iteration % args.log_every == 0 or iteration == meter.total:
+            text = meter.line(epoch, args.epochs, iteration, optimizer.param_groups[0]["lr"])
+            if log_path:
+                log(text, log_path)
         if iteration >= meter.total:
             break
     return iteration
@@ -812,6 +951,7 @@ def evaluate(model, loader, mel_fn, device, amp, num_classes, overlay_dir=None, 
     silent twins, the twin metrics (metrics.TwinMeter), all-reduced over ranks; overlays of the first
     n_overlays images. swap: left and right audio channels exchanged."""
     model.eval()
+    torch.backends.cudnn.benchmark = False  # test images of every size: no per-shape kernel search
     cm = metrics.ConfusionMatrix(num_classes, device=device)
     twins = metrics.TwinMeter(num_classes, device=device)
     written = 0
@@ -897,7 +1037,7 @@ def main(args):
         use_checkpoint_args(args, ckpt)
     resolve_defaults(args)
     args.out = run_folder(args, world)
-    seed_all(args.seed + rank)
+    seed_all(rank_seed(args.seed, rank))
 
     sets = build_datasets(args, ["test"] if args.eval_only else ["test", "train"])  # read before the run folder
     twin_idx = []
@@ -928,6 +1068,11 @@ def main(args):
             write_json(os.path.join(args.out, f"eval-{args.eval_audio}.json"), dict(args=vars(args), eval=res))
         return res
 
+    if device.type == "cuda":  # channels-last convolutions, TF32 where the GPU has it
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.compile:
+        model.visual.compile()
     if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif world > 1 and main_rank:
@@ -948,12 +1093,12 @@ def main(args):
     schedule = args.epochs * iters_per_epoch  # poly over the epochs, per iteration (App. B.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: (1 - min(it, schedule - 1) / schedule) ** args.poly_power)
-    criterion = Criterion(args, num_classes, mel_fn, device, amp)
+    criterion = Criterion(args, num_classes, mel_fn, device, amp, rank, world)
     run = dict(iteration=0, epoch=0, best=-math.inf, metric="miou", history=[])
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["extra"]["scheduler"])
-        criterion.bank.load_state_dict(ckpt["extra"]["bank"])
+        criterion.load_state_dict(ckpt["extra"]["criterion"])
         run = {key: ckpt[key] for key in run}
         if len(ckpt["rng"]) == world:  # per-rank RNG states; with another world size the seeds stay fresh
             set_rng_state(ckpt["rng"][rank])
@@ -971,7 +1116,7 @@ def main(args):
                                            run["iteration"], args, log_path)
         run["epoch"] = run["iteration"] // iters_per_epoch
         stop = run["iteration"] >= total
-        extra = dict(scheduler=scheduler.state_dict(), bank=criterion.bank.state_dict())
+        extra = dict(scheduler=scheduler.state_dict(), criterion=criterion.state_dict())
         if stop or (epoch + 1) % args.eval_every == 0:
             eval_t = time.time()
             res = run_eval(model, eval_loaders, "last", mel_fn, device, amp, args, log_path)
@@ -998,9 +1143,8 @@ if __name__ == "__main__":
     cli_args = parse_args()
     try:
         main(cli_args)
-    except data.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:
+        exit_on_error(e)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -31,9 +31,10 @@ def test_shapes(fusion, attn, mono):
     with torch.no_grad():
         logits, z, attn_map = model(image, mel[:2])
         assert logits.shape == (2, 22, 64, 48) and z.shape == (2, 304, 16, 12) and attn_map.shape == (2, 16, 12)
-        # Eq. (1) re-pairs: image 0 with audio 1, image 1 with the bank clip mel[2]
-        logits2, z2, attn2 = model(image, mel, torch.tensor([1, 0]), torch.tensor([1]))
+        # Eq. (1) re-pairs: image 0 with clip 1, image 1 with clip 2 (e.g. a bank clip)
+        logits2, z2, attn2 = model(image, torch.cat([mel[:2], mel[1:3]]))
         assert logits2.shape == (2, 22, 64, 48) and z2.shape == (4, 304, 16, 12) and attn2.shape == (4, 16, 12)
+        torch.testing.assert_close(logits2, logits, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(z2[:2], z, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(z2[2:3], model(image[:1], mel[1:2])[1], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(z2[3:4], model(image[1:], mel[2:3])[1], atol=1e-4, rtol=1e-4)
@@ -119,8 +120,10 @@ def test_resume_after_epochs_and_sigkill_is_exact(tiny_vpo, tmp_path):
     run(*argv(killed, "--resume", killed / "last.pt"))
     assert_same_run(straight, split)
     assert_same_run(straight, killed)
-    banks = [torch.load(d / "last.pt", weights_only=True)["extra"]["bank"] for d in (straight, split)]
+    states = [torch.load(d / "last.pt", weights_only=True)["extra"]["criterion"] for d in (straight, split)]
+    banks = [state["bank"] for state in states]
     assert torch.equal(banks[0]["count"], banks[1]["count"]) and torch.equal(banks[0]["waves"], banks[1]["waves"])
+    assert torch.equal(states[0]["generator"], states[1]["generator"])
 
 
 def test_foreign_or_corrupt_checkpoint(tmp_path):

@@ -260,7 +260,7 @@ def test_sampling_groups_match_reference(monkeypatch, bg_groups):
     or all in one group; E_unknown and ignore pixels in a group of their own that is then dropped."""
     seen = []
     real = cavp.sample_groups
-    monkeypatch.setattr(cavp, "sample_groups", lambda keys, cap: seen.append(keys.clone()) or real(keys, cap))
+    monkeypatch.setattr(cavp, "sample_groups", lambda keys, cap, gen: seen.append(keys.clone()) or real(keys, cap, gen))
     for seed in range(3):
         z, y, t, m = random_case(seed)
         seen.clear()
@@ -437,11 +437,11 @@ def source_of(wave2_i, wave):
     return hits[0] if hits else None
 
 
-def repaired_waves(batch, perm, extra, idx):
-    """The B re-paired waveforms that cavp.repair describes: the batch permuted, bank clips at idx."""
-    wave2 = batch["wave"][perm].clone()
-    wave2[idx] = extra
-    return wave2
+def repaired_waves(batch, bank, perm, choice):
+    """The B re-paired waveforms that cavp.repair describes (as cavp.Criterion builds them): the batch
+    permuted, bank clips where `choice` has a bank row."""
+    clips = bank.clips(choice, batch["source_pos"], batch["wave"].shape[1] == 2)
+    return torch.where((choice >= 0).any(1)[:, None, None], clips, batch["wave"][perm])
 
 
 def filled_bank(channels=2):
@@ -462,15 +462,15 @@ def test_wavebank_push_keeps_single_source_mono():
     bank = cavp.WaveBank(K, 4, L, "cpu")
     bank.push(batch["wave"], batch["audio_classes"], batch["audio_pos"])
     assert bank.count.tolist() == [0, 2, 1, 1, 0]  # the multi-source images (pos -1) are not stored
-    torch.testing.assert_close(bank.waves[1, 0], batch["wave"][0].sum(0))
-    torch.testing.assert_close(bank.waves[1, 1], batch["wave"][1].sum(0))
-    torch.testing.assert_close(bank.waves[2, 0], batch["wave"][2].sum(0))
-    torch.testing.assert_close(bank.waves[3, 0], batch["wave"][3].sum(0))
+    torch.testing.assert_close(bank.waves[1 * 4 + 0], batch["wave"][0].sum(0))
+    torch.testing.assert_close(bank.waves[1 * 4 + 1], batch["wave"][1].sum(0))
+    torch.testing.assert_close(bank.waves[2 * 4 + 0], batch["wave"][2].sum(0))
+    torch.testing.assert_close(bank.waves[3 * 4 + 0], batch["wave"][3].sum(0))
     assert bank.draw(4) is None
     bank, mono = filled_bank()
     for c in (1, 2, 3):  # L + R of a clip panned at a gives the mono clip back
         for s in range(3):
-            torch.testing.assert_close(bank.waves[c, s], mono[c][s])
+            torch.testing.assert_close(bank.waves[c * 3 + s], mono[c][s])
 
 
 @pytest.mark.parametrize("use_bank,pos_share", [(False, 1.0), (True, 0.0)])
@@ -480,12 +480,13 @@ def test_repair_match_rule_without_replacement(use_bank, pos_share):
     n_mismatch = n_match_other = 0
     for seed in range(30):
         torch.manual_seed(seed)
-        perm, extra, idx, t2, match, wrong_side = cavp.repair(batch, bank, pos_share, use_bank=use_bank)
+        perm, choice, t2, match, wrong_side = cavp.repair(batch, bank, pos_share, use_bank=use_bank)
         assert not wrong_side.any()
-        wave2 = repaired_waves(batch, perm, extra, idx)
+        wave2 = repaired_waves(batch, bank, perm, choice)
         srcs = [source_of(wave2[i], batch["wave"]) for i in range(len(POS))]
         assert None not in srcs, "a waveform was replaced"
         assert sorted(srcs) == list(range(len(POS)))  # a permutation of the batch's audio
+        assert all(j != i for i, j in enumerate(srcs))  # a derangement: no image keeps its own audio
         for i, j in enumerate(srcs):
             torch.testing.assert_close(t2[i], batch["audio_classes"][j])
             same = audio_set(batch["audio_classes"][j]) == audio_set(batch["audio_classes"][i])
@@ -502,8 +503,8 @@ def test_repair_bank_replacement(channels):
     replaced = 0
     for seed in range(30):
         torch.manual_seed(seed)
-        perm, extra, idx, t2, match, _ = cavp.repair(batch, bank, 1.0, use_bank=True)
-        wave2 = repaired_waves(batch, perm, extra, idx)
+        perm, choice, t2, match, _ = cavp.repair(batch, bank, 1.0, use_bank=True)
+        wave2 = repaired_waves(batch, bank, perm, choice)
         for i, a in enumerate(POS):
             own = batch["audio_classes"][i]
             j = source_of(wave2[i], batch["wave"])
@@ -537,7 +538,7 @@ def test_repair_side_matching():
     seen_wrong = seen_equal_sets_mismatch = 0
     for seed in range(30):
         torch.manual_seed(seed)
-        perm, extra, idx, t2, match, wrong_side = cavp.repair(batch, bank, 0.0, use_bank=False, match_side=True)
+        perm, choice, t2, match, wrong_side = cavp.repair(batch, bank, 0.0, use_bank=False, match_side=True)
         for i, j in enumerate(perm.tolist()):
             for c in range(K):
                 shared = c in SOURCE_POS[i] and c in SOURCE_POS[j]
@@ -559,8 +560,9 @@ def test_repair_bank_for_multi_source(match_side):
     multi = 0
     for seed in range(20):
         torch.manual_seed(seed)
-        perm, extra, idx, t2, match, wrong_side = cavp.repair(batch, bank, 1.0, True, "all", match_side)
-        wave2 = repaired_waves(batch, perm, extra, idx)
+        perm, choice, t2, match, wrong_side = cavp.repair(batch, bank, 1.0, True, None, "all", match_side)
+        idx = torch.nonzero((choice >= 0).any(1)).flatten()
+        wave2 = repaired_waves(batch, bank, perm, choice)
         assert all(bool(match[i]) for i in range(len(POS)))  # every class of every image is in the bank
         assert not wrong_side[idx].any()
         for i in idx.tolist():
@@ -572,3 +574,13 @@ def test_repair_bank_for_multi_source(match_side):
                         for w1 in mono[c1] for w2 in mono[c2]]
                 assert any(torch.allclose(wave2[i], x, atol=1e-5) for x in want)
     assert multi > 0
+
+
+def test_derangement_is_uniform_without_fixed_points():
+    """Eq. (1) re-pairs: every permutation without a fixed point, and only those, drawn about equally often."""
+    g = torch.Generator().manual_seed(0)
+    counts = Counter(tuple(cavp.derangement(4, g).tolist()) for _ in range(1800))
+    assert len(counts) == 9  # the 9 derangements of 4 elements
+    assert all(all(p[i] != i for i in range(4)) for p in counts)
+    assert min(counts.values()) > 150 and max(counts.values()) < 250  # 200 expected each
+    assert cavp.derangement(1, g).tolist() == [0]

@@ -1,0 +1,145 @@
+"""cavp.py under DDP (issue 18): the global batch is one method on 1 or 2 gloo ranks, ranks draw their own
+augmentation, one failing rank ends the run with its one line, and the bank never returns a sample's own clip."""
+import os
+import subprocess
+import sys
+import time
+from argparse import Namespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import cavp
+import data
+from script_runner import ENV, command
+
+ARGS = Namespace(backbone="resnet18", pretrained="none", output_stride=16, fusion="ca", attn="sigmoid", heads=4,
+                 mono=False, contrast="cavp", seed=3, bank_size=4, pos_share=1.0, bank_sources="single",
+                 match="class", tau=0.1, anchors_per_group=24, positives="label", unknown="mismatched",
+                 bg_groups="one")
+
+
+def global_batches(root):
+    """Two fixed global batches of 4: single-source VPO-SS images (the bank stores their clips) and
+    multi-source VPO-MSMI images, as the loader collates them."""
+    ss, msmi = (data.VPODataset(root, subset, "train", crop=None) for subset in ("ss", "msmi"))
+    return [data.pad_collate([ss[i], ss[i + 1], msmi[i], msmi[i + 1]]) for i in (0, 2)]
+
+
+def one_step(rank, world, batches, mode, out):
+    """Rank `rank` of `world` (gloo) runs cavp.Criterion on its share of batches[0] (epoch 0: fills the bank)
+    and batches[1] (epoch 1: bank re-pairs), then backward through DDP; saves the global loss and the
+    averaged gradients. BatchNorm uses running statistics: gloo ranks have no SyncBatchNorm."""
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = cavp.CAVPModel(ARGS, len(data.VPO_CLASSES)).eval()
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    criterion = cavp.Criterion(Namespace(**dict(vars(ARGS), contrast=mode)), len(data.VPO_CLASSES),
+                               data.LogMel(frames=300), torch.device("cpu"), False, rank, world)
+    b = 4 // world
+    mine = [{k: v[rank * b:(rank + 1) * b] for k, v in batch.items()} for batch in batches]
+    with torch.no_grad():
+        criterion(net, mine[0], 0)
+    loss, parts = criterion(net, mine[1], 1)
+    loss.backward()
+    values = torch.stack([loss.detach(), parts["ce"].detach(), parts["cp"].detach()])
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    if rank == 0:
+        torch.save(dict(values=values, bank=criterion.bank.count.clone(),
+                        grads={n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}),
+                   f"{out}/w{world}.pt")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["cavp", "supcon"])
+def test_one_rank_equals_two_ranks(tiny_vpo, tmp_path, mode):
+    """Same global batch, same draws: loss parts and every gradient on 2 gloo ranks == on 1 rank."""
+    batches = global_batches(tiny_vpo)
+    one_step(0, 1, batches, mode, tmp_path)
+    mp.spawn(one_step, args=(2, batches, mode, tmp_path), nprocs=2)
+    one, two = (torch.load(tmp_path / f"w{w}.pt", weights_only=True) for w in (1, 2))
+    torch.testing.assert_close(two["values"], one["values"], rtol=1e-5, atol=1e-6)
+    assert one["values"][2] > 0 and torch.equal(one["bank"], two["bank"]) and one["bank"].sum() == 4
+    assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 50
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bank_is_filled_after_the_repairs(tiny_vpo):
+    """App. B with a derangement: a sample's own clip never comes back as its re-pair audio in the step that
+    reads it, not even from the bank (the bank gets the batch's clips after its re-pairs are drawn); from the
+    next step on the bank does give single-source images a clip of their class."""
+    batch = global_batches(tiny_vpo)[0]
+    seen = []
+
+    def net(image, mel):
+        seen.append(mel)
+        return torch.zeros(image.shape[0], 22, *image.shape[2:]), torch.randn(mel.shape[0], 8, 4, 4), None
+    replaced = 0
+    for seed in range(4):
+        criterion = cavp.Criterion(Namespace(**dict(vars(ARGS), seed=seed)), 22, lambda w: w.clone(),
+                                   torch.device("cpu"), False, 0, 1)
+        for step in range(2):
+            criterion(net, batch, 1)
+            own, repaired = seen[-1][:4], seen[-1][4:]
+            same = [torch.allclose(repaired[i], own[i], atol=1e-6) for i in range(4)]
+            if step == 0:
+                assert not any(same)
+            replaced += sum(same[:2])  # the single-source images, given their own clip of the step before
+    assert replaced > 0
+
+
+class Draws(torch.utils.data.Dataset):
+    """Stands in for the training set: each sample is a draw from torch's RNG, as the augmentation draws."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return dict(image=torch.rand(3))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_ranks_draw_their_own_augmentation(workers):
+    """Two ranks of one run draw different augmentations for their first batch (with --workers 0 from
+    the global RNG that main() seeds per rank); the same rank of the same seed draws the same again."""
+    args = Namespace(workers=workers, eval_batch_size=1, mono=True, seed=0, batch_size=4)
+
+    def first_batch(rank):
+        cavp.seed_all(cavp.rank_seed(args.seed, rank))
+        loader = cavp.build_loaders(args, dict(train=Draws()), [], rank, 2, torch.device("cpu"))[0]
+        loader.sampler.set_epoch(0)
+        return next(iter(loader))["image"]
+    r0, r1, again = first_batch(0), first_batch(1), first_batch(0)
+    assert torch.equal(r0, again)
+    assert not torch.isclose(r0, r1).any()
+
+
+def test_a_failing_rank_ends_the_run_with_its_line(tiny_vpo, tmp_path):
+    """torchrun, 2 gloo ranks, a corrupt JPEG read by one rank: the run ends within seconds; the ranks print
+    that one line and no traceback; torchrun's report names the failing rank with the same line."""
+    root = tmp_path / "vpo"
+    subprocess.run(["cp", "-r", tiny_vpo, root], check=True)
+    bad = root / "VPO-MSMI" / "data" / sorted(os.listdir(root / "VPO-MSMI" / "data"))[0]
+    bad.write_bytes(b"not a jpeg")
+    argv = ["--data", "vpo_msmi", "--data-root", root, "--out", tmp_path / "run", "--workers", "0",
+            "--batch-size", "4", "--epochs", "2", "--overlays", "0"]
+    start = time.time()
+    proc = subprocess.run(command("cavp.py", argv, torchrun=True), env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    took = time.time() - start
+    assert proc.returncode != 0
+    line = f"error: {bad}: cannot read image"
+    lines = proc.stderr.splitlines()
+    assert [ln for ln in lines if ln.startswith("error:")][0].startswith(line)
+    assert not any(ln.startswith("[rank") or "cavp.py\", line" in ln for ln in lines), proc.stderr[-3000:]
+    root_cause = proc.stderr.split("Root Cause")[1]
+    assert line in root_cause and "exitcode  : 2" in root_cause
+    assert took < 60, f"took {took:.0f} s"
