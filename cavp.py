@@ -753,7 +753,8 @@ def init_distributed(args):
     if use_cuda:
         torch.cuda.set_device(device)
     if args.batch_size % world:
-        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
+        raise data.DataError(f"--batch-size {args.batch_size} is the global batch and does not split over the {world} "
+                             f"ranks: give a multiple of {world}, or start fewer processes")
     return device, rank, world
 
 

@@ -126,6 +126,8 @@ def parse_args(argv=None):
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (auto: cuda when available)")
     a("--no-amp", action="store_true", help="disable bf16 autocast (default: on for CUDA and for CPUs with native bf16, AVX512-BF16 / AMX; "
            "other CPUs emulate it about 20x slower, so they run fp32)")
+    a("--compile", action="store_true",
+      help="torch.compile the image encoder (off by default: measure it on your GPU first; no gain on CPU)")
     a("--out", default=None,
       help="run folder (default: runs/tpavi-<data>-s<seed>-<time>; with --resume the checkpoint's folder)")
     a("--resume", default=None, help="continue training from this checkpoint (e.g. runs/<run>/last.pt)")
@@ -239,12 +241,17 @@ class ResNetEncoder(nn.Module):
         weights = None
         if pretrained == "imagenet":
             weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+        waits = weights is not None and dist.is_initialized() and dist.get_rank() > 0
+        if waits:  # under torchrun rank 0 downloads the weights into the cache while the others wait
+            dist.barrier()
         try:
             self.net = getattr(torchvision.models, name)(weights=weights)
         except Exception as e:
             raise data.DataError(f"could not download the ImageNet weights of {name} ({type(e).__name__}; offline?): "
                                  f"fetch {weights.url} elsewhere and pass --pretrained PATH (a local .pth state dict), "
                                  "or --pretrained none") from e
+        if weights is not None and dist.is_initialized() and not waits:
+            dist.barrier()
         self.net.fc = nn.Identity()
         if pretrained not in ("imagenet", "none"):
             load_state(self.net, pretrained, "--pretrained")
@@ -539,18 +546,27 @@ class AVSModel(nn.Module):
 # ----------------------------------------------------------------------------- loss
 
 
-def seg_loss(logits, target, binary):
+def global_count(x, world):
+    """A count summed over the ranks, on the device (no wait): the denominator of a global-batch mean."""
+    if world > 1:
+        x = x.float().clone()
+        dist.all_reduce(x)
+    return x.clamp(min=1)
+
+
+def seg_loss(logits, target, binary, world=1):
     """First term of Eq. (1): BCE on the single logit (AVSBench-Objects) or CE over K classes (VPO,
-    AVSS), averaged over labelled pixels (255 ignored; S4 train frames 2-5 are all 255)."""
+    AVSS), averaged over the labelled pixels of the global batch (255 ignored; S4 train frames 2-5 are
+    all 255); this rank's share times `world`, so that DDP's gradient average is the global mean's."""
     valid = target != 255
     if binary:
         loss = F.binary_cross_entropy_with_logits(logits[:, 0], (target == 1).to(logits.dtype), reduction="none")
     else:
         loss = F.cross_entropy(logits, target, ignore_index=255, reduction="none")
-    return (loss * valid).sum() / valid.sum().clamp(min=1)
+    return (loss * valid).sum() * world / global_count(valid.sum(), world)
 
 
-def avm_loss(logits, feats, audios, binary, frame_weight=None):
+def avm_loss(logits, feats, audios, binary, frame_weight=None, world=1):
     """L_AVM, Eq. (2), as the released A_MaskedV_SimmLoss with the scripts' flags (kl, avg pooling,
     no feature normalisation), averaged over the given TPAVI stages.
 
@@ -561,7 +577,8 @@ def avm_loss(logits, feats, audios, binary, frame_weight=None):
     has already modified the stage maps when the loss reads them. KL(softmax(a) || softmax(v)):
     F.kl_div(log q_v, p_a) as released, i.e. audio is the target distribution (SPEC §3 writes it the
     other way round). Reduction: sum over frames and channels (released MS3); with frame_weight (N,)
-    a weighted mean over frames (released AVSS: labelled frames only).
+    a weighted mean over the frames of the global batch (released AVSS: labelled frames only). Under DDP
+    this rank's share times `world`, so that DDP's gradient average is the global batch's gradient.
     """
     src = logits.float() if binary else (logits.argmax(1, keepdim=True) != 0).float()
     total = 0.0
@@ -572,9 +589,9 @@ def avm_loss(logits, feats, audios, binary, frame_weight=None):
         kl = F.kl_div(F.log_softmax(v, -1), F.log_softmax(a.float().flatten(0, 1), -1), reduction="none",
                       log_target=True).sum(-1)  # Eq. (2): KL per frame, A_i the target
         if frame_weight is None:
-            total = total + kl.sum()
+            total = total + kl.sum() * world
         else:
-            total = total + (kl * frame_weight).sum() / frame_weight.sum().clamp(min=1)
+            total = total + (kl * frame_weight).sum() * world / global_count(frame_weight.sum(), world)
     return total / len(feats)
 
 
@@ -590,18 +607,34 @@ class Criterion:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits, feats, audios = net(image, wave, valid)
         target = mask.flatten(0, 1)
-        loss_seg = seg_loss(logits.float(), target, self.binary)
+        loss_seg = seg_loss(logits.float(), target, self.binary, self.world)
         loss_avm = torch.zeros((), device=self.device)
         if self.lam > 0:
             weight = (target != 255).flatten(1).any(1).float() if self.avss else None
-            # a sum over the clips of the step, as the released single-process code: DDP averages
-            # gradients over ranks, so the per-rank sum is scaled by the world size
             loss_avm = avm_loss(logits, [feats[s] for s in self.stages], [audios[s] for s in self.stages],
-                                self.binary, weight) * (self.world if weight is None else 1)
+                                self.binary, weight, self.world)
         return loss_seg + self.lam * loss_avm, dict(seg=loss_seg, avm=loss_avm)  # Eq. (1)
 
 
 # ----------------------------------------------------------------------------- run helpers
+
+
+def exit_on_error(e):
+    """A DataError ends the run with its one line on stderr (exit 2), also written to torchrun's error file
+    so that torchrun's failure report quotes it. A collective broken because another rank ended first waits
+    for torchrun to stop this rank, without a traceback of its own, so the report names the rank that failed.
+    Anything else is a bug: its traceback."""
+    if isinstance(e, data.DataError):
+        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            write_json(os.environ["TORCHELASTIC_ERROR_FILE"], dict(message=dict(
+                message=f"error: {e}", extraInfo=dict(py_callstack=f"error: {e}", timestamp=str(int(time.time()))))))
+        sys.exit(2)
+    if dist.is_initialized() and (isinstance(e, dist.DistError) or "by peer" in str(e)):
+        time.sleep(60)
+        print(f"error: rank {dist.get_rank()}: {str(e).splitlines()[0]} (did another rank fail?)", file=sys.stderr)
+        sys.exit(1)
+    raise e
 
 
 def log(msg, path=None):
@@ -671,7 +704,8 @@ def init_distributed(args):
     if use_cuda:
         torch.cuda.set_device(device)
     if args.batch_size % world:
-        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
+        raise data.DataError(f"--batch-size {args.batch_size} is the global batch and does not split over the {world} "
+                             f"ranks: give a multiple of {world}, or start fewer processes")
     return device, rank, world
 
 
@@ -698,6 +732,11 @@ def write_metrics(main_rank, args, run, split, final, meter):
             args=vars(args), history=run["history"], final=final,
             best=best and dict(best, metric=run["metric"], score=best[run["metric"]]),
             wall_time_s=round(time.time() - meter.t0, 1), train_images_per_s=meter.images_per_s()))
+
+
+def rank_seed(seed, rank):
+    """One seed per (--seed, rank): every rank, and each of its loader workers, draws its own augmentation."""
+    return seed * 1000003 + rank
 
 
 def seed_all(seed):
@@ -741,14 +780,15 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 
 def build_loaders(args, sets, twin_idx, rank, world, device):
     """The loaders, built once with persistent workers: train (EpochSampler, --batch-size split over the
-    ranks) and one per evaluation split (exact shards; 'swap': the twins of the test split). Every loader
-    has its own generator, so loading never draws from the training RNG; bit-exact --resume needs
-    --workers 0 (worker RNG states are not checkpointed)."""
+    ranks, incomplete batches dropped) and one per evaluation split (exact shards; 'swap': the twins of the
+    test split). Every loader has its own generator, seeded per rank, so loading never draws from the
+    training RNG and each rank's workers draw their own augmentation; bit-exact --resume needs --workers 0
+    (worker RNG states are not checkpointed)."""
     def loader(dataset, batch_size, sampler=None):
         return torch.utils.data.DataLoader(
             dataset, batch_size, sampler=sampler, num_workers=args.workers, collate_fn=data.pad_collate,
-            pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
-            generator=torch.Generator().manual_seed(args.seed))
+            pin_memory=device.type == "cuda", drop_last=sampler is not None, persistent_workers=args.workers > 0,
+            generator=torch.Generator().manual_seed(rank_seed(args.seed, rank)))
     evals = {split: loader(torch.utils.data.Subset(ds, range(rank, len(ds), world)), args.eval_batch_size)
              for split, ds in sets.items() if split != "train"}
     if twin_idx and not args.mono:  # the twin metrics once more with the stereo cue reversed
@@ -756,7 +796,7 @@ def build_loaders(args, sets, twin_idx, rank, world, device):
     if "train" not in sets:
         return None, evals
     # (seed, epoch) -> seed * 100003 + epoch: no two seeds share an epoch's order
-    sampler = EpochSampler(sets["train"], world, rank, shuffle=True, seed=args.seed * 100003)
+    sampler = EpochSampler(sets["train"], world, rank, shuffle=True, seed=args.seed * 100003, drop_last=True)
     return loader(sets["train"], args.batch_size // world, sampler), evals
 
 
@@ -794,32 +834,34 @@ def save_checkpoint(path, model, optimizer, run, args, extra, world):
 
 
 class Meter:
-    """Loss parts averaged between log lines; images/s over training time only, the first step (warm-up)
-    left out; ETA from the wall time since the start, evaluations included."""
+    """Loss parts summed on the device between log lines and read back (averaged over the ranks) only by
+    line(), which every rank calls; images/s over training time only, the first step (warm-up) left out;
+    ETA from the wall time since the start, evaluations included."""
 
     def __init__(self, iteration, total, world):
         self.t0, self.start, self.total, self.world = time.time(), iteration, total, world
-        self.sums, self.train_s, self.images = {}, 0.0, 0
+        self.sums, self.n, self.names, self.train_s, self.images = None, 0, [], 0.0, 0
         self.window_s, self.window_images = 0.0, 0
 
     def update(self, loss, parts, images, seconds, iteration):
-        for key, value in dict(loss=loss, **parts).items():
-            self.sums[key] = self.sums.get(key, 0.0) + value.item()
-        self.sums["n"] = self.sums.get("n", 0) + 1
+        values = torch.stack([loss.detach().float()] + [v.detach().float() for v in parts.values()])
+        self.sums, self.n, self.names = values if self.sums is None else self.sums + values, self.n + 1, list(parts)
         self.window_s, self.window_images = self.window_s + seconds, self.window_images + images * self.world
         if iteration > self.start + 1:
             self.train_s, self.images = self.train_s + seconds, self.images + images * self.world
 
     def line(self, epoch, epochs, iteration, lr):
-        n = self.sums.pop("n")
-        parts = {k: v / n for k, v in self.sums.items()}
-        loss = parts.pop("loss")
+        if self.world > 1:  # each rank's loss is its share times the world size (Criterion): the mean is global
+            dist.all_reduce(self.sums)
+            self.sums /= self.world
+        loss, *values = (self.sums / self.n).tolist()  # the one read-back from the device per log line
+        parts = dict(zip(self.names, values))
         eta = (time.time() - self.t0) / (iteration - self.start) * (self.total - iteration)
         text = (f"ep {epoch + 1}/{epochs} it {iteration}/{self.total} loss {loss:.4f} "
                 f"({' '.join(f'{k} {v:.4f}' for k, v in parts.items())}) lr {lr:.2e} "
                 f"{self.window_images / max(self.window_s, 1e-9):.1f} img/s "
                 f"eta {eta // 3600:.0f}:{eta % 3600 // 60:02.0f}:{eta % 60:02.0f}")
-        self.sums, self.window_s, self.window_images = {}, 0.0, 0
+        self.sums, self.n, self.window_s, self.window_images = None, 0, 0.0, 0
         return text
 
     def images_per_s(self):
@@ -828,8 +870,9 @@ class Meter:
 
 def train_one_epoch(net, loader, optimizer, criterion, meter, epoch, iteration, args, log_path):
     """One pass over the loader (the rest of it after a resume inside the epoch), ending early at
-    meter.total (--max-iters); returns the iteration count."""
+    meter.total (--max-iters); returns the iteration count. Fixed crops: cuDNN may pick its fastest kernels."""
     net.train()
+    torch.backends.cudnn.benchmark = True
     tick = time.time()
     for batch in loader:
         loss, parts = criterion(net, batch, epoch)
@@ -840,8 +883,10 @@ def train_one_epoch(net, loader, optimizer, criterion, meter, epoch, iteration, 
         now = time.time()
         meter.update(loss, parts, math.prod(batch["image"].shape[:-3]), now - tick, iteration)
         tick = now
-        if log_path and (iteration % args.log_every == 0 or iteration == meter.total):
-            log(meter.line(epoch, args.epochs, iteration, optimizer.param_groups[0]["lr"]), log_path)
+        if iteration % args.log_every == 0 or iteration == meter.total:
+            text = meter.line(epoch, args.epochs, iteration, optimizer.param_groups[0]["lr"])
+            if log_path:
+                log(text, log_path)
         if iteration >= meter.total:
             break
     return iteration
@@ -887,6 +932,7 @@ def evaluate(model, loader, device, amp, binary, num_classes, overlay_dir=None, 
     carry silent twins the twin metrics (metrics.TwinMeter); overlays of the first n_overlays frames
     (legend: `names`). swap: left and right audio channels exchanged."""
     model.eval()
+    torch.backends.cudnn.benchmark = False  # test images of every size: no per-shape kernel search
     cm = metrics.ConfusionMatrix(2 if binary else num_classes, device)
     meter = metrics.AVSObjectsMeter(device) if binary else None
     twins = metrics.TwinMeter(num_classes, device)
@@ -1021,7 +1067,7 @@ def main(args):
     spec = DATASETS[args.data]
     binary, num_classes = spec["classes"] == 1, spec["classes"]
     args.out = run_folder(args, world)
-    seed_all(args.seed + rank)
+    seed_all(rank_seed(args.seed, rank))
 
     val_split = "val" if spec["kind"] == "avs" else "test"  # VPO has no val split (release "val" = test)
     sets = build_datasets(args, spec, ["test"] if args.eval_only else sorted({"train", val_split, "test"}))
@@ -1055,6 +1101,11 @@ def main(args):
             write_json(os.path.join(args.out, f"eval-{args.eval_audio}.json"), dict(args=vars(args), eval=res))
         return res
 
+    if device.type == "cuda":  # channels-last convolutions, TF32 where the GPU has it
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.compile:
+        model.encoder.compile()
     if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif world > 1 and main_rank:
@@ -1063,6 +1114,9 @@ def main(args):
                                               find_unused_parameters=not args.tpavi_stages) if world > 1 else model
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)  # AVS: Adam 1e-4
     iters_per_epoch = len(train_loader)
+    if iters_per_epoch == 0:
+        raise data.DataError(f"{args.data} train split has {len(sets['train'])} samples, fewer than "
+                             f"--batch-size {args.batch_size}: lower --batch-size or --limit")
     total = min(args.max_iters or math.inf, args.epochs * iters_per_epoch)
     # released model selection: M_J (S4 / MS3), mIoU (AVSS)
     run = dict(iteration=0, epoch=0, best=-math.inf, metric="mj" if binary else "miou", history=[])
@@ -1116,9 +1170,8 @@ if __name__ == "__main__":
     cli_args = parse_args()
     try:
         main(cli_args)
-    except data.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:
+        exit_on_error(e)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,5 +1,7 @@
-"""cavp.py under DDP (issue 18): the global batch is one method on 1 or 2 gloo ranks, ranks draw their own
-augmentation, one failing rank ends the run with its one line, and the bank never returns a sample's own clip."""
+"""cavp.py and tpavi.py under DDP (issue 18): the global batch is one method on 1 or 2 gloo ranks, ranks draw
+their own augmentation, one failing rank ends the run with its one line, and the bank never returns a sample's
+own clip."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import torch.multiprocessing as mp
 
 import cavp
 import data
+import tpavi
 from script_runner import ENV, command
 
 ARGS = Namespace(backbone="resnet18", pretrained="none", output_stride=16, fusion="ca", attn="sigmoid", heads=4,
@@ -68,6 +71,49 @@ def test_one_rank_equals_two_ranks(tiny_vpo, tmp_path, mode):
     torch.testing.assert_close(two["values"], one["values"], rtol=1e-5, atol=1e-6)
     assert one["values"][2] > 0 and torch.equal(one["bank"], two["bank"]) and one["bank"].sum() == 4
     assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 50
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def tpavi_step(rank, world, task, out):
+    """tpavi.Criterion on rank `rank`'s half of a fixed global batch of 4 clips (T = 2; labelled frames and
+    ignore pixels differ between the halves), backward through DDP; saves the global loss and gradients."""
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    classes = 1 if task == "avsbench_ms3" else 5
+    g = torch.Generator().manual_seed(1)
+    mask = torch.randint(0, 2 if classes == 1 else classes, (4, 2, 32, 32), generator=g)
+    mask[0, 1], mask[1, :, :8], mask[3, 0, 16:] = 255, 255, 255  # unlabelled frame, ignore regions
+    batch = dict(image=torch.randn(4, 2, 3, 32, 32, generator=g), mask=mask,
+                 wave=torch.randn(4, 1, 2 * 16000, generator=g), valid=torch.ones(4, 2, dtype=torch.bool))
+    model = tpavi.AVSModel("resnet18", "none", classes, [0, 1, 2, 3], "resnet18", 1).eval()
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    criterion = tpavi.Criterion(Namespace(lambda_avm=0.5, tpavi_stages=[0, 1, 2, 3], data=task), classes == 1,
+                                torch.device("cpu"), False, world)
+    b = 4 // world
+    loss, parts = criterion(net, {k: v[rank * b:(rank + 1) * b] for k, v in batch.items()}, 0)
+    loss.backward()
+    values = torch.stack([loss.detach(), parts["seg"].detach(), parts["avm"].detach()])
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    if rank == 0:
+        torch.save(dict(values=values, grads={n: p.grad.clone() for n, p in model.named_parameters()
+                                              if p.grad is not None}), f"{out}/w{world}.pt")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("task", ["avsbench_ms3", "avss"])
+def test_tpavi_one_rank_equals_two_ranks(tmp_path, task):
+    """tpavi.py: the loss (BCE / CE + lambda L_AVM) is the global batch's on 1 or 2 gloo ranks, gradients too."""
+    tpavi_step(0, 1, task, tmp_path)
+    mp.spawn(tpavi_step, args=(2, task, tmp_path), nprocs=2)
+    one, two = (torch.load(tmp_path / f"w{w}.pt", weights_only=True) for w in (1, 2))
+    torch.testing.assert_close(two["values"], one["values"], rtol=1e-5, atol=1e-6)
+    assert one["values"][2] > 0
     for name, grad in one["grads"].items():
         torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -143,3 +189,33 @@ def test_a_failing_rank_ends_the_run_with_its_line(tiny_vpo, tmp_path):
     root_cause = proc.stderr.split("Root Cause")[1]
     assert line in root_cause and "exitcode  : 2" in root_cause
     assert took < 60, f"took {took:.0f} s"
+
+
+def test_training_steps_never_wait_for_the_device(tiny_vpo, monkeypatch):
+    """The whole training step (Eq. 1 re-pairs with bank clips, Eq. 2-4 anchors, CE, backward, SGD) runs with
+    every device tensor on PyTorch's meta device, which holds no values: any read-back (.item(), .tolist(),
+    nonzero, boolean indexing, `if tensor`) would raise. So on a GPU the host never waits for the device
+    inside a step; the meter reads back once per log line. Same for tpavi.py's step."""
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: contextlib.nullcontext())  # no autocast on meta
+    meta = torch.device("meta")
+    model = cavp.CAVPModel(ARGS, 22).to(meta)
+    criterion = cavp.Criterion(ARGS, 22, data.LogMel(frames=300).to(meta), meta, False, 0, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    meter = cavp.Meter(0, 10, 1)
+    for step, batch in enumerate(global_batches(tiny_vpo) * 2):
+        loss, parts = criterion(model, batch, step // 2)  # epoch 1 from step 2: the bank is used
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        meter.update(loss, parts, 4, 0.1, step + 1)
+    assert loss.device == meta and criterion.bank.count.sum() == 8
+    with pytest.raises(NotImplementedError):
+        meter.line(0, 1, 4, 0.1)  # the log line is where values come back
+    model = tpavi.AVSModel("resnet18", "none", 5, [0, 1, 2, 3], "resnet18", 1).to(meta)
+    criterion = tpavi.Criterion(Namespace(lambda_avm=0.5, tpavi_stages=[0, 1, 2, 3], data="avss"), False, meta,
+                                False, 1)
+    batch = dict(image=torch.randn(2, 2, 3, 32, 32), mask=torch.randint(0, 5, (2, 2, 32, 32)),
+                 wave=torch.randn(2, 1, 32000), valid=torch.ones(2, 2, dtype=torch.bool))
+    loss, parts = criterion(model, batch, 0)
+    loss.backward()
+    assert loss.device == meta
