@@ -31,14 +31,24 @@ def global_batches(root):
     return [data.pad_collate([ss[i], ss[i + 1], msmi[i], msmi[i + 1]]) for i in (0, 2)]
 
 
-def one_step(rank, world, batches, mode, out):
-    """Rank `rank` of `world` (gloo) runs cavp.Criterion on its share of batches[0] (epoch 0: fills the bank)
-    and batches[1] (epoch 1: bank re-pairs), then backward through DDP; saves the global loss and the
-    averaged gradients. BatchNorm uses running statistics: gloo ranks have no SyncBatchNorm."""
+def save_step(rank, world, loss, parts, model, path, **extra):
+    """Backward; rank 0 saves the global loss and its parts (averaged over the ranks) and the gradients that
+    DDP averaged."""
+    loss.backward()
+    values = torch.stack([loss.detach(), *(v.detach() for v in parts.values())])
     if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
+        dist.all_reduce(values)
+        values /= world
+    if rank == 0:
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        torch.save(dict(values=values, grads=grads, **extra), path)
+
+
+def cavp_step(rank, world, batches, mode, path):
+    """cavp.Criterion on this rank's share of batches[0] (epoch 0: fills the bank) and batches[1] (epoch 1:
+    bank re-pairs), then backward through DDP. BatchNorm uses running statistics: gloo ranks have no
+    SyncBatchNorm."""
     torch.manual_seed(0)
-    torch.set_num_threads(1)
     model = cavp.CAVPModel(ARGS, len(data.VPO_CLASSES)).eval()
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     criterion = cavp.Criterion(Namespace(**dict(vars(ARGS), contrast=mode)), len(data.VPO_CLASSES),
@@ -48,40 +58,13 @@ def one_step(rank, world, batches, mode, out):
     with torch.no_grad():
         criterion(net, mine[0], 0)
     loss, parts = criterion(net, mine[1], 1)
-    loss.backward()
-    values = torch.stack([loss.detach(), parts["ce"].detach(), parts["cp"].detach()])
-    if world > 1:
-        dist.all_reduce(values)
-        values /= world
-    if rank == 0:
-        torch.save(dict(values=values, bank=criterion.bank.count.clone(),
-                        grads={n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}),
-                   f"{out}/w{world}.pt")
-    if world > 1:
-        dist.destroy_process_group()
+    save_step(rank, world, loss, parts, model, path, bank=criterion.bank.count.clone())
 
 
-@pytest.mark.parametrize("mode", ["cavp", "supcon"])
-def test_one_rank_equals_two_ranks(tiny_vpo, tmp_path, mode):
-    """Same global batch, same draws: loss parts and every gradient on 2 gloo ranks == on 1 rank."""
-    batches = global_batches(tiny_vpo)
-    one_step(0, 1, batches, mode, tmp_path)
-    mp.spawn(one_step, args=(2, batches, mode, tmp_path), nprocs=2)
-    one, two = (torch.load(tmp_path / f"w{w}.pt", weights_only=True) for w in (1, 2))
-    torch.testing.assert_close(two["values"], one["values"], rtol=1e-5, atol=1e-6)
-    assert one["values"][2] > 0 and torch.equal(one["bank"], two["bank"]) and one["bank"].sum() == 4
-    assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 50
-    for name, grad in one["grads"].items():
-        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
-def tpavi_step(rank, world, task, out):
-    """tpavi.Criterion on rank `rank`'s half of a fixed global batch of 4 clips (T = 2; labelled frames and
-    ignore pixels differ between the halves), backward through DDP; saves the global loss and gradients."""
-    if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
+def tpavi_step(rank, world, task, path):
+    """tpavi.Criterion on this rank's half of a fixed global batch of 4 clips (T = 2; labelled frames and
+    ignore pixels differ between the halves), then backward through DDP."""
     torch.manual_seed(0)
-    torch.set_num_threads(1)
     classes = 1 if task == "avsbench_ms3" else 5
     g = torch.Generator().manual_seed(1)
     mask = torch.randint(0, 2 if classes == 1 else classes, (4, 2, 32, 32), generator=g)
@@ -94,26 +77,46 @@ def tpavi_step(rank, world, task, out):
                                 torch.device("cpu"), False, world)
     b = 4 // world
     loss, parts = criterion(net, {k: v[rank * b:(rank + 1) * b] for k, v in batch.items()}, 0)
-    loss.backward()
-    values = torch.stack([loss.detach(), parts["seg"].detach(), parts["avm"].detach()])
+    save_step(rank, world, loss, parts, model, path)
+
+
+CASES = ["cavp", "supcon", "tpavi-avsbench_ms3", "tpavi-avss"]
+
+
+def all_steps(rank, world, batches, out):
+    """Rank `rank` of `world` (gloo) runs every case, saving OUT/<case>-w<world>.pt."""
     if world > 1:
-        dist.all_reduce(values)
-        values /= world
-    if rank == 0:
-        torch.save(dict(values=values, grads={n: p.grad.clone() for n, p in model.named_parameters()
-                                              if p.grad is not None}), f"{out}/w{world}.pt")
+        dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    for case in CASES:
+        path = f"{out}/{case}-w{world}.pt"
+        if case.startswith("tpavi"):
+            tpavi_step(rank, world, case.split("-")[1], path)
+        else:
+            cavp_step(rank, world, batches, case, path)
     if world > 1:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("task", ["avsbench_ms3", "avss"])
-def test_tpavi_one_rank_equals_two_ranks(tmp_path, task):
-    """tpavi.py: the loss (BCE / CE + lambda L_AVM) is the global batch's on 1 or 2 gloo ranks, gradients too."""
-    tpavi_step(0, 1, task, tmp_path)
-    mp.spawn(tpavi_step, args=(2, task, tmp_path), nprocs=2)
-    one, two = (torch.load(tmp_path / f"w{w}.pt", weights_only=True) for w in (1, 2))
+@pytest.fixture(scope="module")
+def ddp_runs(tiny_vpo, tmp_path_factory):
+    """Every case once on 1 rank (this process) and once on 2 gloo ranks (one spawn)."""
+    out = tmp_path_factory.mktemp("ddp")
+    batches = global_batches(tiny_vpo)
+    all_steps(0, 1, batches, out)
+    mp.spawn(all_steps, args=(2, batches, out), nprocs=2)
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_one_rank_equals_two_ranks(ddp_runs, case):
+    """Same global batch, same draws: the loss, its parts and every gradient on 2 gloo ranks == on 1 rank
+    (cavp.py with CAVP mining and with SupCon; tpavi.py's BCE / CE + lambda L_AVM)."""
+    one, two = (torch.load(ddp_runs / f"{case}-w{w}.pt", weights_only=True) for w in (1, 2))
     torch.testing.assert_close(two["values"], one["values"], rtol=1e-5, atol=1e-6)
-    assert one["values"][2] > 0
+    assert one["values"][2] > 0 and len(one["grads"]) > 50 and one["grads"].keys() == two["grads"].keys()
+    if "bank" in one:
+        assert torch.equal(one["bank"], two["bank"]) and one["bank"].sum() == 4
     for name, grad in one["grads"].items():
         torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
