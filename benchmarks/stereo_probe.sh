@@ -9,15 +9,16 @@
 #   EXTRA="--device cuda" bash benchmarks/stereo_probe.sh       # flags added to every run
 #   python benchmarks/summarize.py --stereo-probe runs/stereo-probe   # the tables (also printed at the end)
 #
-# Data (vpo_make.py --synthetic --mi-share 1, N_TRAIN train / N_TEST test images, under DATA): every VPO-MSMI
-# image holds two instances of one class, centred in the left and the right 30 % of the width;
+# Data (vpo_make.py --synthetic --mi-share 1, N_TRAIN train / N_TEST test images, in DATA/{solo,mixed}): every
+# VPO-MSMI image holds two instances of one class, centred in the left and the right 30 % of the width;
 #   solo:  one of them sounds, nothing else (--mi-single-source): the audio names the class, only stereo the side;
 #   mixed: plus 0-4 other sounding classes, as VPO-MSMI's multi-instance images.
 # Runs (OUT/<run>-<data>-s<seed>): base = the paper's setting (no position code, an audio conv1 blind to the side
 # at init, pans from the CSV, Eq. (1) matches on classes); pos, conv1, pan, side = base with one lever switched
 # (--pos-enc sine, --audio-conv1 split, --pan crop, --match side); all = every lever; all-long = all for
 # LONG_ITERS iterations (training length; the curves of the others show it up to ITERS). On mixed: base and all.
-# Model: the built-in defaults (ResNet-18 encoders from scratch, 64 px, output stride 16, batch 16).
+# Model: the built-in defaults (ResNet-18 encoders from scratch, 64 px, output stride 16, batch 16): 1.3-3.2 s per
+# iteration on one thread of the shared 2-core CPU (5-12 images/s), so ITERS=2048 is roughly 45-110 min a run.
 #
 # A finished run (its log.txt says "done in") is skipped, an interrupted one continues from its last.pt, so the
 # script can be stopped and started again. Iterations are whole epochs of N_TRAIN / BATCH steps.
@@ -26,12 +27,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 JOBS=${JOBS:-1}
 OUT=${OUT:-runs/stereo-probe}
-DATA=${DATA:-data/stereo-probe}
 SEEDS=${SEEDS:-0}
 N_TRAIN=${N_TRAIN:-1024}
 N_TEST=${N_TEST:-200}
+DATA=${DATA:-data/stereo-probe-$N_TRAIN-$N_TEST}
 BATCH=${BATCH:-16}
-ITERS=${ITERS:-2000}
+ITERS=${ITERS:-2048}
 LONG_ITERS=${LONG_ITERS:-$((4 * ITERS))}   # 0: no all-long run
 EVAL_ITERS=${EVAL_ITERS:-256}
 EXTRA=${EXTRA:-}
@@ -63,8 +64,8 @@ train() {  # train NAME DATA_KIND ITERATIONS FLAGS...: one cavp.py run in OUT/NA
     # a failed run is reported and left out; the others go on
     # shellcheck disable=SC2086
     ( $PY cavp.py --data vpo_msmi --data-root "$DATA/$kind" --batch-size "$BATCH" --epochs "$(epochs "$iters")" \
-        --eval-every "$EVAL_EVERY" --workers 0 --overlays 0 "$@" $EXTRA --out "$dir" "${resume[@]}" > "$dir.log" 2>&1 \
-        || echo "$(date +%T) $name failed: see $dir.log" >&2 ) &
+        --eval-every "$EVAL_EVERY" --workers 0 --overlays 0 "$@" $EXTRA --out "$dir" "${resume[@]}" \
+        > "$dir.log" 2>&1 || echo "$(date +%T) $name failed: see $dir.log" >&2 ) &
     [ "$JOBS" -gt 1 ] || wait $!
 }
 
