@@ -566,8 +566,8 @@ def test_synthetic_sounds_are_separable():
 
 def test_mi_single_source_subset(src, cocos, tmp_path, capsys):
     """--mi-share 1 --mi-single-source (issue 19's stereo probe), sizes that the fixture's multi-instance
-    images fill (2 train, 1 val): VPO-MSMI holds them only, each sounding through one instance of its repeated class; its twins and the other classes are
-    silent, so the mask holds that instance alone."""
+    images fill (2 train, 1 val): VPO-MSMI holds them only, each sounding through one instance of its
+    repeated class; its twins and the other classes are silent, so the mask holds that instance alone."""
     out = str(tmp_path / "out")
     assert vpo_make.main(["--coco", src[0], "--vggsound", src[1], "--out", out, "--n-train", "2", "--n-test",
                           "1", "--mi-share", "1", "--mi-single-source", "--workers", "1"]) == 0
