@@ -70,6 +70,16 @@ def parse_args(argv=None):
     a("--attn", default="sigmoid", choices=["sigmoid", "softmax", "minmax"],
       help="f_CA attention activation (Sec. 4.1, Fig. 6)")
     a("--heads", type=int, default=4, help="f_CA attention heads")
+    a("--pos-enc", default="none", choices=["none", "sine"],
+      help="position code added to f_CA's visual queries: none (the paper; the released code allocates one but "
+           "never adds it) or a fixed 2-D sinusoidal code as the Transformer attention the paper builds on "
+           "(ref. [55]). f_CA has one audio token, so a pixel can prefer one side of the image for a sound only "
+           "if its query knows where the pixel is (issue 19)")
+    a("--audio-conv1", default="split", choices=["split", "mean"],
+      help="stereo audio conv1 at init: one filter on L + R plus a fresh one on L - R, so the encoder starts "
+           "with sight of the side (split), or one filter shared by both channels, an encoder blind to the side "
+           "at init (mean: the ImageNet filter averaged over RGB with --pretrained imagenet, as before issue 19; "
+           "the fresh filter averaged over channels otherwise); mono is the same either way")
     # loss
     a("--contrast", default="cavp", choices=["none", "supcon", "cavp"],
       help="contrastive term: none, SupCon with uniform sampling, or CAVP mining (Table 5 rows 2-4)")
@@ -157,6 +167,8 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if not 0 <= args.pos_share <= 1:
         p.error("--pos-share must be in [0, 1]")
+    if args.pos_enc != "none" and args.fusion != "ca":
+        p.error(f"--pos-enc {args.pos_enc} codes f_CA's visual queries: use --fusion ca or --pos-enc none")
     if args.match == "side" and args.mono:
         p.error("--match side compares stereo positions: drop --mono or use --match class")
     return args
@@ -171,7 +183,8 @@ PAPER = dict(backbone="resnet50", pretrained="imagenet", output_stride=8, crop=5
 # result), trained from scratch; fewer anchors for 1/64 of the paper's crop area
 BUILTIN = dict(backbone="resnet18", pretrained="none", output_stride=16, crop=None, lr=1e-2, anchors_per_group=128,
                eval_batch_size=16)
-CKPT_KEYS = ("backbone", "output_stride", "fusion", "attn", "heads", "mono")  # taken from a checkpoint
+# taken from a checkpoint
+CKPT_KEYS = ("backbone", "output_stride", "fusion", "attn", "heads", "pos_enc", "audio_conv1", "mono")
 
 
 def resolve_defaults(args):
@@ -281,17 +294,33 @@ class DeepLabV3Plus(nn.Module):
 
 
 class AudioEncoder(nn.Module):
-    """ResNet-18 on the log-mel (1 channel mono, 2 stereo), global max pool, FC 512 -> dim (SPEC 1.3)."""
+    """ResNet-18 on the log-mel (1 channel mono, 2 stereo), global max pool, FC 512 -> dim (SPEC 1.3).
 
-    def __init__(self, channels, dim, pretrained):
+    conv1 of a stereo encoder, seen as a filter s on L + R and a filter d on L - R (weights s + d on L,
+    s - d on R): s is ImageNet's conv1 averaged over RGB (--pretrained imagenet) or the fresh filter's
+    mean over the channels, d half the fresh filter's difference between them. conv1 "split" keeps d, "mean"
+    drops it (d = 0: L and R swapped give the same embedding at init). The log-mel of a source panned at
+    alpha differs between L and R by the constant 20 log10((1 - alpha) / alpha) / 50 (data.LogMel), so the
+    side reaches the network through d only.
+    """
+
+    def __init__(self, channels, dim, pretrained, conv1="split"):
         super().__init__()
         net = torchvision.models.resnet18(weights=None)
         imagenet = pretrained == "imagenet"  # a local --pretrained file is the image backbone's
         load_backbone_weights(net, "resnet18", "imagenet" if imagenet else "none")
         rgb = net.conv1.weight.data
         net.conv1 = nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
+        fresh = net.conv1.weight.data
+        s = fresh.mean(1, keepdim=True)
+        d = fresh - s  # (+d, -d) on (L, R); 0 for mono
         if imagenet:
-            net.conv1.weight.data = rgb.mean(1, keepdim=True).repeat(1, channels, 1, 1)
+            # The released code replaces conv1 by a fresh conv (SPEC 4), dropping ImageNet's filter on the
+            # content; here ImageNet's filter stays on L + R, which bn1 and layer1 were trained after, and the
+            # fresh d, scaled per filter to the norm of ImageNet's, adds the side at the same strength.
+            s = rgb.mean(1, keepdim=True)
+            d = d * s.norm(dim=(2, 3), keepdim=True) / d.norm(dim=(2, 3), keepdim=True).clamp(min=1e-12)
+        net.conv1.weight.data = (s + d if conv1 == "split" else s.expand_as(fresh)).contiguous()
         net.fc = nn.Linear(512, dim)
         self.net = net
 
@@ -302,16 +331,42 @@ class AudioEncoder(nn.Module):
         return n.fc(torch.amax(x, dim=(2, 3)))
 
 
+def sine_position_code(h, w, dim, temperature=10000.0, device=None):
+    """Fixed 2-D sinusoidal position code of an h x w token grid -> (h*w, dim), rows first (DETR-style
+    2-D form of the Transformer's code, ref. [55]).
+
+    Token (r, c) sits at y = 2 pi (r + 1/2) / h, x = 2 pi (c + 1/2) / w: pixel centres normalised to the
+    image, so a map of any size gets the same code at the same relative place, and a horizontal flip
+    maps x to 2 pi - x. With F = dim / 4 frequencies w_i = T^(-i/F), i = 0..F-1, T = `temperature`:
+        p[2i] = sin(w_i y),          p[2i + 1] = cos(w_i y),           (first dim/2 channels: y)
+        p[dim/2 + 2i] = sin(w_i x),  p[dim/2 + 2i + 1] = cos(w_i x)    (last dim/2 channels: x)
+    dim must be a multiple of 4: f_CA's 304 = 4 x 76 gives 152 channels per axis, 76 frequencies each.
+    """
+    if dim % 4:
+        raise ValueError(f"sine position code: dim {dim} is not a multiple of 4 (sin/cos pairs for y and x)")
+    f = dim // 4
+    freq = temperature ** (-torch.arange(f, device=device) / f)
+
+    def axis(n):  # (n, 2F): sin / cos interleaved, at the n pixel centres scaled to (0, 2 pi)
+        a = (2 * math.pi * (torch.arange(n, device=device) + 0.5) / n)[:, None] * freq
+        return torch.stack([a.sin(), a.cos()], -1).flatten(1)
+    py, px = axis(h)[:, None].expand(h, w, 2 * f), axis(w)[None].expand(h, w, 2 * f)
+    return torch.cat([py, px], -1).reshape(h * w, dim)
+
+
 class CrossAttention(nn.Module):
     """f_CA(u_v, u_a) = u_v + f_MHA(u_v, u_a, u_a): visual query, audio key/value (Sec. 4.1).
 
     The audio is one token, so the attention activation acts over the pixels of each head's map:
     sigmoid (the paper's choice), softmax over the H*W positions, or min-max normalisation (Fig. 6).
+    pos_enc "sine": the query of pixel n is W_q (LN(u_v)_n + p_n) with p = sine_position_code; keys,
+    values and the residual u_v carry no position (as DETR adds the code to queries and keys only, and
+    the key here is the audio), so position acts only through the attention a pixel gives the sound.
     """
 
-    def __init__(self, dim, heads, attn):
+    def __init__(self, dim, heads, attn, pos_enc="none"):
         super().__init__()
-        self.heads, self.attn = heads, attn
+        self.heads, self.attn, self.pos_enc = heads, attn, pos_enc
         self.visual_mlp = nn.Sequential(nn.Linear(dim, 256), nn.ReLU(inplace=True), nn.Linear(256, dim))
         self.norm = nn.LayerNorm(dim)  # shared by both modalities
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
@@ -326,11 +381,14 @@ class CrossAttention(nn.Module):
         lo, hi = s.amin(2, keepdim=True), s.amax(2, keepdim=True)
         return (s - lo) / (hi - lo + 1e-6)
 
-    def forward(self, u_v, u_a):
-        """u_v (B, N, D) visual tokens, u_a (B, D) audio -> fused z (B, N, D), attention map (B, N)."""
+    def forward(self, u_v, u_a, size):
+        """u_v (B, N, D) visual tokens of an h x w grid (size), u_a (B, D) audio -> fused z (B, N, D),
+        attention map (B, N)."""
         b, n, d = u_v.shape
         u_v = self.visual_mlp(u_v)
         qv, ka = self.norm(u_v), self.norm(u_a)
+        if self.pos_enc == "sine":
+            qv = qv + sine_position_code(*size, d, device=qv.device).to(qv.dtype)
         q = self.q(qv).view(b, n, self.heads, -1).transpose(1, 2)        # B h N d'
         k = self.k(ka).view(b, self.heads, -1, 1)                        # B h d' 1
         v = self.v(ka).view(b, self.heads, 1, -1)                        # B h 1 d'
@@ -347,7 +405,8 @@ class AudioQueryFusion(nn.Module):
         super().__init__()
         self.mha = nn.MultiheadAttention(dim, heads, batch_first=True)
 
-    def forward(self, u_v, u_a):
+    def forward(self, u_v, u_a, size=None):
+        """As CrossAttention.forward; size is not used (no position code)."""
         out, w = self.mha(u_a[:, None], u_v, u_v)                        # audio query, softmax over pixels
         return u_v + u_v * out, w[:, 0]
 
@@ -358,9 +417,9 @@ class CAVPModel(nn.Module):
     def __init__(self, args, num_classes, dim=304):
         super().__init__()
         self.visual = DeepLabV3Plus(args.backbone, args.pretrained, args.output_stride)
-        self.audio = AudioEncoder(1 if args.mono else 2, dim, args.pretrained)
+        self.audio = AudioEncoder(1 if args.mono else 2, dim, args.pretrained, args.audio_conv1)
         self.fusion = AudioQueryFusion(dim, args.heads) if args.fusion == "tpavi" else \
-            CrossAttention(dim, args.heads, args.attn)
+            CrossAttention(dim, args.heads, args.attn, args.pos_enc)
         self.classifier = nn.Sequential(
             nn.Conv2d(dim, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
             nn.Conv2d(256, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
@@ -376,7 +435,7 @@ class CAVPModel(nn.Module):
         feat = self.visual(image)
         b, d, h, w = feat.shape
         tokens = feat.flatten(2).transpose(1, 2)
-        z, attn = self.fusion(tokens.repeat(mel.shape[0] // b, 1, 1), self.audio(mel))
+        z, attn = self.fusion(tokens.repeat(mel.shape[0] // b, 1, 1), self.audio(mel), (h, w))
         z = z.transpose(1, 2).reshape(-1, d, h, w)
         logits = F.interpolate(self.classifier(z[:b]), size=image.shape[2:], mode="bilinear", align_corners=False)
         return logits, z, attn.reshape(-1, h, w)

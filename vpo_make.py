@@ -45,7 +45,9 @@ vggsound} (instances JSON with polygon and compressed-RLE masks, captions JSON, 
   the right 30 % of the width, and only one of them sounds: stereo is the only cue;
 - persons are drawn as male/female/baby families with matching captions ("a man", "two women",
   "a toddler"), or ambiguous ones (neutral "a person", or two genders in one image);
-- defaults: 64x64 images, 128 train / 300 test samples per subset, --mi-share 0.5.
+- defaults: 64x64 images, 128 train / 300 test samples per subset, --mi-share 0.5. The stereo
+  probe of issue 19, `--mi-share 1 --mi-single-source`: every VPO-MSMI sample is a multi-instance
+  image sounding through one of its twins only (without the second flag: plus other classes).
 
 Documented choices (the paper leaves them open):
 - Split: COCO train2017 -> VPO "train", val2017 -> "val" (= test). Audio for a train sample comes
@@ -70,7 +72,7 @@ Documented choices (the paper leaves them open):
   capped by the images available) + the first VPO-MS samples for the rest (same rows,
   multi_instance=0). In a multi-instance image one random repeated class sounds through ONE instance
   (its twins stay silent, so stereo is the only cue), plus k-1 other classes, k ~ U{1..min(5,
-  classes)}. Every sounding class has exactly one sounding object: one CSV row per source.
+  classes)} (--mi-single-source: k = 1). Every sounding class has exactly one sounding object: one CSV row per source.
 - Masks: single-channel PNG, pixel = COCO id of a sounding object, 0 background (silent objects
   included), 255 = crowd regions of a sounding class (may contain the source; ignored).
 - audio_pos = centre of mass of the sounding object's mask, x measured at pixel centres, / width
@@ -556,8 +558,9 @@ def _sounding(img, rng, focus=None):
     return [rng.choice(img.objs[c]) for c in sorted(chosen)]
 
 
-def plan(images, pools, sizes, mi_share, seed):
-    """-> ({subset: [Sample]} sorted by split then image id, {split: eligible image counts})."""
+def plan(images, pools, sizes, mi_share, seed, mi_single=False):
+    """-> ({subset: [Sample]} sorted by split then image id, {split: eligible image counts}).
+    mi_single: a multi-instance image sounds through one instance of its repeated class only."""
     out, eligible = {s: [] for s in SUBSETS}, {}
     for split, _, _ in SPLITS:
         imgs = sorted((i for i in images if i.split == split),
@@ -580,7 +583,8 @@ def plan(images, pools, sizes, mi_share, seed):
         for img in multis[:n_mi]:
             rng = _rng(seed, "mi", img.id)
             focus = rng.choice(img.multi_classes())
-            out["msmi"].append(_with_clips(img, _sounding(img, rng, focus), rng, pools, multi=True))
+            objs = [rng.choice(img.objs[focus])] if mi_single else _sounding(img, rng, focus)
+            out["msmi"].append(_with_clips(img, objs, rng, pools, multi=True))
     for samples in out.values():
         samples.sort(key=lambda s: (s.img.split != "train", s.img.id))
     return out, eligible
@@ -659,10 +663,10 @@ def write_dataset(subsets, vgg_root, out, workers):
                   _csv_bytes(subset, samples, alphas[subset]))
 
 
-def summarize(subsets, sizes, seed, mi_share, stats):
+def summarize(subsets, sizes, seed, mi_share, mi_single, stats):
     """Per-subset sizes, per-class source counts and imbalance ratio N_max/N_min (App. A.1), plus
     the inputs' statistics and what was missing from them (`stats`, see prepare)."""
-    summary = dict(seed=seed, mi_share=round(mi_share, 6), **stats, subsets={})
+    summary = dict(seed=seed, mi_share=round(mi_share, 6), mi_single_source=mi_single, **stats, subsets={})
     for subset, samples in subsets.items():
         entry = {}
         for col, (split, _, _) in enumerate(SPLITS):
@@ -714,7 +718,7 @@ def format_summary(summary):
     return "\n".join(lines)
 
 
-def prepare(coco_root, vgg_root, sizes, mi_share, seed, strict=False):
+def prepare(coco_root, vgg_root, sizes, mi_share, seed, strict=False, mi_single=False):
     """Read COCO and VGGSound and plan the subsets -> ({subset: [Sample]}, stats).
 
     stats: persons (person-rule counts), vggsound (clip counts), eligible_images (per split) and
@@ -736,7 +740,7 @@ def prepare(coco_root, vgg_root, sizes, mi_share, seed, strict=False):
         have = ", ".join(CLASS_NAME[c] for c in VPO_COCO_IDS if c in sounding)
         raise DataError(f"nothing to build: no COCO image on disk under {coco_root} holds an object of a "
                         f"class with VGGSound clips ({have}); add COCO images or clips of the same classes")
-    subsets, eligible = plan(images, pools, sizes, mi_share, seed)
+    subsets, eligible = plan(images, pools, sizes, mi_share, seed, mi_single)
     missing = dict(labels=labels_missing, classes=silent, coco_splits=coco["coco_splits"],
                    coco_images=coco["coco_images"])
     return subsets, dict(persons=coco["persons"], vggsound=vgg_stats, eligible_images=eligible,
@@ -744,18 +748,18 @@ def prepare(coco_root, vgg_root, sizes, mi_share, seed, strict=False):
 
 
 def build(coco_root, vgg_root, out, sizes=None, mi_share=PAPER_MI_SHARE, seed=0, workers=1,
-          synthetic_size=None, strict=False):
+          synthetic_size=None, strict=False, mi_single=False):
     """Real-mode builder: COCO + VGGSound -> DATA_ROOT (see module docstring); returns the summary.
 
     synthetic_size: the image side of built-in sources; recorded in the summary ("synthetic",
     "image_size") so that the training scripts pick their CPU-sized defaults. strict: missing COCO
-    images or image folders are errors instead of warnings.
+    images or image folders are errors instead of warnings. mi_single: see plan.
     """
     sizes = sizes or PAPER_SIZES
-    subsets, stats = prepare(coco_root, vgg_root, sizes, mi_share, seed, strict)
+    subsets, stats = prepare(coco_root, vgg_root, sizes, mi_share, seed, strict, mi_single)
     write_dataset(subsets, vgg_root, out, workers)
     stats["vggsound"]["clips_used"] = len({v for ss in subsets.values() for s in ss for _, v in s.sources})
-    summary = summarize(subsets, sizes, seed, mi_share, stats)
+    summary = summarize(subsets, sizes, seed, mi_share, mi_single, stats)
     summary.update(synthetic=synthetic_size is not None, image_size=synthetic_size)
     put_bytes(os.path.join(out, "vpo_summary.json"), (json.dumps(summary, indent=1) + "\n").encode())
     return summary
@@ -1033,6 +1037,10 @@ def parse_args(argv=None):
                        f"{paper} in real mode, {SYNTHETIC_SIZES[col]} synthetic)")
     p.add_argument("--mi-share", type=float, help="share of multi-instance images in VPO-MSMI (default: "
                    f"the paper's {PAPER_MI_SHARE:.3f} in real mode, {SYNTHETIC_MI_SHARE} synthetic)")
+    p.add_argument("--mi-single-source", action="store_true",
+                   help="multi-instance images of VPO-MSMI sound through one instance of their repeated class "
+                   "only, no other class (default: plus 0-4 other sounding classes, as VPO-MS); with --mi-share "
+                   "1 every VPO-MSMI sample is then one sound whose instance only stereo can tell (issue 19)")
     p.add_argument("--size", type=int, default=64, help="synthetic image side in pixels (>= 32)")
     p.add_argument("--strict", action="store_true", help="stop with an error when a COCO image listed in the "
                    "annotations, or a whole train2017/ or val2017/ folder, is missing (default: skip it with "
@@ -1065,7 +1073,7 @@ def main(argv=None):
                   file=sys.stderr, flush=True)
             coco, vgg = make_sources(args.out, args.size, *sizes["msmi"], mi_share, args.seed)
         summary = build(coco, vgg, args.out, sizes, mi_share, args.seed, args.workers,
-                        args.size if args.synthetic else None, args.strict)
+                        args.size if args.synthetic else None, args.strict, args.mi_single_source)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
     python benchmarks/summarize.py runs/repro
     python benchmarks/summarize.py --readings runs/readings     # readings of Eq. (1)-(3), stereo vs mono
+    python benchmarks/summarize.py --stereo-probe runs/stereo-probe   # benchmarks/stereo_probe.sh (issue 19)
 
 Figures are test-split percentages of the last epoch (metrics.json "final"); "a (b-c)" = mean over
 seeds (lowest-highest). Item 5 reads eval-real.json / eval-silence.json / eval-absent.json.
@@ -131,6 +132,67 @@ def readings(root):
     print(readings_rows(root, ("best-mono", "best"), SUBSETS, "best-mono"))
 
 
+PROBE = {"base": "paper: no position code, conv1 mean, pans from the CSV, --match class",
+         "pos": "base + --pos-enc sine", "conv1": "base + --audio-conv1 split", "pan": "base + --pan crop",
+         "side": "base + --match side", "all": "all four levers", "all-long": "all four levers, LONG_ITERS"}
+PROBE_DATA = {"solo": "one sounding twin", "mixed": "twin + other sources"}
+
+
+def probe_runs(root):
+    """{(run, data): {seed: (metrics.json content, finished)}} of the stereo_probe.sh folders written so far."""
+    found = {}
+    for d in sorted(glob.glob(os.path.join(root, "*-s*"))):
+        m = re.fullmatch(rf"({'|'.join(PROBE)})-({'|'.join(PROBE_DATA)})-s(\d+)", os.path.basename(d))
+        if m and os.path.isfile(os.path.join(d, "metrics.json")):
+            found.setdefault(m.group(1, 2), {})[int(m.group(3))] = (load(os.path.join(d, "metrics.json")),
+                                                                    wall_time(d) is not None)
+    return dict(sorted(found.items(), key=lambda kv: (list(PROBE_DATA).index(kv[0][1]), list(PROBE).index(kv[0][0]))))
+
+
+def mean_pct(values):
+    values = [100 * v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def stereo_probe(root):
+    """Issue 19: side accuracy (real / L/R-swapped channels) over training for each run of stereo_probe.sh
+    (mean over seeds), then each run's last evaluation."""
+    found = probe_runs(root)
+    if not found:
+        sys.exit(f"{root}: no run folder of benchmarks/stereo_probe.sh (<run>-<data>-s<seed>/metrics.json)")
+    curves = {key: {} for key in found}
+    for key, seeds in found.items():
+        for res, _ in seeds.values():
+            for h in res["history"]:
+                curves[key].setdefault(h["iteration"], []).append(h)
+    print("### Side accuracy over training: real / L/R-swapped channels, % of the twin images\n")
+    header = ["iteration"] + [f"{run} ({data})" + ("" if all(done for _, done in found[run, data].values())
+                                                   else ", running") for run, data in found]
+    rows = []
+    for it in sorted({it for c in curves.values() for it in c}):
+        row = [it]
+        for key in found:
+            hs = curves[key].get(it, [])
+            real, swap = (mean_pct([h.get(k) for h in hs]) for k in ("twin_side_acc", "twin_side_acc_swap"))
+            row.append("-" if real is None else f"{real:.1f} / " + ("-" if swap is None else f"{swap:.1f}"))
+        rows.append(row)
+    print(table(header, rows))
+    print("\n### Last evaluation of the finished runs (% ; a (b-c) = mean over seeds (lowest-highest))\n")
+    rows = []
+    for (run, data), seeds in found.items():
+        done = {s: res["final"] for s, (res, fin) in seeds.items() if fin}
+        if not done:
+            continue
+        pct = lambda key: [None if r.get(key) is None else 100 * r[key] for r in done.values()]  # noqa: E731
+        gap = [a - b for a, b in zip(pct("twin_side_acc"), pct("twin_side_acc_swap")) if None not in (a, b)]
+        iters = sorted({seeds[s][0]["history"][-1]["iteration"] for s in done})
+        rows.append([PROBE_DATA[data], run, PROBE[run], ",".join(map(str, sorted(done))), ",".join(map(str, iters)),
+                     spread(pct("miou")), spread(pct("twin_recall"), 1), spread(pct("twin_share"), 1),
+                     spread(pct("twin_side_acc"), 1), spread(pct("twin_side_acc_swap"), 1), spread(gap, 1)])
+    print(table(["data", "run", "setting", "seeds", "iterations", "mIoU", "sounding recall", "silent-twin share",
+                 "side acc", "side acc, L/R swapped", "side acc: real - swapped"], rows))
+
+
 def margin(root, a, b, subset):
     """mean mIoU of a minus mean mIoU of b (seeds that both have), or None."""
     ra, rb = scores(root, a, subset), scores(root, b, subset)
@@ -143,14 +205,18 @@ def margin(root, a, b, subset):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("root", help="OUT folder of benchmarks/reproduce.sh")
+    p.add_argument("root", help="OUT folder of benchmarks/reproduce.sh (or stereo_probe.sh)")
     p.add_argument("--readings", action="store_true", help="the folder is the 'readings' part's (issue 10)")
+    p.add_argument("--stereo-probe", action="store_true", help="the folder is benchmarks/stereo_probe.sh's OUT "
+                   "(issue 19): side accuracy curves and the last evaluations")
     args = p.parse_args(argv)
     root = args.root
     if not os.path.isdir(root):
         sys.exit(f"{root} not found: pass the OUT folder of benchmarks/reproduce.sh")
     if args.readings:
         return readings(root)
+    if args.stereo_probe:
+        return stereo_probe(root)
 
     print("### 1. Table 4: CAVP vs TPAVI\n")
     print(metric_rows(root, ("tpavi", "tpavifusion", "cavp"), SUBSETS))

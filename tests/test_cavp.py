@@ -25,7 +25,7 @@ def quick(tiny_vpo, out, *extra):
                                               ("ca", "minmax", False), ("tpavi", "sigmoid", False)])
 def test_shapes(fusion, attn, mono):
     args = Namespace(backbone="resnet18", pretrained="none", output_stride=8, fusion=fusion, attn=attn, heads=4,
-                     mono=mono)
+                     pos_enc="none", audio_conv1="split", mono=mono)
     model = cavp.CAVPModel(args, num_classes=22).eval()
     image, mel = torch.randn(2, 3, 64, 48), torch.randn(3, 1 if mono else 2, 300, 64)
     with torch.no_grad():

@@ -69,3 +69,34 @@ def test_readings_tables_pair_seeds_and_show_twin_metrics(tmp_path, capsys):
            "| 0.0 |" in out
     assert "| VPO-SS |" not in out
     assert "paired by seed, mIoU: best - poslabel 15.00" in out  # seed 0 only: 40 - 25
+
+
+def probe_run(root, name, history, done=True):
+    """A stereo_probe.sh run folder: metrics.json with the evaluations (iteration, side acc real / swapped)."""
+    hist = [dict(iteration=it, miou=0.5, twin_recall=0.6, twin_share=0.2, twin_side_acc=real,
+                 twin_side_acc_swap=swap) for it, real, swap in history]
+    d = root / name
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps(dict(history=hist, final=hist[-1])))
+    (d / "log.txt").write_text("ep 1/1 ...\n" + ("done in 60 s; best mIoU 50.00\n" if done else ""))
+
+
+def test_stereo_probe_curves_and_final_table(tmp_path, capsys):
+    probe_run(tmp_path, "base-solo-s0", [(64, 0.40, 0.38), (128, 0.50, 0.50)])
+    probe_run(tmp_path, "pos-solo-s0", [(64, 0.50, 0.30), (128, 0.80, 0.10)])
+    probe_run(tmp_path, "pos-solo-s1", [(64, 0.70, 0.50), (128, 0.90, 0.20)])
+    probe_run(tmp_path, "all-long-solo-s0", [(64, 0.60, None)], done=False)  # still training
+    probe_run(tmp_path, "all-mixed-s0", [(128, 0.55, 0.45)])
+    probe_run(tmp_path, "cavp-msmi-s0", [(64, 0.99, 0.0)])  # not a probe run: ignored
+    summarize.main(["--stereo-probe", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| iteration | base (solo) | pos (solo) | all-long (solo), running | all (mixed) |" in out
+    assert "| 64 | 40.0 / 38.0 | 60.0 / 40.0 | 60.0 / - | - |" in out  # pos: mean of seeds 0 and 1
+    assert "| 128 | 50.0 / 50.0 | 85.0 / 15.0 | - | 55.0 / 45.0 |" in out
+    assert "| one sounding twin | pos | base + --pos-enc sine | 0,1 | 128 | 50.00 (50.00-50.00) | 60.0 (60.0-60.0) " \
+           "| 20.0 (20.0-20.0) | 85.0 (80.0-90.0) | 15.0 (10.0-20.0) | 70.0 (70.0-70.0) |" in out
+    assert "| twin + other sources | all | all four levers | 0 | 128 | 50.00 | 60.0 | 20.0 | 55.0 | 45.0 " \
+           "| 10.0 |" in out
+    assert "all-long |" not in out and "cavp" not in out  # unfinished: curve only; foreign folder: nowhere
+    with pytest.raises(SystemExit, match="no run folder"):
+        summarize.main(["--stereo-probe", str(tmp_path / "cavp-msmi-s0")])

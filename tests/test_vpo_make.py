@@ -562,3 +562,29 @@ def test_synthetic_sounds_are_separable():
                          for k in range(21) for j in range(2)])
     dist = torch.cdist(feats, feats) + torch.eye(len(feats)) * 1e9
     assert torch.equal(dist.argmin(1) // 2, torch.arange(len(feats)) // 2)
+
+
+def test_mi_single_source_subset(src, cocos, tmp_path, capsys):
+    """--mi-share 1 --mi-single-source (issue 19's stereo probe), sizes that the fixture's multi-instance
+    images fill (2 train, 1 val): VPO-MSMI holds them only, each sounding through one instance of its
+    repeated class; its twins and the other classes are silent, so the mask holds that instance alone."""
+    out = str(tmp_path / "out")
+    assert vpo_make.main(["--coco", src[0], "--vggsound", src[1], "--out", out, "--n-train", "2", "--n-test",
+                          "1", "--mi-share", "1", "--mi-single-source", "--workers", "1"]) == 0
+    capsys.readouterr()
+    msmi = by_image(out, "msmi")
+    assert set(msmi) == MULTI
+    repeated = {12: "dog", 16: "male", 22: "cat"}
+    for img_id, group in msmi.items():
+        (r,) = group
+        assert r["multi_instance"] == "1" and r["cateName"] == repeated[img_id]
+        coco = cocos[r["split"]]
+        ann = coco.anns[ann_id(r)]
+        twins = [a for a in coco.imgToAnns[img_id] if a["category_id"] == ann["category_id"] and not a["iscrowd"]]
+        assert len(twins) == 2 and ann in twins
+        mask = np.array(Image.open(os.path.join(out, "VPO-MSMI", "mask", f"{img_id:012d}.png")))
+        assert np.array_equal(np.isin(mask, (0, 255)), coco.annToMask(ann) == 0)
+    with open(os.path.join(out, "vpo_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["mi_single_source"] is True and summary["mi_share"] == 1
+    assert summary["subsets"]["msmi"]["train"]["multi_instance"] == summary["subsets"]["msmi"]["train"]["samples"]
