@@ -911,6 +911,10 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get("script") != "cavp":
         by = f" (written by {ckpt['script']}.py)" if isinstance(ckpt, dict) and "script" in ckpt else ""
         raise data.DataError(f"{path}: not a cavp.py checkpoint{by}; pass a last.pt/best.pt written by cavp.py")
+    missing = [k for k in CKPT_KEYS if k not in ckpt["args"]] + [k for k in ("criterion",) if k not in ckpt["extra"]]
+    if missing:
+        raise data.DataError(f"{path}: written by an older cavp.py (no {', '.join(missing)}); train again, or use "
+                             "the cavp.py version that wrote it")
     return ckpt
 
 

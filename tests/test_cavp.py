@@ -129,8 +129,10 @@ def test_resume_after_epochs_and_sigkill_is_exact(tiny_vpo, tmp_path):
 def test_foreign_or_corrupt_checkpoint(tmp_path):
     """A tpavi.py checkpoint or a corrupt file: a one-line error naming the file."""
     torch.save(dict(script="tpavi", model={}, args={}), tmp_path / "tpavi.pt")
+    torch.save(dict(script="cavp", model={}, args=dict(backbone="resnet18"), extra=dict(bank={})), tmp_path / "old.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     for name, needle in (("tpavi.pt", "not a cavp.py checkpoint (written by tpavi.py)"),
+                         ("old.pt", "written by an older cavp.py (no output_stride"),
                          ("bad.pt", "not a readable checkpoint")):
         with pytest.raises(data.DataError, match=r"^\S*" + name + ": " + re.escape(needle)):
             cavp.main(cavp.parse_args(["--resume", str(tmp_path / name), "--out", str(tmp_path / "o")]))
