@@ -17,6 +17,7 @@ lr 1e-3 for batch 16, poly 0.9, 80 epochs, crop 512). On the built-in synthetic 
 CPU-sized settings instead; every such default is listed in `--help`.
 """
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -425,17 +426,20 @@ class CAVPModel(nn.Module):
             nn.Conv2d(256, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
             nn.Conv2d(256, num_classes, 1))
 
-    def forward(self, image, mel):
+    def forward(self, image, mel, pair=None):
         """image (B,3,H,W), mel (B,C,T,F) -> logits (B,K,H,W), fused features z (B,D,h,w), attention (B,h,w).
 
-        With 2B clips (Eq. 1), image i is fused with clip i and again with clip B + i (its re-pair): z and
-        the attention maps hold the B pairs then the B re-pairs. The image features are computed once; the
-        classifier runs on the original pairs only, the only ones with a CE term (Eq. 5).
+        Eq. (1): with 2B audio embeddings (2B clips, or `pair` mapping the embeddings of the clips to 2B,
+        see pair_embeddings), image i is fused with embedding i and again with embedding B + i (its
+        re-pair): z and the attention maps hold the B pairs then the B re-pairs. Image features and clips
+        are encoded once; the classifier runs on the original pairs only, the only ones with a CE term (Eq. 5).
         """
         feat = self.visual(image)
         b, d, h, w = feat.shape
         tokens = feat.flatten(2).transpose(1, 2)
-        z, attn = self.fusion(tokens.repeat(mel.shape[0] // b, 1, 1), self.audio(mel), (h, w))
+        u_a = self.audio(mel)
+        u_a = pair(u_a) if pair is not None else u_a
+        z, attn = self.fusion(tokens.repeat(u_a.shape[0] // b, 1, 1), u_a, (h, w))
         z = z.transpose(1, 2).reshape(-1, d, h, w)
         logits = F.interpolate(self.classifier(z[:b]), size=image.shape[2:], mode="bilinear", align_corners=False)
         return logits, z, attn.reshape(-1, h, w)
@@ -563,6 +567,15 @@ def repair(labels, bank, pos_share, use_bank, gen=None, bank_sources="single", m
             choice[i, classes] = torch.tensor(rows)
             t2[i], match[i], wrong_side[i] = t[i], True, False
     return perm, choice, t2, match, wrong_side
+
+
+def pair_embeddings(u_a, perm, banked, world):
+    """Eq. (1) on audio embeddings. u_a (b + k, D): this rank's b clips, then the k bank clips of its re-pairs
+    `banked`; perm (b,): the global-batch clip of each of this rank's re-pairs. Returns (2b, D): the b pairs,
+    then the b re-pairs, whose embeddings come from any rank (gathered with gradients) or from the bank."""
+    b = perm.shape[0]
+    every = GatherWithGrad.apply(u_a[:b].float()) if world > 1 else u_a[:b]
+    return torch.cat([u_a[:b], every[perm].to(u_a.dtype).index_copy(0, banked, u_a[b:])])
 
 
 def anchor_sets(y, t, match, unknown="mismatched", wrong_side=None):
@@ -695,19 +708,22 @@ class Criterion:
                                    (batch["mask"] != 255).flatten(1).sum(1, keepdim=True).float()], 1),
                         self.host_group)
         labels = dict(audio_classes=packed[:, :k], audio_pos=packed[:, k], source_pos=packed[:, k + 1:2 * k + 1])
+        pair = None
         if args.contrast != "none":
-            all_waves = gather(waves)
             perm, choice, t2, match2, side2 = repair(labels, self.bank, args.pos_share, epoch >= 1, self.gen,
                                                      args.bank_sources, args.match == "side")  # Eq. (1), App. B
-            self.bank.push(all_waves, labels["audio_classes"], labels["audio_pos"])  # after Eq. (1): no own clip
             own = slice(self.rank * b, (self.rank + 1) * b)
-            repaired = all_waves[h2d(perm[own], device)]
-            if (choice[own] >= 0).any():
-                bank_clips = self.bank.clips(choice[own], labels["source_pos"][own], waves.shape[1] == 2)
-                repaired = torch.where(h2d((choice[own] >= 0).any(1), device)[:, None, None], bank_clips, repaired)
-            waves = torch.cat([waves, repaired])
+            banked = torch.nonzero((choice[own] >= 0).any(1)).flatten()  # this rank's re-pairs with bank audio
+            clips = waves
+            if banked.numel():
+                waves = torch.cat([waves, self.bank.clips(choice[own][banked], labels["source_pos"][own][banked],
+                                                          waves.shape[1] == 2)])
+            # the bank takes the batch's clips after Eq. (1) and its draws: no image gets its own clip back
+            self.bank.push(gather(clips), labels["audio_classes"], labels["audio_pos"])
+            pair = functools.partial(pair_embeddings, perm=h2d(perm[own], device), banked=h2d(banked, device),
+                                     world=self.world)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits, z, _ = net(image, self.mel_fn(waves))
+            logits, z, _ = net(image, self.mel_fn(waves), pair)
         # Eq. (5), CE on the original pairs: a sum over this rank's pixels / the labelled pixels of all ranks
         loss_ce = F.cross_entropy(logits.float(), mask, ignore_index=255, reduction="sum") * self.world / max(
             float(packed[:, -1].sum()), 1.0)

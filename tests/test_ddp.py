@@ -122,27 +122,42 @@ def test_one_rank_equals_two_ranks(ddp_runs, case):
         torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_bank_is_filled_after_the_repairs(tiny_vpo):
-    """App. B with a derangement: a sample's own clip never comes back as its re-pair audio in the step that
-    reads it, not even from the bank (the bank gets the batch's clips after its re-pairs are drawn); from the
-    next step on the bank does give single-source images a clip of their class."""
-    batch = global_batches(tiny_vpo)[0]
+def single_source_batch(seed):
+    """4 single-source images of 16 x 16 px: two of class 1, two of class 2, distinct random clips."""
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.zeros(4, 22)
+    classes[[0, 1], 1], classes[[2, 3], 2] = 1, 1
+    mask = torch.zeros(4, 16, 16, dtype=torch.long)
+    mask[:, 4:12, 4:12] = torch.tensor([1, 1, 2, 2])[:, None, None]
+    pos = torch.tensor([0.2, 0.7, 0.4, 0.9])
+    return dict(image=torch.randn(4, 3, 16, 16, generator=g), mask=mask, wave=torch.randn(4, 2, 48000, generator=g),
+                audio_classes=classes, audio_pos=pos, source_pos=torch.where(classes > 0, pos[:, None], -1.0))
+
+
+def test_bank_is_filled_after_the_repairs():
+    """App. B with a derangement: no re-pair gets its image's own clip in the step that reads it, not from
+    the batch and not from the bank (the bank takes the batch's clips after the re-pairs and bank draws);
+    a replaced re-pair gets a clip of its image's class stored by an earlier step."""
     seen = []
 
-    def net(image, mel):
-        seen.append(mel)
-        return torch.zeros(image.shape[0], 22, *image.shape[2:]), torch.randn(mel.shape[0], 8, 4, 4), None
+    def net(image, mel, pair):
+        clips = pair(mel.flatten(1))  # the 2b "embeddings" are the clips themselves
+        seen.append(clips.view(-1, *mel.shape[1:]))
+        return torch.zeros(image.shape[0], 22, *image.shape[2:]), torch.randn(clips.shape[0], 8, 4, 4), None
     replaced = 0
-    for seed in range(4):
-        criterion = cavp.Criterion(Namespace(**dict(vars(ARGS), seed=seed)), 22, lambda w: w.clone(),
-                                   torch.device("cpu"), False, 0, 1)
-        for step in range(2):
-            criterion(net, batch, 1)
-            own, repaired = seen[-1][:4], seen[-1][4:]
-            same = [torch.allclose(repaired[i], own[i], atol=1e-6) for i in range(4)]
-            if step == 0:
-                assert not any(same)
-            replaced += sum(same[:2])  # the single-source images, given their own clip of the step before
+    for seed in range(6):
+        args = Namespace(**dict(vars(ARGS), seed=seed, bank_size=1))
+        criterion = cavp.Criterion(args, 22, lambda w: w.clone(), torch.device("cpu"), False, 0, 1)
+        older, batch = single_source_batch(2 * seed), single_source_batch(2 * seed + 1)
+        criterion(net, older, 1)  # bank: class 1 <- clip 1, class 2 <- clip 3 of `older`
+        criterion(net, batch, 1)
+        repaired = seen[-1][4:]
+        for i in range(4):
+            assert not torch.allclose(repaired[i], batch["wave"][i])
+            if not any(torch.equal(repaired[i], w) for w in batch["wave"]):  # a bank clip, panned at pos[i]
+                a, last = batch["audio_pos"][i], older["wave"][1 if i < 2 else 3].sum(0)
+                torch.testing.assert_close(repaired[i], torch.stack([(1 - a) * last, a * last]))
+                replaced += 1
     assert replaced > 0
 
 
