@@ -136,7 +136,9 @@ def parse_args(argv=None):
     a("--coco-ann", default=None,
       help="COCO instances JSON of the test images, for --eval-audio absent (default: the built-in VPO's "
            "DATA_ROOT/sources/coco/annotations/instances_val2017.json)")
-    a("--eval-every", type=int, default=5, help="evaluate every N epochs (and after the last)")
+    a("--eval-every", type=int, default=None,
+      help="evaluate every N epochs (and after the last) (default: 5; built-in VPO: 20, so that README's 80-epoch "
+           "demo spends under 10 %% of its time evaluating)")
     a("--eval-batch-size", type=int, default=None,
       help="test batch size per rank (default: 1 as App. B.1, original resolution; built-in VPO: 16)")
     a("--log-every", type=int, default=10, help="log line every N iterations")
@@ -151,11 +153,16 @@ def parse_args(argv=None):
     a("--audio-pos", type=float, default=None, metavar="A",
       help="with --predict: pan the (downmixed) clip to horizontal position A, 0 = left .. 1 = right, as VPO "
            "does (Sec. 3); needed for a mono clip on a stereo model")
+    a("--max-size", type=int, default=None, metavar="PX",
+      help="with --predict: run the model on the image scaled to a long side of at most PX (aspect kept, never "
+           "enlarged) and resize the prediction to the image's own size, so a phone photo takes seconds and little "
+           "memory (default: the crop the checkpoint was trained at, 512 for the paper's recipe, the image size "
+           "for the built-in VPO)")
     args = p.parse_args(argv)
     if args.predict and not (args.ckpt and args.audio):
         p.error("--predict needs --ckpt PATH and --audio WAV")
-    if (args.audio or args.audio_pos is not None) and not args.predict:
-        p.error("--audio and --audio-pos are for --predict IMAGE")
+    if (args.audio or args.audio_pos is not None or args.max_size is not None) and not args.predict:
+        p.error("--audio, --audio-pos and --max-size are for --predict IMAGE")
     if args.predict and (args.eval_only or args.resume):
         p.error("--predict excludes --eval-only and --resume")
     if args.eval_only and not args.ckpt:
@@ -163,7 +170,7 @@ def parse_args(argv=None):
     if args.eval_audio != "real" and not args.eval_only:
         p.error(f"--eval-audio {args.eval_audio} is for --eval-only")
     for flag in ("epochs", "batch_size", "eval_every", "log_every", "bank_size", "anchors_per_group",
-                 "eval_batch_size"):
+                 "eval_batch_size", "max_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if not 0 <= args.pos_share <= 1:
@@ -179,11 +186,12 @@ def parse_args(argv=None):
 
 
 PAPER = dict(backbone="resnet50", pretrained="imagenet", output_stride=8, crop=512, lr=1e-3, anchors_per_group=512,
-             eval_batch_size=1)
+             eval_batch_size=1, eval_every=5)
 # built-in VPO on a CPU: fixed-size 64 px images (crop = image size, so any eval batch size gives the same
-# result), trained from scratch; fewer anchors for 1/64 of the paper's crop area
+# result), trained from scratch; fewer anchors for 1/64 of the paper's crop area; one evaluation (450 images
+# with the L/R-swapped twins) costs about as much as 1.3 training epochs, so 4 in 80 epochs
 BUILTIN = dict(backbone="resnet18", pretrained="none", output_stride=16, crop=None, lr=1e-2, anchors_per_group=128,
-               eval_batch_size=16)
+               eval_batch_size=16, eval_every=20)
 # taken from a checkpoint
 CKPT_KEYS = ("backbone", "output_stride", "fusion", "attn", "heads", "pos_enc", "audio_conv1", "mono")
 
@@ -1072,32 +1080,39 @@ def run_eval(model, loaders, weights, mel_fn, device, amp, args, log_path):
 
 @torch.no_grad()
 def predict(args):
-    """--predict: one image (any size) and one WAV through the --ckpt model, as the evaluation at original
-    resolution does -> OUT/<stem>.png (image | prediction | attention, legend) and OUT/<stem>.json
-    (predicted classes, their pixel shares, the inputs); returns the JSON's content."""
+    """--predict: one image (any size) and one WAV through the --ckpt model, the image scaled to a long side
+    of at most --max-size -> OUT/<stem>.png (image | prediction | attention, legend) and OUT/<stem>.json
+    (predicted classes and their pixel shares at the image's size, the inputs); returns the JSON's content."""
     ckpt = load_checkpoint(args.ckpt)
     use_checkpoint_args(args, ckpt)
     device = init_distributed(args)[0]
     amp = not args.no_amp and native_bf16(device)
-    image, rgb = data.read_rgb(args.predict)
-    wave = data.load_predict_audio(args.audio, stereo=not args.mono, audio_pos=args.audio_pos)
+    max_size = args.max_size or ckpt["args"]["crop"]  # the scale the model was trained at
+    image, rgb, size = data.read_rgb(args.predict, max_size)
+    wave, note = data.load_predict_audio(args.audio, stereo=not args.mono, audio_pos=args.audio_pos)
+    if note:
+        print(f"note: {note}")
     model = CAVPModel(args, len(data.VPO_CLASSES)).to(device).eval()
     model.load_state_dict(ckpt["model"])
+    del ckpt  # the optimiser state is not needed: freed before the photo-sized maps
     mel_fn = data.LogMel(frames=300).to(device)
     # any H x W works: DeepLabV3+ resizes its high-level map to the 1/4 one and the logits to the input
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         logits, _, attn = model(image[None].to(device), mel_fn(wave[None].to(device)))
-    pred, colors = logits.argmax(1)[0].cpu(), data.class_colors()
+    # to the image's size bilinearly on the logits, not nearest on the labels: borders fall where the
+    # resized scores cross, at the image's resolution, instead of following the model's pixel grid
+    pred, colors = data.upsample_labels(logits[0].cpu(), size), data.class_colors()
+    shown = data.shown_labels(pred, rgb.shape[:2])
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "predict")
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, os.path.splitext(os.path.basename(args.predict))[0])
-    data.save_panels([rgb, data.label_overlay(rgb, pred, colors), data.heatmap_overlay(rgb, attn[0].float())],
+    data.save_panels([rgb, data.label_overlay(rgb, shown, colors), data.heatmap_overlay(rgb, attn[0].float())],
                      ["image", "prediction", "attention"], data.legend_for([pred], data.VPO_CLASSES, colors),
                      stem + ".png")
     shares = data.class_shares(pred, data.VPO_CLASSES)
-    res = dict(image=args.predict, audio=args.audio, audio_pos=args.audio_pos, checkpoint=args.ckpt,
-               height=rgb.shape[0], width=rgb.shape[1], classes=list(shares), shares=shares,
-               background=(pred == 0).float().mean().item())
+    res = dict(image=args.predict, audio=args.audio, audio_pos=args.audio_pos, audio_note=note, checkpoint=args.ckpt,
+               height=size[0], width=size[1], max_size=max_size, model_size=list(image.shape[1:]),
+               classes=list(shares), shares=shares, background=(pred == 0).float().mean().item())
     write_json(stem + ".json", res)
     for ext in (".png", ".json"):
         print(f"wrote {stem}{ext}")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torchaudio
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from pycocotools import mask as mask_utils
 
 
@@ -793,9 +793,9 @@ def legend_for(labels_list, class_names, colors):
 
 def class_shares(labels, class_names):
     """{class name: share of the pixels} of the classes (> 0, != 255) in a label map, largest first."""
-    lab = _array(labels).astype(np.int64)
-    ids, counts = np.unique(lab, return_counts=True)
-    shares = {class_names[c]: n / lab.size for c, n in zip(ids.tolist(), counts.tolist()) if 0 < c < len(class_names)}
+    lab = _array(labels).ravel()
+    counts = np.bincount(lab, minlength=len(class_names)).tolist()  # a photo-sized map: no sort (np.unique)
+    shares = {class_names[c]: counts[c] / lab.size for c in range(1, len(class_names)) if counts[c]}
     return dict(sorted(shares.items(), key=lambda kv: -kv[1]))
 
 
@@ -815,6 +815,11 @@ def _fit(text, font, width):
     return text + "..."
 
 
+def shown_size(h, w, max_height=PANEL_MAX):
+    """(height, width) at which save_panels shows a panel of h x w px higher than `max_height`."""
+    return min(h, max_height), max(1, round(w * min(1.0, max_height / h)))
+
+
 def save_panels(panels, titles, legend, path, min_height=PANEL_MIN, max_height=PANEL_MAX):
     """One PNG: (H, W, 3) uint8 panels side by side, each under its title, above a legend strip
     (colour swatch + class name per (name, (r, g, b)), wrapped over several lines). Panels lower than
@@ -826,7 +831,7 @@ def save_panels(panels, titles, legend, path, min_height=PANEL_MIN, max_height=P
         k = -(-min_height // h)
         tiles = [Image.fromarray(np.asarray(p).repeat(k, 0).repeat(k, 1)) for p in panels]
     else:
-        size = (max(1, round(w * min(1.0, max_height / h))), min(h, max_height))
+        size = shown_size(h, w, max_height)[::-1]
         tiles = [Image.fromarray(np.asarray(p)).resize(size, Image.BOX) for p in panels]
     pw, ph = tiles[0].size
     font = _font(max(12, min(20, ph // 13)))
@@ -858,21 +863,83 @@ def save_panels(panels, titles, legend, path, min_height=PANEL_MIN, max_height=P
     canvas.save(path, optimize=True)
 
 
-def read_rgb(path):
-    """--predict image: any RGB-convertible picture -> (normalised float (3, H, W), (H, W, 3) uint8)."""
+def fit_long_side(h, w, max_size):
+    """(height, width) of an h x w image scaled, aspect kept, so that its long side is at most `max_size`
+    (never enlarged)."""
+    scale = min(1.0, max_size / max(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def read_rgb(path, max_size):
+    """--predict image: any RGB-convertible picture, EXIF orientation applied (phone photos) ->
+    (normalised float (3, h, w) for the model, long side at most `max_size` (antialiased bilinear),
+    (h', w', 3) uint8 at the size save_panels shows it (at most PANEL_MAX high), (H, W) of the image).
+    A JPEG is decoded at the smallest DCT scale (1/1 .. 1/8, PIL draft) that still covers both outputs,
+    so a phone photo is never held at full size."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: image not found; check the path given to --predict")
-    img = normalize(read_image(path))
-    return img, to_uint8(img)
+    try:
+        with Image.open(path) as im:
+            turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientation: a quarter turn
+            h, w = im.size if turned else im.size[::-1]
+            model, shown = fit_long_side(h, w, max_size), shown_size(h, w)
+            need = (max(model[0], shown[0]), max(model[1], shown[1]))
+            im.draft("RGB", need if turned else need[::-1])  # PIL size: (width, height) as stored
+            im = ImageOps.exif_transpose(im).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read image ({e}); re-download or replace the file") from e
+    x = np.asarray(im.resize(model[::-1], Image.BILINEAR) if im.size != model[::-1] else im)
+    img = normalize(torch.from_numpy(x.copy()).permute(2, 0, 1).float() / 255.0)
+    return img, np.array(im.resize(shown[::-1], Image.BOX) if im.size != shown[::-1] else im), (h, w)
+
+
+def upsample_labels(logits, size, points=1 << 19):
+    """Model logits (K, h, w) -> label map (H, W) uint8 at `size`: the logits resized bilinearly as
+    F.interpolate(align_corners=False) does (as DeepLabV3+ brings its logits to the input size), then
+    argmax, or logit > 0 (sigmoid > 0.5) for K = 1. Where the four model pixels around an output pixel
+    share one label, every bilinear mix of their logits keeps it (a convex combination of score vectors
+    with one argmax), so only the output pixels between differing labels are interpolated, `points` at a
+    time: a photo-sized map costs a few bytes per pixel, not K floats."""
+    logits = logits.float()
+    k, h, w = logits.shape
+    low = (logits[0] > 0 if k == 1 else logits.argmax(0)).byte()
+    if (h, w) == tuple(size):
+        return low
+
+    def source(n_out, n_in):  # F.interpolate's source coordinate and its two neighbours
+        s = ((torch.arange(n_out) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+        i0 = s.long().clamp_max(n_in - 1)
+        return s, i0, (i0 + 1).clamp_max(n_in - 1)
+    sy, y0, y1 = source(size[0], h)
+    sx, x0, x1 = source(size[1], w)
+    top, bottom = low[y0], low[y1]
+    labels = top[:, x0]
+    mixed = (labels != top[:, x1]) | (labels != bottom[:, x0]) | (labels != bottom[:, x1])
+    flat, where = labels.view(-1), mixed.view(-1).nonzero()[:, 0]
+    for i in range(0, len(where), points):
+        y, x = where[i:i + points] // size[1], where[i:i + points] % size[1]
+        grid = torch.stack([(2 * sx[x] + 1) / w - 1, (2 * sy[y] + 1) / h - 1], -1)  # grid_sample's (x, y) in [-1, 1]
+        v = torch.nn.functional.grid_sample(logits[None], grid[None, None], mode="bilinear", padding_mode="border",
+                                            align_corners=False)[0, :, 0]
+        flat[where[i:i + points]] = (v[0] > 0 if k == 1 else v.argmax(0)).byte()
+    return labels
+
+
+def shown_labels(labels, size):
+    """Label map (H, W) -> (h, w) for display, nearest neighbour (every shown label is one predicted)."""
+    return np.asarray(Image.fromarray(_array(labels)).resize(size[::-1], Image.NEAREST))
 
 
 def load_predict_audio(path, stereo, audio_pos=None, seconds=3.0, centre=True):
-    """--predict audio: any WAV (PCM / float, any rate, 1 or 2+ channels) resampled to SAMPLE_RATE,
+    """--predict audio: any WAV (PCM / float, any rate, any channel count) resampled to SAMPLE_RATE,
     `seconds` crop (centred as VPODataset, or from the start as AVSBenchDataset with centre=False) /
-    repeat-pad -> (C, N) as the datasets' `wave`: C = 2 for a stereo model
-    (a stereo clip as is; a mono clip, or any clip when `audio_pos` is given, downmixed and panned at
-    audio_pos, 0 = left .. 1 = right), C = 1 (channels averaged) for a mono model."""
+    repeat-pad -> ((C, N) as the datasets' `wave`, a note or None). C = 2 for a stereo model: a stereo
+    clip as is; a mono clip, or any clip when `audio_pos` is given, downmixed (mean of the channels) and
+    panned at audio_pos, 0 = left .. 1 = right; a clip of more channels gives its first two as left and
+    right (the WAV channel order: front left, front right, centre, ...; the rest are dropped). C = 1
+    (the mean of all channels) for a mono model. The note says which rule a clip of more than 2
+    channels met."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: audio file not found; check the path given to --audio")
@@ -883,10 +950,16 @@ def load_predict_audio(path, stereo, audio_pos=None, seconds=3.0, centre=True):
     except DataError as e:
         raise DataError(f"{e} (e.g. ffmpeg -i {os.path.basename(path)} -c:a pcm_s16le -ar {SAMPLE_RATE} "
                         "out.wav)") from None
-    if not stereo:
-        return x.mean(0, keepdim=True)
-    if audio_pos is not None:
-        return pan(x.mean(0, keepdim=True), audio_pos)
-    if x.shape[0] == 1:
+    c = x.shape[0]
+    if stereo and audio_pos is None and c == 1:
         raise DataError(f"{path} is mono; a stereo model needs --audio-pos A (0 = left, 1 = right) to pan it")
-    return x[:2]
+    if not stereo:
+        wave_, rule = x.mean(0, keepdim=True), f"the mean of its {c} channels"
+    elif audio_pos is not None:
+        wave_, rule = pan(x.mean(0, keepdim=True), audio_pos), f"the mean of its {c} channels, panned at {audio_pos}"
+    else:
+        wave_, rule = x[:2], (f"channels 1 and 2 as left and right (WAV channel order), channels 3-{c} dropped; "
+                              f"to keep them, downmix first (e.g. ffmpeg -i {os.path.basename(path)} -ac 2 "
+                              "stereo.wav)")
+    note = f"{path} has {c} channels; the {'stereo' if stereo else 'mono'} model gets {rule}" if c > 2 else None
+    return wave_, note

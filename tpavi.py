@@ -155,17 +155,22 @@ def parse_args(argv=None):
     a("--audio-pos", type=float, default=None, metavar="A",
       help="with --predict: pan the (downmixed) clip to horizontal position A, 0 = left .. 1 = right, as VPO "
            "does (CAVP Sec. 3); needed for a mono clip on a stereo model")
+    a("--max-size", type=int, default=None, metavar="PX",
+      help="with --predict: run the model on the frames scaled to a long side of at most PX (aspect kept, never "
+           "enlarged) and resize the predictions to the frames' own size, so phone photos take seconds and little "
+           "memory (default: the crop or frame size the checkpoint was trained at, VPO 512, AVSBench 224, the "
+           "image size for the built-in VPO)")
     args = p.parse_args(argv)
     for flag in ("batch_size", "eval_every", "eval_batch_size", "log_every", "epochs", "max_iters",
-                 "limit", "crop"):
+                 "limit", "crop", "max_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.workers < 0 or args.overlays < 0:
         p.error("--workers and --overlays must be >= 0")
     if args.predict and not (args.ckpt and args.audio):
         p.error("--predict needs --ckpt PATH and --audio WAV")
-    if (args.audio or args.audio_pos is not None) and not args.predict:
-        p.error("--audio and --audio-pos are for --predict FRAMES_DIR_OR_IMAGE")
+    if (args.audio or args.audio_pos is not None or args.max_size is not None) and not args.predict:
+        p.error("--audio, --audio-pos and --max-size are for --predict FRAMES_DIR_OR_IMAGE")
     if args.predict and (args.eval_only or args.resume):
         p.error("--predict excludes --eval-only and --resume")
     if (args.eval_only or args.predict is not None) != (args.ckpt is not None):
@@ -987,9 +992,10 @@ def run_eval(model, loaders, split, weights, device, amp, args, log_path):
     return dict(split=split, weights=weights, **res)
 
 
-def read_frames(path):
+def read_frames(path, max_size):
     """--predict input: a folder of frames (image files in natural name order, one size) or a single image ->
-    (paths, normalised (T, 3, H, W), (H, W, 3) uint8 per frame)."""
+    (paths, normalised (T, 3, h, w) with a long side of at most max_size, display (h', w', 3) uint8 per frame,
+    the frames' (H, W)) as data.read_rgb."""
     if os.path.isdir(path):
         exts = Image.registered_extensions()
         paths = sorted((os.path.join(path, n) for n in os.listdir(path) if os.path.splitext(n)[1].lower() in exts),
@@ -998,51 +1004,58 @@ def read_frames(path):
             raise data.DataError(f"{path}: no image files in the folder given to --predict")
     else:
         paths = [path]
-    frames = [data.read_rgb(p) for p in paths]
-    sizes = {tuple(f[1].shape[:2]) for f in frames}
+    frames = [data.read_rgb(p, max_size) for p in paths]
+    sizes = {f[2] for f in frames}
     if len(sizes) > 1:
         raise data.DataError(f"{path}: frames differ in size ({', '.join(f'{h}x{w}' for h, w in sorted(sizes))}); "
                              "resize them to one size")
-    return paths, torch.stack([f[0] for f in frames]), [f[1] for f in frames]
+    return paths, torch.stack([f[0] for f in frames]), [f[1] for f in frames], frames[0][2]
 
 
 @torch.no_grad()
 def predict(args):
-    """--predict: the frames of one clip (or one image, any size) and one WAV through the --ckpt model, as
-    the evaluation does -> OUT/<frame stem>.png (image | prediction, legend) per frame and OUT/<stem>.json
-    (predicted classes and their pixel shares per frame, the inputs); returns the JSON's content."""
+    """--predict: the frames of one clip (or one image, any size) and one WAV through the --ckpt model, the
+    frames scaled to a long side of at most --max-size -> OUT/<frame stem>.png (image | prediction, legend)
+    per frame and OUT/<stem>.json (predicted classes and their pixel shares at the frames' size per frame,
+    the inputs); returns the JSON's content."""
     ckpt = load_checkpoint(args.ckpt)
     use_checkpoint_args(args, ckpt)
-    spec = DATASETS[ckpt["args"]["data"]]
-    binary, names = spec["classes"] == 1, class_names(ckpt["args"]["data"])
+    trained_on = ckpt["args"]["data"]
+    spec, names = DATASETS[trained_on], class_names(trained_on)
     device = init_distributed(args)[0]
     amp = not args.no_amp and native_bf16(device)
-    paths, image, rgbs = read_frames(args.predict)
+    max_size = args.max_size or ckpt["args"]["crop"]  # the scale the model was trained at
+    paths, image, rgbs, size = read_frames(args.predict, max_size)
     t = len(paths)
     # the datasets' audio: a single image on a VPO model gets VPO's 3 s from the middle (T = 1), a clip 1 s
     # per frame from the start (AVSBench)
     vpo_image = spec["kind"] == "vpo" and not os.path.isdir(args.predict)
-    wave = data.load_predict_audio(args.audio, stereo=not args.mono, audio_pos=args.audio_pos,
-                                   seconds=3.0 if vpo_image else t, centre=vpo_image)
+    wave, note = data.load_predict_audio(args.audio, stereo=not args.mono, audio_pos=args.audio_pos,
+                                         seconds=3.0 if vpo_image else t, centre=vpo_image)
+    if note:
+        print(f"note: {note}")
     model = AVSModel(args.backbone, "none", spec["classes"], args.tpavi_stages, args.audio_encoder,
                      1 if args.mono else 2).to(device).eval()
     model.load_state_dict(ckpt["model"])
+    del ckpt  # the optimiser state is not needed: freed before the photo-sized maps
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = model(image[None].to(device), wave[None].to(device))[0].float()
-    preds, colors = to_labels(logits, binary).cpu(), data.class_colors(len(names))
+        logits = model(image[None].to(device), wave[None].to(device))[0].float().cpu()
+    colors = data.class_colors(len(names))
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "predict")
     os.makedirs(out, exist_ok=True)
     frames = []
-    for path, rgb, pred in zip(paths, rgbs, preds):
+    for path, rgb, frame_logits in zip(paths, rgbs, logits):
+        pred = data.upsample_labels(frame_logits, size)  # bilinear on the logits, as cavp.py's predict
         png = os.path.join(out, os.path.splitext(os.path.basename(path))[0] + ".png")
-        data.save_panels([rgb, data.label_overlay(rgb, pred, colors)], ["image", "prediction"],
-                         data.legend_for([pred], names, colors), png)
+        data.save_panels([rgb, data.label_overlay(rgb, data.shown_labels(pred, rgb.shape[:2]), colors)],
+                         ["image", "prediction"], data.legend_for([pred], names, colors), png)
         print(f"wrote {png}")
         shares = data.class_shares(pred, names)
         frames.append(dict(image=path, png=png, classes=list(shares), shares=shares,
                            background=(pred == 0).float().mean().item()))
-    res = dict(input=args.predict, audio=args.audio, audio_pos=args.audio_pos, checkpoint=args.ckpt,
-               data=ckpt["args"]["data"], height=rgbs[0].shape[0], width=rgbs[0].shape[1], frames=frames)
+    res = dict(input=args.predict, audio=args.audio, audio_pos=args.audio_pos, audio_note=note, checkpoint=args.ckpt,
+               data=trained_on, height=size[0], width=size[1], max_size=max_size,
+               model_size=list(image.shape[-2:]), frames=frames)
     name = os.path.splitext(os.path.basename(os.path.normpath(args.predict)))[0]
     write_json(os.path.join(out, name + ".json"), res)
     print(f"wrote {os.path.join(out, name + '.json')}")

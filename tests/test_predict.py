@@ -1,20 +1,25 @@
 """Issue 13: `--predict` on your own image (cavp.py) or frames (tpavi.py) and sound, run as a user would, and
-the titled training overlays; tiny checkpoints trained on the tiny built-in VPO."""
+the titled training overlays; issue 20: a phone photo at --max-size in bounded time and memory, and WAVs of
+more than 2 channels. Tiny checkpoints trained on the tiny built-in VPO."""
 import csv
 import json
 import os
+import subprocess
+import sys
+import time
 import wave
 from argparse import Namespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import cavp
 import data
-from data import PANEL_GAP, PANEL_MIN, SAMPLE_RATE
-from script_runner import run_script
+from data import PANEL_GAP, PANEL_MAX, PANEL_MIN, SAMPLE_RATE
+from script_runner import ENV, ROOT, command, run_script
 
 
 def train(script, root, out):
@@ -65,16 +70,22 @@ def panels_width(w, n):
     return n * w + (n - 1) * PANEL_GAP
 
 
-def eval_path_shares(ckpt_path, image_path, wave_):
+def eval_path_shares(ckpt_path, image_path, wave_, model_size=None):
     """Class shares of the prediction the evaluation path (model on the normalised image and the log-mel of
-    `wave_`, argmax) gives, computed here in-process without --predict's code."""
+    `wave_`, argmax) gives, computed here in-process without --predict's code; with `model_size` (h, w) the
+    image is resized to it (PIL bilinear) and the logits back to the image's size (F.interpolate, bilinear)
+    before the argmax."""
     ckpt = torch.load(ckpt_path, weights_only=True)
     args = Namespace(**{k: ckpt["args"][k] for k in cavp.CKPT_KEYS}, pretrained="none")
     model = cavp.CAVPModel(args, len(data.VPO_CLASSES)).eval()
     model.load_state_dict(ckpt["model"])
-    image = data.normalize(data.read_image(image_path))
+    with Image.open(image_path) as im:
+        rgb = im.convert("RGB")
+    small = rgb.resize(model_size[::-1], Image.BILINEAR) if model_size else rgb
+    image = data.normalize(torch.from_numpy(np.array(small)).permute(2, 0, 1).float() / 255)
     with torch.no_grad():
         logits = model(image[None], data.LogMel(frames=300)(wave_[None]))[0]
+    logits = F.interpolate(logits, rgb.size[::-1], mode="bilinear", align_corners=False)
     return data.class_shares(logits.argmax(1)[0], data.VPO_CLASSES)
 
 
@@ -96,13 +107,14 @@ def test_cavp_predict_builtin_image(tiny_vpo, cavp_ckpt, tmp_path):
     h, w = Image.open(image).size[::-1]
     assert (res["height"], res["width"]) == (h, w)
     assert res["image"] == image and res["audio"] == wav and res["audio_pos"] == float(pos)
-    assert res["checkpoint"] == cavp_ckpt
+    assert res["checkpoint"] == cavp_ckpt and res["audio_note"] is None
+    assert res["max_size"] == 64 and res["model_size"] == [h, w]  # default: the built-in run's crop, the image size
     k = -(-PANEL_MIN // h)  # the 64 px panels are upscaled by k
     assert Image.open(out + ".png").size[0] == panels_width(k * w, 3)  # image | prediction | attention
     assert res["classes"] == list(res["shares"]) and set(res["classes"]) <= set(data.VPO_CLASSES[1:])
     assert res["background"] + sum(res["shares"].values()) == pytest.approx(1.0)
     # the saved classes are those of the model's prediction for this input (stereo, panned at pos)
-    pan = data.load_predict_audio(wav, stereo=True, audio_pos=float(pos))
+    pan = data.load_predict_audio(wav, stereo=True, audio_pos=float(pos))[0]
     assert_same_shares(res["shares"], eval_path_shares(cavp_ckpt, image, pan), h * w)
 
 
@@ -120,22 +132,82 @@ def test_cavp_predict_silence_equals_eval_path(tiny_vpo, cavp_ckpt, tmp_path):
 
 
 def test_cavp_predict_external_inputs(cavp_ckpt, tmp_path):
-    """A 44.1 kHz stereo WAV (used as is) with a PNG and a JPEG of other sizes than the training images."""
+    """A 44.1 kHz stereo WAV (used as is) with a PNG and a JPEG of other sizes than the training images: the
+    PNG within --max-size (run at its own size), the JPEG above the checkpoint's 64 px (run at 64 x 23, the
+    logits resized bilinearly to 101 x 37)."""
     t = np.arange(2 * 44100) / 44100
     stereo = write_pcm(tmp_path / "ext.wav", np.stack([0.3 * np.sin(2 * np.pi * 440 * t),
                                                        0.1 * np.sin(2 * np.pi * 660 * t)]), 44100)
     rng = np.random.default_rng(0)
-    for name, (h, w) in (("wide.png", (50, 90)), ("tall.jpg", (101, 37))):
+    for name, (h, w), flags, model_size in (("wide.png", (50, 90), ["--max-size", "90"], None),
+                                            ("tall.jpg", (101, 37), [], (64, 23))):
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
         run_predict("cavp.py", str(tmp_path / name), "--audio", stereo, "--ckpt", cavp_ckpt, "--out",
-                    str(tmp_path / "out"))
+                    str(tmp_path / "out"), *flags)
         stem = str(tmp_path / "out" / os.path.splitext(name)[0])
         res = read_json(stem + ".json")
         assert (res["height"], res["width"]) == (h, w) and res["audio_pos"] is None
+        assert res["model_size"] == list(model_size or (h, w))
         k = -(-PANEL_MIN // h)
         assert Image.open(stem + ".png").size[0] == panels_width(k * w, 3)
-        assert_same_shares(res["shares"], eval_path_shares(cavp_ckpt, str(tmp_path / name),
-                                                           data.load_predict_audio(stereo, stereo=True)), h * w)
+        want = eval_path_shares(cavp_ckpt, str(tmp_path / name), data.load_predict_audio(stereo, stereo=True)[0],
+                                model_size)
+        assert_same_shares(res["shares"], want, h * w)
+
+
+PEAK = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
+
+
+def phone_photo(path, h=3000, w=4000):
+    """A photo-like JPEG of h x w (smooth shapes, texture and sensor noise; ~4 MB at quality 90)."""
+    y, x = np.mgrid[0:h // 8, 0:w // 8] / (w // 8)
+    small = np.stack([128 + 90 * np.sin(9 * x + 2 * c) * np.cos(7 * y - c) + 25 * np.sin(60 * x * y)
+                      for c in range(3)], -1).clip(0, 255).astype(np.uint8)
+    img = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC)).astype(np.int16)
+    img += np.random.default_rng(0).integers(-12, 13, img.shape, dtype=np.int16)
+    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+    return str(path)
+
+
+def test_cavp_predict_phone_photo_bounded(cavp_ckpt, tmp_path):
+    """A 4000 x 3000 JPEG with a 4 s stereo WAV at --max-size 512 (the paper models' default): well under a
+    minute and under 2 GB peak memory (the process's maxrss); the JSON and the PNG at the image's size (the
+    PNG's panels shown 512 high, as save_panels shows any picture higher than PANEL_MAX)."""
+    image = phone_photo(tmp_path / "phone.jpg")
+    t = np.arange(4 * 44100) / 44100
+    wav = write_pcm(tmp_path / "street.wav", np.stack([0.3 * np.sin(2 * np.pi * 440 * t),
+                                                       0.2 * np.sin(2 * np.pi * 660 * t)]), 44100)
+    argv = ["--predict", image, "--audio", wav, "--ckpt", cavp_ckpt, "--out", str(tmp_path / "out"), "--max-size",
+            "512", "--no-amp"]
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-c", PEAK, *command("cavp.py", argv)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    seconds, peak_gb = time.time() - start, int(proc.stderr.split()[-1]) / 2 ** 20  # ru_maxrss: KiB on Linux
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"4000 x 3000 predict: {seconds:.1f} s, peak {peak_gb:.2f} GB")
+    assert seconds < 60 and peak_gb < 2, (seconds, peak_gb)
+    res = read_json(tmp_path / "out" / "phone.json")
+    assert (res["height"], res["width"]) == (3000, 4000) and res["model_size"] == [384, 512]
+    assert res["background"] + sum(res["shares"].values()) == pytest.approx(1.0)
+    assert Image.open(tmp_path / "out" / "phone.png").size[0] == panels_width(round(4000 * PANEL_MAX / 3000), 3)
+
+
+def test_tpavi_predict_six_channel_wav(tpavi_ckpt, tmp_path):
+    """A 5.1 WAV on a stereo model: channels 1 and 2 are left and right, a note line says so (and the JSON);
+    a 200 x 300 image runs at the checkpoint's 64 px, its JSON and PNG at 200 x 300."""
+    image = tmp_path / "room.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(image)
+    t = np.arange(SAMPLE_RATE * 3) / SAMPLE_RATE
+    wav = write_pcm(tmp_path / "surround.wav", np.stack([0.1 * np.sin(2 * np.pi * 200 * (c + 1) * t)
+                                                         for c in range(6)]), SAMPLE_RATE)
+    proc = run_predict("tpavi.py", str(image), "--audio", wav, "--ckpt", tpavi_ckpt, "--out", str(tmp_path / "out"))
+    note = proc.stdout.split("\n")[0]
+    assert note.startswith(f"note: {wav} has 6 channels; the stereo model gets channels 1 and 2 as left and right")
+    res = read_json(tmp_path / "out" / "room.json")
+    assert res["audio_note"] == note[len("note: "):]
+    assert (res["height"], res["width"]) == (200, 300) and res["max_size"] == 64 and res["model_size"] == [43, 64]
+    assert Image.open(tmp_path / "out" / "room.png").size[0] == panels_width(300, 2)
 
 
 def test_training_overlays_have_titled_panels(cavp_ckpt, tpavi_ckpt):
@@ -210,5 +282,5 @@ def test_predict_bad_input_one_line(script, tiny_vpo, cavp_ckpt, tpavi_ckpt, tmp
         lines = proc.stderr.strip().split("\n")
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, proc.stderr)
         assert word in lines[0], (word, lines[0])
-    proc = run_script(script, "--audio", wav, check=False)  # --audio without --predict
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --audio")
+    proc = run_script(script, "--audio", wav, "--max-size", "512", check=False)  # without --predict
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --audio, --audio-pos and --max-size are for")

@@ -1,14 +1,16 @@
 """Issue 13: overlay pictures (save_panels, label_overlay, heatmap_overlay, legend_for) and the
---predict inputs (read_rgb, load_predict_audio)."""
+--predict inputs (read_rgb, load_predict_audio); issue 20: --predict at --max-size (read_rgb's scaled
+decode, upsample_labels) and WAVs of more than 2 channels."""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import data
 from data import (PANEL_GAP, PANEL_MIN, SAMPLE_RATE, VPO_CLASSES, DataError, class_colors, class_shares,
                   heatmap_overlay, label_overlay, legend_for, load_clip, load_predict_audio, pan, read_image,
-                  read_rgb, save_panels, write_wav)
+                  read_rgb, save_panels, shown_size, upsample_labels, write_wav)
 
 N = 3 * SAMPLE_RATE  # a 3 s clip, as VPODataset's sample["wave"] (C, N)
 
@@ -146,11 +148,65 @@ def test_class_shares():
 def test_read_rgb_returns_training_tensor_and_pixels(tmp_path):
     img, _ = scene(37, 53)
     Image.fromarray(img).save(tmp_path / "b.png")
-    x, pixels = read_rgb(tmp_path / "b.png")
+    x, pixels, size = read_rgb(tmp_path / "b.png", 53)  # within --max-size: as is
     assert x.shape == (3, 37, 53) and torch.allclose(x, data.normalize(read_image(tmp_path / "b.png")))
-    assert (pixels == img).all() and pixels.dtype == np.uint8
+    assert (pixels == img).all() and pixels.dtype == np.uint8 and size == (37, 53)
     Image.fromarray(img[..., 0]).save(tmp_path / "grey.png")  # a greyscale file: converted to RGB
-    assert read_rgb(tmp_path / "grey.png")[1].shape == (37, 53, 3)
+    assert read_rgb(tmp_path / "grey.png", 64)[1].shape == (37, 53, 3)
+
+
+def photo(h, w):
+    """A smooth photo-like (h, w, 3) uint8 picture (gradients and blobs, little noise)."""
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.stack([128 + 90 * np.sin(7 * x + 3 * c) * np.cos(5 * y - c) + 20 * np.sin(31 * x * y) for c in range(3)],
+                   -1)
+    return img.clip(0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "png"])
+def test_read_rgb_scales_a_large_image(tmp_path, fmt):
+    """A 1200 x 1600 picture at --max-size 200: the model input is the picture resized to 150 x 200 (as a
+    full decode resized, within JPEG's scaled-decode error), the display copy is save_panels' 512 x 683."""
+    img = photo(1200, 1600)
+    Image.fromarray(img).save(tmp_path / f"p.{fmt}", quality=95)
+    x, pixels, size = read_rgb(tmp_path / f"p.{fmt}", 200)
+    assert size == (1200, 1600) and x.shape == (3, 150, 200) and pixels.shape == (*shown_size(1200, 1600), 3)
+    assert shown_size(1200, 1600) == (512, 683)
+    want = np.asarray(Image.fromarray(img).resize((200, 150), Image.BILINEAR)).astype(np.float32)
+    assert np.abs(data.to_uint8(x).astype(np.float32) - want).mean() < 3  # of 255
+    shown = np.asarray(Image.fromarray(img).resize((683, 512), Image.BOX)).astype(np.float32)
+    assert np.abs(pixels.astype(np.float32) - shown).mean() < 3
+
+
+def test_read_rgb_turns_by_exif_orientation(tmp_path):
+    """A phone photo stored landscape with EXIF orientation 6 (turn 90 degrees clockwise) is read upright."""
+    img = photo(60, 80)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(img).save(tmp_path / "turned.jpg", quality=95, exif=exif)
+    x, pixels, size = read_rgb(tmp_path / "turned.jpg", 40)
+    assert size == (80, 60) and pixels.shape == (80, 60, 3) and x.shape == (3, 40, 30)
+    upright = np.rot90(img, -1)  # clockwise
+    assert np.abs(pixels.astype(np.float32) - upright).mean() < 3
+
+
+@pytest.mark.parametrize("k, low, size", [(22, (48, 64), (300, 400)), (22, (37, 53), (37, 53)), (5, (30, 40), (17, 11)),
+                                          (1, (10, 13), (97, 130)), (4, (7, 5), (61, 23))])
+def test_upsample_labels_is_bilinear_then_argmax(k, low, size):
+    """upsample_labels (only the pixels between differing labels interpolated, a few at a time) against
+    F.interpolate on all the logits, then argmax (or > 0 for one logit): equal but where two classes tie to
+    within float rounding."""
+    torch.manual_seed(0)
+    logits = F.interpolate(torch.randn(1, k, 4, 5) * 3, low, mode="bilinear")[0] + 0.3 * torch.randn(k, *low)
+    got = upsample_labels(logits, size, points=97)
+    ref = F.interpolate(logits[None], size, mode="bilinear", align_corners=False)[0]
+    assert got.dtype == torch.uint8 and got.shape == size
+    if k == 1:
+        differ, margin = got.bool() != (ref[0] > 0), ref[0].abs()
+    else:
+        top2 = ref.topk(2, 0).values
+        differ, margin = got.long() != ref.argmax(0), top2[0] - top2[1]
+    assert (margin[differ] < 1e-4).all() and differ.float().mean() < 1e-3
 
 
 @pytest.mark.parametrize("kind", ["missing", "text"])
@@ -159,7 +215,7 @@ def test_read_rgb_bad_file(tmp_path, kind):
     if kind == "text":
         path.write_text("not an image\n")
     with pytest.raises(DataError, match="photo.jpg") as e:
-        read_rgb(path)
+        read_rgb(path, 512)
     assert "\n" not in str(e.value)
 
 
@@ -175,19 +231,19 @@ def rms(x):
 def test_stereo_44k_clip_as_is_or_averaged(tmp_path):
     path = tmp_path / "s.wav"
     write_wav(path, np.stack([sine(440, 44100, 4.0, 0.5), sine(440, 44100, 4.0, 0.1)]), 44100)
-    x = load_predict_audio(path, stereo=True)
-    assert x.shape == (2, N) and x.dtype == torch.float32
+    x, note = load_predict_audio(path, stereo=True)
+    assert x.shape == (2, N) and x.dtype == torch.float32 and note is None
     assert rms(x[0]) / rms(x[1]) == pytest.approx(5.0, rel=0.02)  # left stays left
-    m = load_predict_audio(path, stereo=False)
+    m = load_predict_audio(path, stereo=False)[0]
     assert m.shape == (1, N) and torch.allclose(m, x.mean(0, keepdim=True))
-    moved = load_predict_audio(path, stereo=True, audio_pos=1.0)  # --audio-pos: panned fully right
+    moved = load_predict_audio(path, stereo=True, audio_pos=1.0)[0]  # --audio-pos: panned fully right
     assert rms(moved[0]) < 1e-6 < rms(moved[1])
 
 
 def test_mono_22k_panned_by_audio_pos(tmp_path):
     path = tmp_path / "m.wav"
     write_wav(path, sine(300, 22050, 2.0), 22050)
-    x = load_predict_audio(path, stereo=True, audio_pos=0.25)
+    x = load_predict_audio(path, stereo=True, audio_pos=0.25)[0]
     assert x.shape == (2, N)
     assert rms(x[0]) / rms(x[1]) == pytest.approx(3.0, rel=1e-4)  # L = 0.75 w, R = 0.25 w
     assert torch.allclose(x, pan(load_clip(path), 0.25))
@@ -197,7 +253,7 @@ def test_mono_16k_for_mono_model(tmp_path):
     path = tmp_path / "m.wav"
     w = sine(500, SAMPLE_RATE, 5.0)
     write_wav(path, w, SAMPLE_RATE)
-    x = load_predict_audio(path, stereo=False)
+    x = load_predict_audio(path, stereo=False)[0]
     assert x.shape == (1, N)
     start = (len(w) - N) // 2  # centred 3 s crop, like load_clip
     assert np.abs(x[0].numpy() - w[start:start + N]).max() < 1e-4
@@ -207,10 +263,26 @@ def test_mono_16k_for_mono_model(tmp_path):
 def test_resampling_keeps_frequency(tmp_path, rate):
     path = tmp_path / "f.wav"
     write_wav(path, np.stack([sine(1000, rate, 3.5)] * 2), rate)
-    x = load_predict_audio(path, stereo=True)
+    x = load_predict_audio(path, stereo=True)[0]
     spec = np.abs(np.fft.rfft(x[0].numpy()))
     peak = np.fft.rfftfreq(x.shape[1], 1 / SAMPLE_RATE)[spec.argmax()]
     assert abs(peak - 1000) < 2
+
+
+def test_six_channels_rule_and_note(tmp_path):
+    """A 5.1 WAV (FL FR FC LFE BL BR): a stereo model gets channels 1 and 2 as left and right, a mono model
+    the mean of all six, --audio-pos the mean panned; each time a note says so."""
+    path = tmp_path / "six.wav"
+    chans = np.stack([sine(200 * (c + 1), SAMPLE_RATE, 3.0, 0.1 * (c + 1)) for c in range(6)])
+    write_wav(path, chans, SAMPLE_RATE)
+    full = load_clip(path)
+    x, note = load_predict_audio(path, stereo=True)
+    assert torch.equal(x, full[:2]) and "6 channels" in note and "channels 1 and 2 as left and right" in note
+    assert "channels 3-6 dropped" in note and "six.wav" in note and "\n" not in note
+    m, note = load_predict_audio(path, stereo=False)
+    assert torch.allclose(m, full.mean(0, keepdim=True)) and "mono model gets the mean of its 6 channels" in note
+    p, note = load_predict_audio(path, stereo=True, audio_pos=0.25)
+    assert torch.allclose(p, pan(full.mean(0, keepdim=True), 0.25)) and "panned at 0.25" in note
 
 
 @pytest.mark.parametrize("kind, words", [
