@@ -48,8 +48,8 @@ import metrics
 # 224 x 224 for Tables 1-2; AVSBench-Semantics at original resolution, 0, for Table 3 and Table 5) and whether it
 # is evaluated with binary labels (AVSBench-Objects, Tables 1-2)
 DATASETS = {
-    "vpo_ss": dict(kind="vpo", task="ss"), "vpo_ms": dict(kind="vpo", task="ms"),
-    "vpo_msmi": dict(kind="vpo", task="msmi"),
+    "vpo_ss": dict(kind="vpo", task="ss", binary=False), "vpo_ms": dict(kind="vpo", task="ms", binary=False),
+    "vpo_msmi": dict(kind="vpo", task="msmi", binary=False),
     "avsbench_s4": dict(kind="avs", task="s4", resize=224, binary=True),
     "avsbench_ms3": dict(kind="avs", task="ms3", resize=224, binary=True),
     "avss": dict(kind="avs", task="avss", resize=0, binary=False),
@@ -90,8 +90,8 @@ def parse_args(argv=None):
            "one audio class for all clips (binary, as the released code: every re-pair matches); evaluation is "
            "binary (Tables 1-2) either way")
     a("--avss-part", default="all", choices=list(data.AVSS_PARTS),
-      help="avss: evaluate on the frames of one release part only, v1s (single source) or v1m (multi-source), "
-           "Table 3's SS / MS columns; training always uses the whole train split (Table 3)")
+      help="avss: evaluate on the frames of one release part only: v1s (single source) or v1m (multi-source), "
+           "Table 3's SS / MS columns, or v2; training always uses the whole train split (Table 3)")
     a("--limit", type=int, default=None, help="use only the first N samples of each split (quick checks)")
     a("--workers", type=int, default=2, help="data loader worker processes per rank")
     # model
@@ -926,7 +926,7 @@ def evaluate(model, loader, mel_fn, device, amp, names, binary=False, overlay_di
 def run_eval(model, loaders, split, weights, mel_fn, device, amp, args, log_path):
     """Metrics of one split (test: overlays and, with stereo twins, the twin metrics with left and right
     swapped), logged on rank 0 -> dict(split, weights, metrics)."""
-    binary = DATASETS[args.data].get("binary", False)
+    binary = DATASETS[args.data]["binary"]
     names = data.AVS_BINARY if binary else class_names(args.data, args.s4_labels)
     n_overlays = args.overlays if log_path and split == "test" else 0
     res = evaluate(model, loaders[split], mel_fn, device, amp, names, binary, os.path.join(args.out, "overlays"),
@@ -1055,7 +1055,7 @@ def main(args):
         optimizer, lambda it: (1 - min(it, schedule - 1) / schedule) ** args.poly_power)
     criterion = Criterion(args, num_classes, mel_fn, device, amp)
     # model selection: M_J on AVSBench-Objects (as the released AVSBench-Objects trainer), mIoU otherwise
-    run = dict(iteration=0, epoch=0, best=-math.inf, metric="mj" if spec.get("binary") else "miou", history=[])
+    run = dict(iteration=0, epoch=0, best=-math.inf, metric="mj" if spec["binary"] else "miou", history=[])
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["extra"]["scheduler"])
