@@ -34,8 +34,8 @@ if [ "$PART" = avsmss ]; then
 # CAVP Sec. 5.2: TPAVI (tpavi.py, the AVS recipe of S4) on AVSBench S4 and on AVS-M-SS, S4 with each clip's audio
 # replaced by a VGGSound clip of its category (vpo_make.py --avs-mss, built into OUT_AVSMSS/avs-mss), with the seeds
 # in SEEDS_AVSMSS; summarize.py prints mean +- std of the test M_J / M_F and the two-sided t-tests. Needs AVSBENCH
-# (the folder with Single-source/) and VGGSOUND (vggsound.csv, audio/). AVSMSS_ARGS: more tpavi.py flags for every
-# run (e.g. "--backbone resnet18 --pretrained none" offline).
+# (the folder with Single-source/) and VGGSOUND (vggsound.csv, audio/), absolute or relative to the repository root.
+# AVSMSS_ARGS: more tpavi.py flags for every run (e.g. "--backbone resnet18 --pretrained none" offline).
 : "${AVSBENCH:?set AVSBENCH to the AVSBench root (with Single-source/) and VGGSOUND to the VGGSound root}"
 : "${VGGSOUND:?set VGGSOUND to the VGGSound root (vggsound.csv, audio/)}"
 OUT=${OUT_AVSMSS:-runs/avsmss}
