@@ -115,7 +115,7 @@ def test_train_flip_swaps_stereo_with_the_image(root):
 def common(root, out, *extra):
     return ["--data-root", root, "--out", str(out), "--backbone", "resnet18", "--pretrained", "none",
             "--output-stride", "16", "--batch-size", "2", "--workers", "0", "--log-every", "1",
-            "--anchors-per-group", "32", "--overlays", "2", *extra]
+            "--anchors-per-group", "32", "--bank-size", "1", "--overlays", "2", *extra]
 
 
 def main(*argv):
