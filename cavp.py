@@ -10,11 +10,18 @@ paper and says so in a comment.
     python cavp.py --data vpo_msmi --eval-only --ckpt runs/<run>/best.pt   # -> eval-real.json
     python cavp.py --data vpo_msmi --eval-only --ckpt runs/<run>/best.pt --eval-audio silence
     torchrun --nproc_per_node=8 cavp.py --data vpo_msmi --data-root /path/to/VPO
+    python cavp.py --data avsbench_s4 --data-root /path/to/AVSBench      # Tables 1-2: 224 x 224, M_J / M_F
+    python cavp.py --data avss --data-root /path/to/AVSBench             # Table 3: original resolution
 
 Defaults are the paper's recipe (App. B.1: DeepLabV3+ on ResNet-50, SGD 0.9 / 5e-4,
 lr 1e-3 for batch 16, poly 0.9, 80 epochs, crop 512). On the built-in synthetic VPO
 (written by `vpo_make.py --synthetic`) the backbone, weights, crop and lr default to
 CPU-sized settings instead; every such default is listed in `--help`.
+
+AVSBench (Sec. 5.1; frames are the samples, each with its own second of audio): S4 / MS3 frames resized to
+224 x 224 (Tables 1-2, binary labels, also M_J / M_F), AVSBench-Semantics at original resolution (Table 3;
+--resize 224 for its Tables 1-2 column). The model is selected on val during training and best.pt is tested on
+test at the end; VPO has no val split (the release's "val" is the test set), so it is evaluated on test.
 """
 import argparse
 import functools
@@ -38,6 +45,17 @@ import metrics
 
 # ----------------------------------------------------------------------------- arguments
 
+# --data -> reader, subset / task; AVSBench: the frame size of the paper's protocol (Sec. 5.1: resized to
+# 224 x 224 for Tables 1-2; AVSBench-Semantics at original resolution, 0, for Table 3 and Table 5) and whether it
+# is evaluated with binary labels (AVSBench-Objects, Tables 1-2)
+DATASETS = {
+    "vpo_ss": dict(kind="vpo", task="ss", binary=False), "vpo_ms": dict(kind="vpo", task="ms", binary=False),
+    "vpo_msmi": dict(kind="vpo", task="msmi", binary=False),
+    "avsbench_s4": dict(kind="avs", task="s4", resize=224, binary=True),
+    "avsbench_ms3": dict(kind="avs", task="ms3", resize=224, binary=True),
+    "avss": dict(kind="avs", task="avss", resize=0, binary=False),
+}
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -50,12 +68,31 @@ def parse_args(argv=None):
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     # data
-    a("--data", default="vpo_msmi", choices=["vpo_ss", "vpo_ms", "vpo_msmi"], help="VPO subset (paper Sec. 3)")
-    a("--data-root", default="data", help="folder holding VPO-SS/, VPO-MS/, VPO-MSMI/ (and audio/)")
-    a("--audio-root", default=None, help="folder of {vgg_file}.wav clips (default: DATA_ROOT/audio)")
-    a("--mono", action="store_true", help="mono audio instead of stereo (Fig. 7 / Table 8 ablation)")
+    a("--data", default="vpo_msmi", choices=list(DATASETS),
+      help="VPO subset (Sec. 3), AVSBench-Objects S4 / MS3 (Tables 1-2) or AVSBench-Semantics (Tables 1-3, 5)")
+    a("--data-root", default="data",
+      help="VPO: folder holding VPO-SS/, VPO-MS/, VPO-MSMI/ (and audio/); AVSBench: folder with Single-source/, "
+           "Multi-sources/ or AVSBench-semantic/")
+    a("--audio-root", default=None, help="VPO: folder of {vgg_file}.wav clips (default: DATA_ROOT/audio)")
+    a("--mono", dest="mono", action="store_true", default=None,
+      help="mono audio, channels averaged (Fig. 7 / Table 8 ablation on VPO; the default on AVSBench, whose clips "
+           "carry no source positions and which the released code reads as mono)")
+    a("--stereo", dest="mono", action="store_false",
+      help="stereo audio (the default on VPO); on AVSBench the WAV's first two channels (a mono WAV twice)")
+    a("--resize", type=int, default=None,
+      help="AVSBench: frames and masks resized to RESIZE x RESIZE, 0 = original resolution (default: 224 for "
+           "avsbench_s4 / avsbench_ms3 as Tables 1-2, 0 for avss as Table 3; --resize 224 for avss in Tables 1-2)")
     a("--crop", type=int, default=None,
-      help="training crop size (default: 512 as App. B.1; built-in VPO: its image size)")
+      help="training crop size (default: 512 as App. B.1; AVSBench resized: the frame size; built-in VPO: its "
+           "image size)")
+    a("--s4-labels", default=None, choices=["category", "binary"],
+      help="avsbench_s4 training classes: the clip's CSV category at the sounding pixels and as the audio class of "
+           "Eq. (1)-(3) (category, the default: re-pairs of different categories are negatives), or binary with "
+           "one audio class for all clips (binary, as the released code: every re-pair matches); evaluation is "
+           "binary (Tables 1-2) either way")
+    a("--avss-part", default="all", choices=list(data.AVSS_PARTS),
+      help="avss: evaluate on the frames of one release part only: v1s (single source) or v1m (multi-source), "
+           "Table 3's SS / MS columns, or v2; training always uses the whole train split (Table 3)")
     a("--limit", type=int, default=None, help="use only the first N samples of each split (quick checks)")
     a("--workers", type=int, default=2, help="data loader worker processes per rank")
     # model
@@ -140,7 +177,8 @@ def parse_args(argv=None):
       help="evaluate every N epochs (and after the last) (default: 5; built-in VPO: 20, so that README's 80-epoch "
            "demo spends under 10 %% of its time evaluating)")
     a("--eval-batch-size", type=int, default=None,
-      help="test batch size per rank (default: 1 as App. B.1, original resolution; built-in VPO: 16)")
+      help="test batch size per rank (default: 1 as App. B.1, original resolution; AVSBench resized and built-in "
+           "VPO: 16, one frame size, so the batch does not change the result)")
     a("--log-every", type=int, default=10, help="log line every N iterations")
     a("--overlays", type=int, default=4, help="write PNG overlays and attention heatmaps for this many test images")
     # predict on your own image and sound
@@ -169,6 +207,17 @@ def parse_args(argv=None):
         p.error("--eval-only needs --ckpt PATH")
     if args.eval_audio != "real" and not args.eval_only:
         p.error(f"--eval-audio {args.eval_audio} is for --eval-only")
+    vpo = DATASETS[args.data]["kind"] == "vpo"
+    if args.eval_audio != "real" and not vpo:
+        p.error(f"--eval-audio {args.eval_audio} is for --eval-only on a VPO --data")
+    if args.match == "side" and not vpo:
+        p.error("--match side compares VPO's source positions; AVSBench has none: use --match class")
+    if args.resize is not None and (vpo or args.resize < 0):
+        p.error("--resize is for AVSBench --data (>= 0, 0 = original resolution); VPO trains on --crop")
+    if args.s4_labels and args.data != "avsbench_s4":
+        p.error("--s4-labels is for --data avsbench_s4")
+    if args.avss_part != "all" and args.data != "avss":
+        p.error("--avss-part is for --data avss")
     for flag in ("epochs", "batch_size", "eval_every", "log_every", "bank_size", "anchors_per_group",
                  "eval_batch_size", "max_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -193,23 +242,39 @@ PAPER = dict(backbone="resnet50", pretrained="imagenet", output_stride=8, crop=5
 BUILTIN = dict(backbone="resnet18", pretrained="none", output_stride=16, crop=None, lr=1e-2, anchors_per_group=128,
                eval_batch_size=16, eval_every=20)
 # taken from a checkpoint
-CKPT_KEYS = ("backbone", "output_stride", "fusion", "attn", "heads", "pos_enc", "audio_conv1", "mono")
+CKPT_KEYS = ("backbone", "output_stride", "fusion", "attn", "heads", "pos_enc", "audio_conv1", "mono", "s4_labels")
 
 
 def resolve_defaults(args):
-    """Fill the flags left at None with the paper's values, or CPU-sized ones on the built-in VPO."""
+    """Fill the flags left at None with the paper's values, or CPU-sized ones on the built-in VPO. AVSBench: the
+    App. B.1 recipe on its protocol's frames (--resize), crop = the resized frame (512 at original resolution),
+    mono (the released AVSBench loaders average the channels), S4 trained with its categories."""
+    spec, defaults, args.builtin = DATASETS[args.data], PAPER, False
+    if spec["kind"] == "avs":
+        args.resize = spec["resize"] if args.resize is None else args.resize
+        args.mono = True if args.mono is None else args.mono
+        args.s4_labels = args.s4_labels or ("category" if args.data == "avsbench_s4" else None)
+        defaults = dict(PAPER, crop=args.resize or PAPER["crop"], eval_batch_size=16 if args.resize else 1)
+    args.mono = bool(args.mono)
     summary = os.path.join(args.data_root, "vpo_summary.json")
-    builtin = None
-    if os.path.isfile(summary):
+    if spec["kind"] == "vpo" and os.path.isfile(summary):
         with open(summary) as f:
             info = json.load(f)
         if info.get("synthetic"):
-            builtin = dict(BUILTIN, crop=int(info["image_size"]))
-    for key, value in (builtin or PAPER).items():
+            defaults, args.builtin = dict(BUILTIN, crop=int(info["image_size"])), True
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.builtin = builtin is not None
     return args
+
+
+def class_names(dataset, s4_labels=None):
+    """The model's classes for a --data: VPO's 22, or data.avs_classes (S4: background + its 23 categories, or
+    binary with --s4-labels binary; MS3 binary; AVSS its 71)."""
+    spec = DATASETS[dataset]
+    if spec["kind"] == "vpo":
+        return data.VPO_CLASSES
+    return data.avs_classes(spec["task"], (s4_labels or "binary") if spec["task"] == "s4" else "binary")
 
 
 # ----------------------------------------------------------------------------- model
@@ -878,10 +943,20 @@ def seed_all(seed):
 
 
 def build_datasets(args, splits):
-    """split name -> VPO dataset of the --data subset (training augmentation and --crop on train only)."""
-    return {split: data.VPODataset(args.data_root, args.data.split("_")[1], split, audio_root=args.audio_root,
-                                   stereo=not args.mono, train=split == "train", crop=args.crop, limit=args.limit)
-            for split in splits}
+    """split name -> dataset of --data (training augmentation and --crop on train only): VPO images, or AVSBench
+    frames (data.AVSBenchFrames: one sample per labelled frame with its own second of audio, Sec. 5.1), val / test
+    restricted to --avss-part."""
+    spec, out = DATASETS[args.data], {}
+    for split in splits:
+        if spec["kind"] == "vpo":
+            out[split] = data.VPODataset(args.data_root, spec["task"], split, audio_root=args.audio_root,
+                                         stereo=not args.mono, train=split == "train", crop=args.crop, limit=args.limit)
+        else:
+            out[split] = data.AVSBenchFrames(args.data_root, spec["task"], split, size=args.resize or None,
+                                             stereo=not args.mono, train=split == "train", crop=args.crop,
+                                             labels=args.s4_labels if spec["task"] == "s4" else "binary",
+                                             part="all" if split == "train" else args.avss_part, limit=args.limit)
+    return out
 
 
 class EpochSampler(torch.utils.data.DistributedSampler):
@@ -943,10 +1018,13 @@ def load_checkpoint(path):
 
 
 def use_checkpoint_args(args, ckpt):
-    """The architecture flags come from the checkpoint, which also holds the weights."""
+    """The architecture flags come from the checkpoint, which also holds the weights; an AVSBench model is tested
+    at the frame size it was trained at unless --resize says otherwise."""
     for key in CKPT_KEYS:
-        setattr(args, key, ckpt["args"][key])
+        setattr(args, key, ckpt["args"].get(key))
     args.pretrained = "none"
+    if getattr(args, "resize", None) is None:
+        args.resize = ckpt["args"].get("resize")
 
 
 def save_checkpoint(path, model, optimizer, run, args, extra, world):
@@ -1020,62 +1098,78 @@ def train_one_epoch(net, loader, optimizer, scheduler, criterion, meter, epoch, 
     return iteration
 
 
-def save_overlay(path, image, mask, pred, attn):
+def save_overlay(path, image, mask, pred, attn, names):
     """One PNG: image | ground truth | prediction | cross-attention heatmap (App. C, Fig. 10), titled,
-    with a legend of the classes in ground truth or prediction."""
-    img, colors = data.to_uint8(image), data.class_colors()
+    with a legend of the classes (`names`) in ground truth or prediction."""
+    img, colors = data.to_uint8(image), data.class_colors(len(names))
     panels = [img, data.label_overlay(img, mask, colors), data.label_overlay(img, pred, colors),
               data.heatmap_overlay(img, attn.float())]
     data.save_panels(panels, ["image", "ground truth", "prediction", "attention"],
-                     data.legend_for([mask, pred], data.VPO_CLASSES, colors), path)
+                     data.legend_for([mask, pred], names, colors), path)
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
-def evaluate(model, loader, mel_fn, device, amp, num_classes, overlay_dir=None, n_overlays=0, swap=False):
-    """Dataset-level mIoU / F-beta / FDR from one confusion matrix (SPEC 2) and, where the samples carry
-    silent twins, the twin metrics (metrics.TwinMeter), all-reduced over ranks; overlays of the first
-    n_overlays images. swap: left and right audio channels exchanged."""
+def evaluate(model, loader, mel_fn, device, amp, names, binary=False, overlay_dir=None, n_overlays=0, swap=False):
+    """Dataset-level mIoU / F-beta / FDR from one confusion matrix over the classes `names` (SPEC 2) and, where
+    the samples carry silent twins, the twin metrics (metrics.TwinMeter), all-reduced over ranks; overlays of
+    the first n_overlays images. binary (AVSBench-Objects, Tables 1-2): sounding object = 1 - p(background) > 0.5
+    against the mask's foreground, plus M_J / M_F (metrics.AVSObjectsMeter). swap: left and right audio
+    channels exchanged."""
     model.eval()
     torch.backends.cudnn.benchmark = False  # test images of every size: no per-shape kernel search
-    cm = metrics.ConfusionMatrix(num_classes, device=device)
-    twins = metrics.TwinMeter(num_classes, device=device)
+    cm = metrics.ConfusionMatrix(len(names), device=device)
+    twins = metrics.TwinMeter(len(names), device=device)
+    objects = metrics.AVSObjectsMeter(device) if binary else None
     written = 0
     for batch in loader:
         image, mask, wave = batch["image"].to(device), batch["mask"].to(device), batch["wave"].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits, _, attn = model(image, mel_fn(wave.flip(1) if swap else wave))
-        pred = logits.argmax(1)
+        if binary:  # an S4 model trained on categories is tested on the binary masks too
+            fg = 1 - logits.float().softmax(1)[:, 0]
+            pred, mask = (fg > 0.5).long(), torch.where(mask == 255, mask, (mask > 0).long())
+            objects.update(fg, mask)
+        else:
+            pred = logits.argmax(1)
         cm.update(pred, mask)
         if "twin" in batch:
             twins.update(pred, mask, batch["twin"].to(device))
         for i, name in enumerate(batch["name"]):
             if written < n_overlays:
-                save_overlay(os.path.join(overlay_dir, f"{name}.png"), image[i], mask[i], pred[i], attn[i])
+                save_overlay(os.path.join(overlay_dir, f"{name}.png"), image[i], mask[i], pred[i], attn[i], names)
                 written += 1
     cm.all_reduce()
     twins.all_reduce()
+    res = dict(cm.compute(), **twins.compute())
+    if binary:
+        objects.all_reduce()
+        res.update(objects.compute())
     model.train()
-    return dict(cm.compute(), **twins.compute())
+    return res
 
 
-def run_eval(model, loaders, weights, mel_fn, device, amp, args, log_path):
-    """Test metrics (overlays and, with stereo twins, the twin metrics with left and right swapped),
-    logged on rank 0 -> dict(split, weights, metrics)."""
-    num_classes = len(data.VPO_CLASSES)
-    n_overlays = args.overlays if log_path else 0
-    res = evaluate(model, loaders["test"], mel_fn, device, amp, num_classes, os.path.join(args.out, "overlays"),
+def run_eval(model, loaders, split, weights, mel_fn, device, amp, args, log_path):
+    """Metrics of one split (test: overlays and, with stereo twins, the twin metrics with left and right
+    swapped), logged on rank 0 -> dict(split, weights, metrics)."""
+    binary = DATASETS[args.data]["binary"]
+    names = data.AVS_BINARY if binary else class_names(args.data, args.s4_labels)
+    n_overlays = args.overlays if log_path and split == "test" else 0
+    res = evaluate(model, loaders[split], mel_fn, device, amp, names, binary, os.path.join(args.out, "overlays"),
                    n_overlays)
-    if "swap" in loaders:
-        swapped = evaluate(model, loaders["swap"], mel_fn, device, amp, num_classes, swap=True)
+    if split == "test" and "swap" in loaders:
+        swapped = evaluate(model, loaders["swap"], mel_fn, device, amp, names, swap=True)
         res.update({f"{key}_swap": swapped[key] for key in metrics.TWIN_KEYS})
+    part = f", part {args.avss_part}" if args.data == "avss" else ""
     if log_path:
-        log(metrics.format_table(data.VPO_CLASSES, res), log_path)
+        log(f"eval {split}{part} ({weights} weights):\n{metrics.format_table(names, res)}", log_path)
+        if binary:
+            log(f"M_J {res['mj']:.4f} | M_F {res['mf']:.4f}", log_path)
         if res["twin_images"]:
             log(metrics.format_twins(res), log_path)
-    return dict(split="test", weights=weights, **res)
+    return dict(split=split, weights=weights, **({"part": args.avss_part} if part else {}), **res)
 
 
 @torch.no_grad()
@@ -1092,7 +1186,8 @@ def predict(args):
     wave, note = data.load_predict_audio(args.audio, stereo=not args.mono, audio_pos=args.audio_pos)
     if note:
         print(f"note: {note}")
-    model = CAVPModel(args, len(data.VPO_CLASSES)).to(device).eval()
+    names = class_names(ckpt["args"]["data"], ckpt["args"].get("s4_labels"))
+    model = CAVPModel(args, len(names)).to(device).eval()
     model.load_state_dict(ckpt["model"])
     del ckpt  # the optimiser state is not needed: freed before the photo-sized maps
     mel_fn = data.LogMel(frames=300).to(device)
@@ -1101,15 +1196,15 @@ def predict(args):
         logits, _, attn = model(image[None].to(device), mel_fn(wave[None].to(device)))
     # to the image's size bilinearly on the logits, not nearest on the labels: borders fall where the
     # resized scores cross, at the image's resolution, instead of following the model's pixel grid
-    pred, colors = data.upsample_labels(logits[0].cpu(), size), data.class_colors()
+    pred, colors = data.upsample_labels(logits[0].cpu(), size), data.class_colors(len(names))
     shown = data.shown_labels(pred, rgb.shape[:2])
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "predict")
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, os.path.splitext(os.path.basename(args.predict))[0])
     data.save_panels([rgb, data.label_overlay(rgb, shown, colors), data.heatmap_overlay(rgb, attn[0].float())],
-                     ["image", "prediction", "attention"], data.legend_for([pred], data.VPO_CLASSES, colors),
+                     ["image", "prediction", "attention"], data.legend_for([pred], names, colors),
                      stem + ".png")
-    shares = data.class_shares(pred, data.VPO_CLASSES)
+    shares = data.class_shares(pred, names)
     res = dict(image=args.predict, audio=args.audio, audio_pos=args.audio_pos, audio_note=note, checkpoint=args.ckpt,
                height=size[0], width=size[1], max_size=max_size, model_size=list(image.shape[1:]),
                classes=list(shares), shares=shares, background=(pred == 0).float().mean().item())
@@ -1130,13 +1225,19 @@ def main(args):
     ckpt = load_checkpoint(args.resume or args.ckpt) if args.resume or args.eval_only else None
     if ckpt:
         use_checkpoint_args(args, ckpt)
+        if class_names(ckpt["args"]["data"], args.s4_labels) != class_names(args.data, args.s4_labels):
+            raise data.DataError(f"{args.resume or args.ckpt} was trained on --data {ckpt['args']['data']}, whose "
+                                 f"classes differ from --data {args.data}")
     resolve_defaults(args)
     args.out = run_folder(args, world)
     seed_all(rank_seed(args.seed, rank))
+    spec = DATASETS[args.data]
+    val_split = "val" if spec["kind"] == "avs" else "test"  # VPO has no val split (release "val" = test)
 
-    sets = build_datasets(args, ["test"] if args.eval_only else ["test", "train"])  # read before the run folder
+    # read before the run folder
+    sets = build_datasets(args, ["test"] if args.eval_only else sorted({"train", val_split, "test"}))
     twin_idx = []
-    if args.eval_audio == "real" and data.attach_twins(sets["test"], args.coco_ann):
+    if spec["kind"] == "vpo" and args.eval_audio == "real" and data.attach_twins(sets["test"], args.coco_ann):
         twin_idx = sorted(sets["test"].twins)  # VPO-MSMI: images whose sounding object has silent twins
     if args.eval_only:
         sets["test"] = data.eval_audio_set(sets["test"], args.eval_audio, args.coco_ann, args.seed)
@@ -1147,20 +1248,24 @@ def main(args):
         log(f"cavp: {' '.join(sys.argv[1:])}", log_path)
         log(f"settings: {json.dumps(vars(args), sort_keys=True)}", log_path)
         log(f"{world} rank(s) on {device}, bf16 autocast {amp}", log_path)
-    num_classes = len(data.VPO_CLASSES)
-    mel_fn = data.LogMel(frames=300).to(device)  # SPEC 1.3: 3 s -> 300 frames x 64 mel bins
+    num_classes = len(class_names(args.data, args.s4_labels))
+    # SPEC 1.3: 3 s -> 300 frames x 64 mel bins; an AVSBench frame's 1 s (App. B.1) comes repeat-padded to 3 s,
+    # so the audio encoder, the memory bank and --predict take one clip length
+    mel_fn = data.LogMel(frames=300).to(device)
 
     model = CAVPModel(args, num_classes).to(device)
     if ckpt:
         model.load_state_dict(ckpt["model"])
     if args.eval_only:
-        res = run_eval(model, eval_loaders, args.ckpt, mel_fn, device, amp, args, log_path)
+        res = run_eval(model, eval_loaders, "test", args.ckpt, mel_fn, device, amp, args, log_path)
         if main_rank:
             if args.eval_audio != "real":
                 log(f"{args.eval_audio} audio: {100 * res['fg_pred']:.2f}% of the pixels segmented as a sounding "
                     "object (false detections; 0 is right)", log_path)
-            # eval-real.json / eval-silence.json / eval-absent.json: never the training run's metrics.json
-            write_json(os.path.join(args.out, f"eval-{args.eval_audio}.json"), dict(args=vars(args), eval=res))
+            # eval-real.json / eval-silence.json / eval-absent.json (avss: eval-real-v1s.json for --avss-part v1s):
+            # never the training run's metrics.json
+            part = "" if args.avss_part == "all" else f"-{args.avss_part}"
+            write_json(os.path.join(args.out, f"eval-{args.eval_audio}{part}.json"), dict(args=vars(args), eval=res))
         return res
 
     if device.type == "cuda":  # channels-last convolutions, TF32 where the GPU has it
@@ -1189,7 +1294,8 @@ def main(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: (1 - min(it, schedule - 1) / schedule) ** args.poly_power)
     criterion = Criterion(args, num_classes, mel_fn, device, amp, rank, world)
-    run = dict(iteration=0, epoch=0, best=-math.inf, metric="miou", history=[])
+    # model selection: M_J on AVSBench-Objects (as the released AVSBench-Objects trainer), mIoU otherwise
+    run = dict(iteration=0, epoch=0, best=-math.inf, metric="mj" if spec["binary"] else "miou", history=[])
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["extra"]["scheduler"])
@@ -1214,7 +1320,7 @@ def main(args):
         extra = dict(scheduler=scheduler.state_dict(), criterion=criterion.state_dict())
         if stop or (epoch + 1) % args.eval_every == 0:
             eval_t = time.time()
-            res = run_eval(model, eval_loaders, "last", mel_fn, device, amp, args, log_path)
+            res = run_eval(model, eval_loaders, val_split, "last", mel_fn, device, amp, args, log_path)
             run["history"].append(dict(epoch=epoch + 1, iteration=run["iteration"], **res))
             if main_rank:
                 log(f"eval ep {epoch + 1}: mIoU {100 * res['miou']:.2f} F-beta {100 * res['mean_fbeta']:.2f} "
@@ -1223,14 +1329,19 @@ def main(args):
                 run["best"] = res[run["metric"]]
                 save_checkpoint(main_rank and os.path.join(args.out, "best.pt"), model, optimizer, run, args, extra,
                                 world)
-            write_metrics(main_rank, args, run, "test", res, meter)
+            write_metrics(main_rank, args, run, val_split, res if val_split == "test" else None, meter)
         save_checkpoint(main_rank and os.path.join(args.out, "last.pt"), model, optimizer, run, args, extra, world)
         if stop:
             break
-    write_metrics(main_rank, args, run, "test", res, meter)
+    if world > 1:
+        dist.barrier()  # best.pt is written by rank 0
+    if val_split != "test" and os.path.isfile(os.path.join(args.out, "best.pt")):
+        model.load_state_dict(load_checkpoint(os.path.join(args.out, "best.pt"))["model"])
+        res = run_eval(model, eval_loaders, "test", "best", mel_fn, device, amp, args, log_path)
+    write_metrics(main_rank, args, run, val_split, res, meter)
     if main_rank:
-        log(f"done in {time.time() - meter.t0:.0f} s; best mIoU {100 * run['best']:.2f}; run folder {args.out}",
-            log_path)
+        log(f"done in {time.time() - meter.t0:.0f} s; best {dict(miou='mIoU', mj='M_J')[run['metric']]} "
+            f"{100 * run['best']:.2f}; run folder {args.out}", log_path)
     return res
 
 

@@ -60,6 +60,23 @@ VPO_AUDIO_LABELS = {
     "baby": ["baby babbling", "baby crying", "baby laughter"],
 }
 AVSS_NUM_CLASSES = 71
+# AVSBench-Objects S4: the 23 categories of s4_meta_data.csv (VGGSound labels written with '_'), in the order
+# of the CAVP release's AVSBench index table (config/class_list.py)
+AVS_S4_CATEGORIES = [
+    "ambulance_siren", "baby_laughter", "cap_gun_shooting", "cat_meowing", "chainsawing_trees", "coyote_howling",
+    "dog_barking", "driving_buses", "female_singing", "helicopter", "horse_clip-clop", "lawn_mowing",
+    "lions_roaring", "male_speech", "mynah_bird_singing", "playing_acoustic_guitar", "playing_glockenspiel",
+    "playing_piano", "playing_tabla", "playing_ukulele", "playing_violin", "race_car",
+    "typing_on_computer_keyboard"]
+# AVSBench-Semantics: class j is label2idx.json's entry j + 1 (the release numbers from 1, background first)
+AVSS_CLASSES = [
+    "background", "accordion", "airplane", "axe", "baby", "bassoon", "bell", "bird", "boat", "boy", "bus", "car",
+    "cat", "cello", "clarinet", "clipper", "clock", "dog", "donkey", "drum", "duck", "elephant", "emergency-car",
+    "erhu", "flute", "frying-food", "girl", "goose", "guitar", "gun", "guzheng", "hair-dryer", "handpan",
+    "harmonica", "harp", "helicopter", "hen", "horse", "keyboard", "leopard", "lion", "man", "marimba",
+    "missile-rocket", "motorcycle", "mower", "parrot", "piano", "pig", "pipa", "saw", "saxophone", "sheep", "sitar",
+    "sorna", "squirrel", "tabla", "tank", "tiger", "tractor", "train", "trombone", "truck", "trumpet", "tuba",
+    "ukulele", "utv", "vacuum-cleaner", "violin", "wolf", "woman"]
 SAMPLE_RATE = 16000
 JITTER = 0.4  # train colour jitter: brightness / contrast / saturation factor in 1 +- 0.4
 SCALE = (0.5, 2.0)  # train random scale range
@@ -277,6 +294,25 @@ def _int_field(value, path, column):
     return int(ids[0])
 
 
+def augment(img, mask, crop):
+    """Joint train augmentation (CAVP App. B.1) of an image in [0, 1] (3, H, W) and its uint8 label map:
+    colour jitter, horizontal flip, scale 0.5-2.0, normalisation and a random `crop` (None: no crop);
+    returns (image, mask, flipped), so that the caller mirrors stereo audio with the image."""
+    for adjust in (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation):
+        img = adjust(img, float(torch.empty(1).uniform_(1 - JITTER, 1 + JITTER)))
+    flip = bool(torch.rand(1) < 0.5)
+    if flip:
+        img, mask = img.flip(-1), mask.flip(-1)
+    s = float(torch.empty(1).uniform_(SCALE[0], SCALE[1]))
+    size = [max(1, round(img.shape[-2] * s)), max(1, round(img.shape[-1] * s))]
+    img = TF.resize(img, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    mask = TF.resize(mask[None], size, interpolation=TF.InterpolationMode.NEAREST)[0]
+    img = normalize(img.clamp(0, 1))
+    if crop is not None:
+        img, mask = random_crop(img, mask, crop)
+    return img, mask, flip
+
+
 class VPODataset(torch.utils.data.Dataset):
     """VPO-SS/MS/MSMI in the released layout (SPEC 1.1); see the API contract for the sample dict.
 
@@ -380,22 +416,6 @@ class VPODataset(torch.utils.data.Dataset):
             raise DataError(f"{path}: mask must be a single-channel PNG of COCO ids, got shape {arr.shape}")
         return torch.from_numpy(coco_to_vpo(arr, path).astype(np.uint8))
 
-    def _augment(self, img, mask):
-        """Joint train augmentation; returns (image, mask, flipped)."""
-        for adjust in (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation):
-            img = adjust(img, float(torch.empty(1).uniform_(1 - JITTER, 1 + JITTER)))
-        flip = bool(torch.rand(1) < 0.5)
-        if flip:
-            img, mask = img.flip(-1), mask.flip(-1)
-        s = float(torch.empty(1).uniform_(SCALE[0], SCALE[1]))
-        size = [max(1, round(img.shape[-2] * s)), max(1, round(img.shape[-1] * s))]
-        img = TF.resize(img, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        mask = TF.resize(mask[None], size, interpolation=TF.InterpolationMode.NEAREST)[0]
-        img = normalize(img.clamp(0, 1))
-        if self.crop is not None:
-            img, mask = random_crop(img, mask, self.crop)
-        return img, mask, flip
-
     def __getitem__(self, i):
         s = self.samples[i]
         img = read_image(s["image"])
@@ -404,7 +424,7 @@ class VPODataset(torch.utils.data.Dataset):
             raise DataError(f"{s['mask']}: mask size {tuple(mask.shape)} != image size "
                             f"{tuple(img.shape[1:])} of {s['image']}")
         if self.train:
-            img, mask, flip = self._augment(img, mask)
+            img, mask, flip = augment(img, mask, self.crop)
         else:
             img, flip = normalize(img), False
         alphas = [1.0 - a if flip else a for _, _, a in s["sources"]]  # SPEC 1.1: flip -> 1 - alpha
@@ -717,6 +737,92 @@ class AVSBenchDataset(torch.utils.data.Dataset):
         wave_[:, :x.shape[1]] = x
         valid = torch.arange(t) < n
         return dict(image=image, mask=mask, wave=wave_, valid=valid, name=s["name"])
+
+
+AVS_BINARY = ["background", "sounding object"]
+AVSS_PARTS = ("all",) + tuple(_AVSS_FRAMES)
+
+
+def avs_classes(task, labels="binary"):
+    """Class names of an AVSBench task for an image model: AVSS its 71; S4 / MS3 background and sounding object,
+    or with labels='category' (S4) background and the 23 S4 categories."""
+    if task == "avss":
+        return AVSS_CLASSES
+    return ["background"] + AVS_S4_CATEGORIES if labels == "category" else AVS_BINARY
+
+
+class AVSBenchFrames(torch.utils.data.Dataset):
+    """AVSBenchDataset as frames, for an image model (cavp.py): one sample per labelled frame (S4 train: the
+    first frame of each clip; otherwise every frame), with that frame's own second of the clip's audio as
+    AVSBenchDataset cuts it (second i from the clip start for frame i), repeat-padded to `seconds`.
+
+    The sample dict is VPODataset's: image (3, H, W), mask (H, W) long (255 ignore), wave (C, seconds * 16 kHz),
+    audio_classes (K,), audio_pos (), source_pos (K,), name '<clip>_<frame>' (frame numbered as its file).
+    Classes (avs_classes): AVSS its 71; S4 / MS3 binary, or S4 with labels='category' the clip's CSV category
+    at the foreground pixels. Audio class sets (CAVP Eq. (1)-(3)): S4 the clip's category (binary: {sounding
+    object}) in every frame, one category per clip as in the CAVP release's S4 loader; MS3 / AVSS the classes
+    in the frame's mask, as the release's MS3 / AVSS loaders (AVSBench labels only sounding objects). AVSBench
+    has no source positions: a sounding class sits at 0.5 (centre); audio_pos is 0.5 for one class, else -1.
+    part: only the AVSS clips of one release part (v1s, v1m, v2). train=True: `augment` with `crop` (a flip
+    swaps stereo channels). size: frames resized to size x size, None keeps the original resolution.
+    """
+
+    def __init__(self, root, task, split, size=224, stereo=False, train=False, crop=None, labels="binary",
+                 part="all", limit=None, seconds=3.0):
+        if labels not in ("binary", "category") or (labels == "category" and task != "s4"):
+            raise DataError(f"labels {labels!r} for AVSBench {task}: use binary (or category for s4)")
+        if part not in AVSS_PARTS or (part != "all" and task != "avss"):
+            raise DataError(f"part {part!r} for AVSBench {task}: use all (or {', '.join(_AVSS_FRAMES)} for avss)")
+        self.clips = AVSBenchDataset(root, task, split, size=size, stereo=stereo)
+        self.task, self.train, self.crop, self.seconds = task, train, crop, seconds
+        self.classes = avs_classes(task, labels)
+        csv_path, meta = self.clips.csv, {}  # S4: each clip's category; AVSS: its release part
+        if task != "ms3":
+            rows, header = _read_csv(csv_path, [], "")
+            key, column = ("uid", "label") if task == "avss" else (header[0], header[2])
+            meta = {r[key]: r[column] for r in rows}
+        self.fg = [1] * len(self.clips)  # the class of each clip's foreground pixels (S4)
+        if labels == "category":
+            bad = [s["name"] for s in self.clips.samples if meta[s["name"]] not in AVS_S4_CATEGORIES]
+            if bad:
+                raise DataError(f"{csv_path}: category {meta[bad[0]]!r} of clip {bad[0]} is not one of the 23 S4 "
+                                "categories (data.AVS_S4_CATEGORIES); fix the CSV or use binary labels")
+            self.fg = [1 + AVS_S4_CATEGORIES.index(meta[s["name"]]) for s in self.clips.samples]
+        self.index = _limit([(i, j) for i, s in enumerate(self.clips.samples)
+                             if part == "all" or meta[s["name"]] == part
+                             for j, m in enumerate(s["masks"]) if m], limit)
+        if not self.index:
+            raise DataError(f"{csv_path}: no labelled frame of part {part} in split {split!r}; check the CSV, "
+                            "--data-root or the part")
+        self._clip = None  # (clip index, AVSBenchDataset sample): the frames of a clip come one after another
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, k):
+        i, j = self.index[k]
+        if self._clip is None or self._clip[0] != i:
+            self._clip = (i, self.clips[i])
+        clip = self._clip[1]
+        img, mask = clip["image"][j], clip["mask"][j]
+        if self.task == "s4":
+            mask = torch.where(mask == 1, self.fg[i], mask)
+            classes = [self.fg[i]]
+        else:
+            present = mask.unique()
+            classes = present[(present > 0) & (present != 255)].tolist()
+        second = clip["wave"][:, j * SAMPLE_RATE:(j + 1) * SAMPLE_RATE]
+        wave_ = fit_length(second, round(self.seconds * SAMPLE_RATE))  # 1 s repeat-padded (SPEC 1.3)
+        if self.train:
+            img, mask, flip = augment(img * STD + MEAN, mask.to(torch.uint8), self.crop)
+            if flip:
+                wave_ = wave_.flip(0)  # stereo: left and right swap with the image (mono: unchanged)
+        audio_classes = torch.zeros(len(self.classes))
+        audio_classes[classes] = 1.0
+        return dict(image=img, mask=mask.long(), wave=wave_, audio_classes=audio_classes,
+                    audio_pos=torch.tensor(0.5 if len(classes) == 1 else -1.0),
+                    source_pos=torch.where(audio_classes > 0, 0.5, -1.0),
+                    name=f"{clip['name']}_{j + (self.task != 'avss')}")
 
 
 # ---------------------------------------------------------------- pictures and --predict inputs (issue 13)

@@ -30,6 +30,21 @@ and is listed in vpo_summary.json and the printed summary:
 The build stops with `error: ...` (exit 2) only when nothing can be built: no usable clip of any
 Table 7 label, neither image folder, or no image on disk with an object of a class that has clips.
 
+AVS-M-SS mode (CAVP Sec. 5.2: does TPAVI score the same when AVSBench S4's audio comes from VGGSound?)
+    python vpo_make.py --avs-mss --avsbench AVSBENCH_ROOT --vggsound VGG_ROOT --out DIR
+writes AVSBench-Objects S4 in its own layout to DIR/Single-source/ (s4_meta_data.csv copied; frames, masks
+and clips hard-linked) with each clip's audio_wav/{split}/{category}/{name}.wav replaced by a VGGSound clip
+of the clip's category, drawn per clip from a seeded RNG out of the VGGSound split that matches the S4 split
+(train -> train, val and test -> test; all the category's clips where that split has none). The S4
+categories are VGGSound labels written with '_' for ' '; male_speech, playing_violin and race_car name the
+VGGSound labels 'male speech, man speaking', 'playing violin, fiddle' and 'race car, auto racing'
+(S4_VGGSOUND). The readers take 1 s per frame from the start of the clip (the first 5 s of a 10 s
+VGGSound clip). VGGSound is read as in real mode, with its partial-input rules; a category without any
+usable clip keeps its AVSBench audio (a warning, counted in the summary). Precomputed VGGish log-mels
+(audio_log_mel/) describe the original audio and are not written. DIR/avs_mss_audio.csv lists the clip
+chosen for every S4 clip, DIR/avs_mss_summary.json the counts. `tpavi.py --data avsbench_s4 --data-root DIR`
+trains on it.
+
 Built-in mode
     python vpo_make.py --synthetic --out DATA_ROOT
 first writes synthetic *sources* in the COCO / VGGSound formats under DATA_ROOT/sources/{coco,
@@ -105,8 +120,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from data import (VPO_AUDIO_LABELS, VPO_CLASSES, VPO_COCO_IDS, VPO_SUBSETS, DataError, decode_coco, read_wav,
-                  write_wav)
+from data import (AVS_S4_CATEGORIES, VPO_AUDIO_LABELS, VPO_CLASSES, VPO_COCO_IDS, VPO_SUBSETS, AVSBenchDataset,
+                  DataError, _read_csv, decode_coco, read_wav, write_wav)
 
 SUBSETS = ("ss", "ms", "msmi")
 SPLITS = (("train", "train2017", "train"), ("val", "val2017", "test"))  # VPO split, COCO, VGGSound
@@ -116,6 +131,7 @@ PAPER_MI_SHARE = 3038 / 12855  # multi-instance images in VPO-MSMI (Sec. 3)
 MAX_SOURCES = 5  # VPO-MS: up to five sounding objects (Sec. 3)
 CLASS_ID = dict(zip(VPO_CLASSES[1:], VPO_COCO_IDS))
 CLASS_NAME = {v: k for k, v in CLASS_ID.items()}
+TABLE7 = {lab: CLASS_ID[c] for c, labs in VPO_AUDIO_LABELS.items() for lab in labs}  # VGGSound label -> class id
 PERSONS = ("male", "female", "baby")
 PERSON_WORDS = {
     "male": {"man", "men", "boy", "boys", "guy", "guys", "male", "males", "gentleman", "gentlemen",
@@ -461,19 +477,19 @@ def _read_vggsound_csv(path):
     return rows
 
 
-def load_vggsound(root):
-    """vggsound.csv + audio/ -> ({cid: {"train": [vgg_file], "test": [...]}}, stats, labels missing).
+def load_vggsound(root, labels=TABLE7, what="Table 7"):
+    """vggsound.csv + audio/ -> ({key: {"train": [vgg_file], "test": [...]}}, stats, labels missing) for the
+    VGGSound labels of `labels` ({label: key}; default CAVP Table 7 -> COCO class id; `what` names them).
 
     Listed clips missing on disk, present only in another format (.flac, .mp4, ...) or not readable
-    as WAV are skipped and counted, with a warning; a Table 7 label without a usable clip is a
-    warning. Stops only when no Table 7 label has a usable clip.
+    as WAV are skipped and counted, with a warning; a label without a usable clip is a
+    warning. Stops only when no label has a usable clip.
     """
     path, audio = os.path.join(root, "vggsound.csv"), os.path.join(root, "audio")
     if not os.path.isfile(path):
         raise DataError(f"{path} not found; pass --vggsound pointing at the VGGSound root")
     if not os.path.isdir(audio):
         raise DataError(f"{audio} not found; put the clips there as {{youtube_id}}_{{start:06d}}.wav")
-    label_class = {lab: CLASS_ID[c] for c, labs in VPO_AUDIO_LABELS.items() for lab in labs}
     wavs, others = set(), {}
     for name in os.listdir(audio):
         stem, ext = os.path.splitext(name)
@@ -481,10 +497,10 @@ def load_vggsound(root):
             wavs.add(stem)
         elif ext:
             others[stem] = ext[1:]
-    pools = {cid: {"train": set(), "test": set()} for cid in VPO_COCO_IDS}
+    pools = {key: {"train": set(), "test": set()} for key in labels.values()}
     found, not_wav, bad, listed, missing = Counter(), Counter(), [], 0, 0
     for ytid, start, label, split in _read_vggsound_csv(path):
-        if label not in label_class:
+        if label not in labels:
             continue
         stem = f"{ytid}_{int(start):06d}"
         listed += 1
@@ -495,27 +511,27 @@ def load_vggsound(root):
                 missing += 1
         elif wav_ok(os.path.join(audio, stem + ".wav")):
             found[label] += 1
-            pools[label_class[label]][split].add(stem)
+            pools[labels[label]][split].add(stem)
         else:
             bad.append(stem + ".wav")
     exts = sorted(not_wav, key=lambda e: (-not_wav[e], e))
     convert = f"convert them to WAV: {convert_command(audio, exts)}" if exts else ""
     if not found:
         why = f"{sum(not_wav.values())} are .{'/.'.join(exts)}, not WAV; {convert}" if exts else \
-            "download the clips of the CAVP Table 7 labels (README)"
-        raise DataError(f"{audio}: no usable clip of the {listed} Table 7 clips listed in {path}; {why}")
+            f"download the clips of the {what} labels (README)"
+        raise DataError(f"{audio}: no usable clip of the {listed} {what} clips listed in {path}; {why}")
     if missing:
-        warn(f"{missing} of {listed} Table 7 clips listed in {path} are not in {audio}; skipped them")
+        warn(f"{missing} of {listed} {what} clips listed in {path} are not in {audio}; skipped them")
     if exts:
         warn(f"{sum(not_wav.values())} listed clips are in {audio} as .{'/.'.join(exts)}, not WAV; "
              f"skipped them; {convert}")
     if bad:
         warn(f"{len(bad)} clips in {audio} are not readable WAV (first: {bad[0]}); skipped them; re-encode "
              "each as 16-bit PCM: ffmpeg -i IN -vn -ac 1 -ar 16000 -c:a pcm_s16le OUT.wav")
-    labels_missing = sorted(lab for lab in label_class if not found[lab])
+    labels_missing = sorted(lab for lab in labels if not found[lab])
     for label in labels_missing:
-        name = CLASS_NAME[label_class[label]]
-        if any(pools[label_class[label]].values()):
+        name = CLASS_NAME.get(labels[label], labels[label])
+        if any(pools[labels[label]].values()):
             warn(f"VGGSound label {label!r} has no usable clip in {audio}; "
                  f"class {name} uses its other labels")
     pools = {c: {s: sorted(v) for s, v in p.items()} for c, p in pools.items()}
@@ -701,13 +717,8 @@ def format_summary(summary):
     lines += [f"{c:14}" + "".join(f"{subs[k]['classes'][c]:9d}" for k in subs) for c in VPO_CLASSES[1:]]
     persons = ", ".join(f"{k} {v}" for k, v in summary["persons"].items())
     lines.append(f"persons (images, caption rule): {persons}")
-    v = summary["vggsound"]
-    lines.append(f"vggsound: {v['clips_listed']} Table 7 clips listed, skipped {v['clips_missing']} "
-                 f"missing, {v['clips_not_wav']} not WAV and {v['clips_unreadable']} unreadable; "
-                 f"{v['clips_used']} used")
+    lines += vggsound_lines(summary, "Table 7")
     m = summary["missing"]
-    if m["labels"]:
-        lines.append("missing VGGSound labels (no usable clip): " + ", ".join(map(repr, m["labels"])))
     if m["classes"]:
         lines.append("silent classes (no clip; objects are background): "
                      + ", ".join(f"{c} in {n} images" for c, n in m["classes"].items()))
@@ -716,6 +727,16 @@ def format_summary(summary):
     if coco:
         lines.append("missing COCO: " + ", ".join(coco))
     return "\n".join(lines)
+
+
+def vggsound_lines(summary, what):
+    """The summary's lines on the VGGSound clips: listed, skipped, used, labels without a usable clip."""
+    v, labels = summary["vggsound"], summary["missing"]["labels"]
+    lines = [f"vggsound: {v['clips_listed']} {what} clips listed, skipped {v['clips_missing']} missing, "
+             f"{v['clips_not_wav']} not WAV and {v['clips_unreadable']} unreadable; {v['clips_used']} used"]
+    if labels:
+        lines.append("missing VGGSound labels (no usable clip): " + ", ".join(map(repr, labels)))
+    return lines
 
 
 def prepare(coco_root, vgg_root, sizes, mi_share, seed, strict=False, mi_single=False):
@@ -763,6 +784,82 @@ def build(coco_root, vgg_root, out, sizes=None, mi_share=PAPER_MI_SHARE, seed=0,
     summary.update(synthetic=synthetic_size is not None, image_size=synthetic_size)
     put_bytes(os.path.join(out, "vpo_summary.json"), (json.dumps(summary, indent=1) + "\n").encode())
     return summary
+
+
+# ---------------------------------------------------------------- AVS-M-SS (CAVP Sec. 5.2)
+# AVSBench S4's 23 categories are VGGSound labels (AVS §3) written with '_' for ' '; three VGGSound labels add an
+# alternative name after a comma, which S4 drops
+S4_VGGSOUND = {c: {"male_speech": "male speech, man speaking", "playing_violin": "playing violin, fiddle",
+                   "race_car": "race car, auto racing"}.get(c, c.replace("_", " ")) for c in AVS_S4_CATEGORIES}
+AVS_MSS_SPLIT = {"train": "train", "val": "test", "test": "test"}  # S4 split -> VGGSound split
+
+
+def build_avs_mss(avs_root, vgg_root, out, seed=0, workers=1):
+    """AVS-M-SS (CAVP Sec. 5.2): AVSBench-Objects S4 with each clip's audio replaced by a VGGSound clip of its
+    category (S4_VGGSOUND), drawn with a per-clip seeded RNG from the VGGSound split that matches the S4 split
+    (train -> train, val / test -> test; a category without clips there draws from all its clips). A category
+    without any usable clip keeps its clips' AVSBench audio (warning; counted). Writes the S4 layout to
+    out/Single-source (CSV copied, frames, masks and clips hard-linked), out/avs_mss_audio.csv (each clip's
+    VGGSound clip, empty where the AVSBench audio was kept) and out/avs_mss_summary.json; returns the summary."""
+    if not any(os.path.isfile(os.path.join(avs_root, *sub, "s4_meta_data.csv")) for sub in ((), ("Single-source",))):
+        raise DataError(f"{avs_root}: no s4_meta_data.csv in it or in its Single-source/; pass --avsbench pointing "
+                        "at the AVSBench root")
+    clips = AVSBenchDataset(avs_root, "s4", "train", size=None)  # checks the layout; the CSV for every split
+    rows, header = _read_csv(clips.csv, ["split"], "")
+    pools, vgg_stats, labels_missing = load_vggsound(vgg_root, {S4_VGGSOUND[c]: c for c in AVS_S4_CATEGORIES},
+                                                     "S4-category")
+    category = {r[header[0]]: r[header[2]] for r in rows}
+    dst = os.path.join(out, "Single-source")
+    tasks, audio_rows, splits, counts = [], [], {}, {}
+    for split in ("train", "val", "test"):
+        if not any(r["split"] == split for r in rows):
+            continue
+        samples = clips.samples if split == "train" else AVSBenchDataset(avs_root, "s4", split, size=None).samples
+        splits[split] = dict(clips=len(samples), replaced=0, kept=0)
+        for s in samples:
+            cat = category[s["name"]]
+            pool = pools.get(cat, {"train": [], "test": []})
+            choices = pool[AVS_MSS_SPLIT[split]] or pool["train"] + pool["test"]
+            vgg = _rng(seed, "avs-mss", split, s["name"]).choice(choices) if choices else ""
+            wav = os.path.join(dst, os.path.relpath(s["wav"], clips.dir))
+            tasks.append((link_clip, (os.path.join(vgg_root, "audio", vgg + ".wav"), wav)) if vgg else
+                         (put_link, (s["wav"], wav)))
+            tasks += [(put_link, (p, os.path.join(dst, os.path.relpath(p, clips.dir))))
+                      for p in s["frames"] + [m for m in s["masks"] if m]]
+            kind = "replaced" if vgg else "kept"
+            splits[split][kind] += 1
+            counts.setdefault(cat, Counter())[kind] += 1
+            audio_rows.append([s["name"], split, cat, vgg])
+    kept = {c: n["kept"] for c, n in sorted(counts.items()) if n["kept"]}
+    for cat, n in kept.items():
+        label = f"VGGSound label {S4_VGGSOUND[cat]!r}" if cat in S4_VGGSOUND else "no VGGSound label"
+        warn(f"S4 category {cat} ({label}) has no usable VGGSound clip; its {n} clips keep their AVSBench audio")
+    run_tasks(tasks, workers, "avs-mss files")
+    with open(clips.csv, "rb") as f:
+        put_bytes(os.path.join(dst, os.path.basename(clips.csv)), f.read())
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([["name", "split", "category", "vgg_file"]] + audio_rows)
+    put_bytes(os.path.join(out, "avs_mss_audio.csv"), buf.getvalue().encode())
+    vgg_stats["clips_used"] = len({r[3] for r in audio_rows if r[3]})
+    summary = dict(seed=seed, avsbench=os.path.abspath(avs_root), vggsound=vgg_stats, splits=splits,
+                   categories={c: dict(label=S4_VGGSOUND.get(c), replaced=n["replaced"], kept=n["kept"])
+                               for c, n in sorted(counts.items())},
+                   missing=dict(labels=labels_missing, categories=kept))
+    put_bytes(os.path.join(out, "avs_mss_summary.json"), (json.dumps(summary, indent=1) + "\n").encode())
+    return summary
+
+
+def format_avs_mss(summary):
+    lines = [f"AVS-M-SS build (seed {summary['seed']}): AVSBench S4 clips with a VGGSound clip of their category",
+             f"{'split':7}{'clips':>7}{'replaced':>10}{'kept':>6}"]
+    lines += [f"{s:7}{n['clips']:7d}{n['replaced']:10d}{n['kept']:6d}" for s, n in summary["splits"].items()]
+    lines.append(f"{'S4 category':30}{'VGGSound label':32}{'replaced':>9}{'kept':>6}")
+    lines += [f"{c:30}{str(n['label']):32}{n['replaced']:9d}{n['kept']:6d}" for c, n in summary["categories"].items()]
+    lines += vggsound_lines(summary, "S4-category")
+    if summary["missing"]["categories"]:
+        lines.append("categories keeping their AVSBench audio (no clip): "
+                     + ", ".join(f"{c} in {n} clips" for c, n in summary["missing"]["categories"].items()))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- built-in synthetic sources
@@ -1027,7 +1124,12 @@ def parse_args(argv=None):
                    "real mode")
     p.add_argument("--synthetic", action="store_true",
                    help="built-in mode: write synthetic COCO/VGGSound sources to OUT/sources, then build")
-    p.add_argument("--out", required=True, help="DATA_ROOT to write VPO-SS/, VPO-MS/, VPO-MSMI/, audio/")
+    p.add_argument("--avs-mss", action="store_true",
+                   help="AVS-M-SS mode (CAVP Sec. 5.2): AVSBench S4 (--avsbench) with every clip's audio replaced by "
+                        "a VGGSound (--vggsound) clip of its category, written to OUT in the S4 layout")
+    p.add_argument("--avsbench", help="AVS-M-SS mode: AVSBench root (the folder with Single-source/, or it)")
+    p.add_argument("--out", required=True,
+                   help="DATA_ROOT to write VPO-SS/, VPO-MS/, VPO-MSMI/, audio/ (AVS-M-SS: Single-source/)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (byte-deterministic)")
     p.add_argument("--workers", type=positive, default=min(8, os.cpu_count() or 1),
                    help="processes writing masks/links (output does not depend on it)")
@@ -1046,9 +1148,13 @@ def parse_args(argv=None):
                    "annotations, or a whole train2017/ or val2017/ folder, is missing (default: skip it with "
                    "a warning)")
     args = p.parse_args(argv)
+    if args.avs_mss and not (args.avsbench and args.vggsound) or args.avsbench and not args.avs_mss:
+        p.error("--avs-mss needs --avsbench AVSBENCH_ROOT and --vggsound VGG_ROOT (and --avsbench is for --avs-mss)")
+    if args.avs_mss and (args.coco or args.synthetic):
+        p.error("--avs-mss builds from AVSBench and VGGSound: drop --coco/--synthetic")
     if args.synthetic and (args.coco or args.vggsound):
         p.error("--synthetic builds its own sources: drop --coco/--vggsound")
-    if not args.synthetic and not (args.coco and args.vggsound):
+    if not (args.synthetic or args.avs_mss) and not (args.coco and args.vggsound):
         p.error("real mode needs both --coco and --vggsound (or use --synthetic)")
     if args.mi_share is not None and not 0.0 <= args.mi_share <= 1.0:
         p.error(f"--mi-share {args.mi_share} is not in [0, 1]")
@@ -1067,19 +1173,23 @@ def main(argv=None):
         SYNTHETIC_MI_SHARE if args.synthetic else PAPER_MI_SHARE)
     t0 = time.monotonic()
     try:
-        coco, vgg = args.coco, args.vggsound
-        if args.synthetic:
-            print(f"writing synthetic sources to {os.path.join(args.out, 'sources')} ...",
-                  file=sys.stderr, flush=True)
-            coco, vgg = make_sources(args.out, args.size, *sizes["msmi"], mi_share, args.seed)
-        summary = build(coco, vgg, args.out, sizes, mi_share, args.seed, args.workers,
-                        args.size if args.synthetic else None, args.strict, args.mi_single_source)
+        if args.avs_mss:
+            summary = build_avs_mss(args.avsbench, args.vggsound, args.out, args.seed, args.workers)
+            text, name = format_avs_mss(summary), "avs_mss_summary.json"
+        else:
+            coco, vgg = args.coco, args.vggsound
+            if args.synthetic:
+                print(f"writing synthetic sources to {os.path.join(args.out, 'sources')} ...",
+                      file=sys.stderr, flush=True)
+                coco, vgg = make_sources(args.out, args.size, *sizes["msmi"], mi_share, args.seed)
+            summary = build(coco, vgg, args.out, sizes, mi_share, args.seed, args.workers,
+                            args.size if args.synthetic else None, args.strict, args.mi_single_source)
+            text, name = format_summary(summary), "vpo_summary.json"
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_summary(summary))
-    print(f"wrote {args.out} in {time.monotonic() - t0:.1f} s "
-          f"(summary: {os.path.join(args.out, 'vpo_summary.json')})")
+    print(text)
+    print(f"wrote {args.out} in {time.monotonic() - t0:.1f} s (summary: {os.path.join(args.out, name)})")
     return 0
 
 

@@ -6,6 +6,7 @@
 #   bash benchmarks/reproduce.sh readings              # readings of Eq. (1)-(3) and stereo vs mono (39 runs)
 #   OUT=runs/repro2 SEEDS="2 3" bash benchmarks/reproduce.sh claims
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/reproduce.sh readings   # two runs at a time, one thread each: ~2.3 h
+#   AVSBENCH=/data/AVSBench VGGSOUND=/data/VGGSound bash benchmarks/reproduce.sh avsmss   # CAVP Sec. 5.2, on a GPU
 #
 # Every run gets its own folder OUT/<method>-<subset>-s<seed>; a finished run (its log.txt says "done in")
 # is skipped, an interrupted one continues from its last.pt, so the script can be stopped and started again.
@@ -16,7 +17,6 @@ cd "$(dirname "$0")/.."
 PART=${1:-all}
 PY=${PYTHON:-python}
 JOBS=${JOBS:-1}
-[ -f data/vpo_summary.json ] || $PY vpo_make.py --synthetic --out data
 
 train() {  # train NAME SCRIPT ARGS...: one training run in OUT/NAME
     local name=$1 script=$2; shift 2
@@ -29,6 +29,32 @@ train() {  # train NAME SCRIPT ARGS...: one training run in OUT/NAME
     $PY "$script" "$@" --epochs "$EPOCHS" --eval-every "$EVAL_EVERY" --out "$dir" "${resume[@]}" > "$dir.log" 2>&1 &
     [ "$JOBS" -gt 1 ] || wait $!
 }
+
+if [ "$PART" = avsmss ]; then
+# CAVP Sec. 5.2: TPAVI (tpavi.py, the AVS recipe of S4) on AVSBench S4 and on AVS-M-SS, S4 with each clip's audio
+# replaced by a VGGSound clip of its category (vpo_make.py --avs-mss, built into OUT_AVSMSS/avs-mss), with the seeds
+# in SEEDS_AVSMSS; summarize.py prints mean +- std of the test M_J / M_F and the two-sided t-tests. Needs AVSBENCH
+# (the folder with Single-source/) and VGGSOUND (vggsound.csv, audio/), absolute or relative to the repository root.
+# AVSMSS_ARGS: more tpavi.py flags for every run (e.g. "--backbone resnet18 --pretrained none" offline).
+: "${AVSBENCH:?set AVSBENCH to the AVSBench root (with Single-source/) and VGGSOUND to the VGGSound root}"
+: "${VGGSOUND:?set VGGSOUND to the VGGSound root (vggsound.csv, audio/)}"
+OUT=${OUT_AVSMSS:-runs/avsmss}
+EPOCHS=${EPOCHS_AVSMSS:-15}  # tpavi.py's S4 default (the released S4 script)
+EVAL_EVERY=1
+SEEDS=${SEEDS_AVSMSS:-"0 1 2"}
+read -r -a EXTRA <<< "${AVSMSS_ARGS:-}"
+mkdir -p "$OUT"
+[ -f "$OUT/avs-mss/avs_mss_summary.json" ] || $PY vpo_make.py --avs-mss --avsbench "$AVSBENCH" --vggsound "$VGGSOUND" \
+    --out "$OUT/avs-mss" | tee "$OUT/avs-mss.log"
+for seed in $SEEDS; do
+    train tpavi-s4-s$seed tpavi.py --data avsbench_s4 --data-root "$AVSBENCH" --seed "$seed" "${EXTRA[@]}"
+    train tpavi-avsmss-s$seed tpavi.py --data avsbench_s4 --data-root "$OUT/avs-mss" --seed "$seed" "${EXTRA[@]}"
+done
+wait
+$PY benchmarks/summarize.py --avsmss "$OUT"
+exit 0
+fi
+[ -f data/vpo_summary.json ] || $PY vpo_make.py --synthetic --out data
 
 if [ "$PART" = readings ] || [ "$PART" = all ]; then
 # Issue 10: the readings of Eq. (1)-(3) for multi-source audio on VPO-MSMI, one change at a time against

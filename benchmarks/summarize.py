@@ -3,9 +3,11 @@
     python benchmarks/summarize.py runs/repro
     python benchmarks/summarize.py --readings runs/readings     # readings of Eq. (1)-(3), stereo vs mono
     python benchmarks/summarize.py --stereo-probe runs/stereo-probe   # benchmarks/stereo_probe.sh (issue 19)
+    python benchmarks/summarize.py --avsmss runs/avsmss         # CAVP Sec. 5.2: TPAVI on S4 vs AVS-M-SS
 
 Figures are test-split percentages of the last epoch (metrics.json "final"); "a (b-c)" = mean over
-seeds (lowest-highest). Item 5 reads eval-real.json / eval-silence.json / eval-absent.json.
+seeds (lowest-highest). Item 5 reads eval-real.json / eval-silence.json / eval-absent.json. --avsmss: test
+figures of best.pt (selected on val), mean +- sample standard deviation over the seeds, and two-sided t-tests.
 """
 import argparse
 import glob
@@ -203,12 +205,90 @@ def margin(root, a, b, subset):
     return sum(pick(ra)) / len(both) - sum(pick(rb)) / len(both)
 
 
+def betainc(a, b, x):
+    """Regularised incomplete beta function I_x(a, b): the continued fraction of Numerical Recipes (6.4),
+    evaluated with the modified Lentz method, on the side of (a + 1) / (a + b + 2) where it converges fast."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):
+        return 1 - betainc(b, a, 1 - x)
+    tiny = 1e-300
+    c, d = 1.0, 1 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d, c = 1 + num * d, 1 + num / c
+            d, c = 1 / (d if abs(d) > tiny else tiny), c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    return front * h / a
+
+
+def t_test(x, y, welch=False):
+    """Two-sided two-sample t-test -> (t, df, p): Student's with the pooled variance, or Welch's with the
+    Welch-Satterthwaite df; p = P(|T| >= |t|) = I_{df / (df + t^2)}(df / 2, 1 / 2). Without any spread: t = +-inf
+    and p = 0 for different means, NaN for equal ones (Welch's df is then NaN too)."""
+    nx, ny = len(x), len(y)
+    mx, my = sum(x) / nx, sum(y) / ny
+    vx, vy = (sum((v - mx) ** 2 for v in x) / (nx - 1), sum((v - my) ** 2 for v in y) / (ny - 1))
+    if welch:
+        se2 = vx / nx + vy / ny
+        df = se2 ** 2 / ((vx / nx) ** 2 / (nx - 1) + (vy / ny) ** 2 / (ny - 1)) if se2 else math.nan
+    else:
+        df = nx + ny - 2
+        se2 = ((nx - 1) * vx + (ny - 1) * vy) / df * (1 / nx + 1 / ny)
+    if se2 == 0:  # no spread in either group: any difference is certain, none is undefined
+        return (math.copysign(math.inf, mx - my), df, 0.0) if mx != my else (math.nan, df, math.nan)
+    t = (mx - my) / math.sqrt(se2)
+    return t, df, betainc(df / 2, 0.5, df / (df + t * t))
+
+
+def mean_std(values):
+    """'mean +- sample standard deviation' (n - 1 in the denominator)."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else math.nan
+    return f"{mean:.2f} +- {std:.2f}"
+
+
+def avsmss(root):
+    """CAVP Sec. 5.2: TPAVI on AVSBench S4 and on AVS-M-SS (runs tpavi-s4-s*, tpavi-avsmss-s*), the test M_J and
+    M_F of best.pt (what Sec. 5.2 calls mIoU and F_beta: the released TPAVI code's mask IoU and F-score), mean +-
+    standard deviation and the two-sided t-tests S4 vs AVS-M-SS."""
+    print("### AVS-M-SS (CAVP Sec. 5.2): TPAVI on AVSBench S4 and on S4 with VGGSound audio\n")
+    figures = {}
+    for subset, name in (("s4", "AVSBench S4"), ("avsmss", "AVS-M-SS")):
+        res = [(s, final(d)) for s, d in runs(root, "tpavi", subset)]
+        figures[name] = {key: [100 * r[key] for _, r in res] for key in ("mj", "mf")}
+        figures[name]["seeds"] = ",".join(str(s) for s, _ in res)
+    rows = [[name, f["seeds"], len(f["mj"]), mean_std(f["mj"]) if f["mj"] else "-",
+             mean_std(f["mf"]) if f["mf"] else "-"] for name, f in figures.items()]
+    print(table(["data", "seeds", "runs", "M_J (Sec. 5.2 'mIoU')", "M_F (Sec. 5.2 'F_beta')"], rows))
+    a, b = figures.values()
+    if min(len(a["mj"]), len(b["mj"])) < 2:
+        print("\nt-test: needs at least 2 finished runs of each")
+        return
+    print("\ntwo-sided t-test, AVSBench S4 vs AVS-M-SS:")
+    for key, label in (("mj", "M_J"), ("mf", "M_F")):
+        parts = []
+        for welch, test in ((False, "Student (pooled variance)"), (True, "Welch")):
+            t, df, p = t_test(a[key], b[key], welch)
+            parts.append(f"{test} t = {t:.3f}, df = {df:.2f}, p = {p:.3f}")
+        print(f"- {label}: " + "; ".join(parts))
+    print("\npaper (3 runs each): mIoU 72.01 +- 0.7 vs 72.07 +- 0.7, p = 0.66; F_beta 83.36 +- 1.2 vs 83.70 +- 1.0, "
+          "p = 0.73")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", help="OUT folder of benchmarks/reproduce.sh (or stereo_probe.sh)")
     p.add_argument("--readings", action="store_true", help="the folder is the 'readings' part's (issue 10)")
     p.add_argument("--stereo-probe", action="store_true", help="the folder is benchmarks/stereo_probe.sh's OUT "
                    "(issue 19): side accuracy curves and the last evaluations")
+    p.add_argument("--avsmss", action="store_true", help="the folder is the 'avsmss' part's (CAVP Sec. 5.2)")
     args = p.parse_args(argv)
     root = args.root
     if not os.path.isdir(root):
@@ -217,6 +297,8 @@ def main(argv=None):
         return readings(root)
     if args.stereo_probe:
         return stereo_probe(root)
+    if args.avsmss:
+        return avsmss(root)
 
     print("### 1. Table 4: CAVP vs TPAVI\n")
     print(metric_rows(root, ("tpavi", "tpavifusion", "cavp"), SUBSETS))

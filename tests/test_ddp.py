@@ -4,7 +4,6 @@ own clip."""
 import contextlib
 import os
 import subprocess
-import sys
 import time
 from argparse import Namespace
 

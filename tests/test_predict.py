@@ -18,6 +18,7 @@ from PIL import Image
 
 import cavp
 import data
+import tpavi
 from data import PANEL_GAP, PANEL_MAX, PANEL_MIN, SAMPLE_RATE
 from script_runner import ENV, ROOT, command, run_script
 
@@ -255,7 +256,7 @@ def test_tpavi_predict_frames_and_image(tiny_vpo, tpavi_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["cavp.py", "tpavi.py"])
-def test_predict_bad_input_one_line(script, tiny_vpo, cavp_ckpt, tpavi_ckpt, tmp_path):
+def test_predict_bad_input_one_line(script, tiny_vpo, cavp_ckpt, tpavi_ckpt, tmp_path, capsys):
     ckpt, other = (cavp_ckpt, tpavi_ckpt) if script == "cavp.py" else (tpavi_ckpt, cavp_ckpt)
     image, wav, pos = builtin_test_image(tiny_vpo)
     (tmp_path / "broken.png").write_bytes(b"not an image")
@@ -277,10 +278,21 @@ def test_predict_bad_input_one_line(script, tiny_vpo, cavp_ckpt, tpavi_ckpt, tmp
     ]
     if script == "tpavi.py":
         cases.append(([str(mixed), "--audio", wav, "--audio-pos", pos, "--ckpt", ckpt], "differ in size"))
-    for argv, word in cases:
-        proc = run_predict(script, *argv, check=False)
-        lines = proc.stderr.strip().split("\n")
-        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, proc.stderr)
+    module = cavp if script == "cavp.py" else tpavi
+    capsys.readouterr()
+    for i, (argv, word) in enumerate(cases):
+        if i == 0:  # once as a user runs it: a subprocess
+            proc = run_predict(script, *argv, check=False)
+            code, err = proc.returncode, proc.stderr
+        else:  # the others in this process, through the same exit path as the script's __main__
+            with pytest.raises(SystemExit) as stop:
+                try:
+                    module.main(module.parse_args(["--predict", *argv, "--no-amp"]))
+                except Exception as e:
+                    module.exit_on_error(e)
+            code, err = stop.value.code, capsys.readouterr().err
+        lines = err.strip().split("\n")
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, err)
         assert word in lines[0], (word, lines[0])
     proc = run_script(script, "--audio", wav, "--max-size", "512", check=False)  # without --predict
     assert proc.returncode == 2 and proc.stderr.startswith("error: --audio, --audio-pos and --max-size are for")
