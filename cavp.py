@@ -53,6 +53,10 @@ def parse_args(argv=None):
     a("--data-root", default="data", help="folder holding VPO-SS/, VPO-MS/, VPO-MSMI/ (and audio/)")
     a("--audio-root", default=None, help="folder of {vgg_file}.wav clips (default: DATA_ROOT/audio)")
     a("--mono", action="store_true", help="mono audio instead of stereo (Fig. 7 / Table 8 ablation)")
+    a("--pan", default="crop", choices=["crop", "csv"],
+      help="VPO training: pan each source at its object's centre of mass as moved by the flip, scale and crop, "
+           "clamped to [0, 1] (crop, issue 19), or at the CSV audio_pos, mirrored on a flip (csv, the released "
+           "behaviour)")
     a("--crop", type=int, default=None,
       help="training crop size (default: 512 as App. B.1; built-in VPO: its image size)")
     a("--limit", type=int, default=None, help="use only the first N samples of each split (quick checks)")
@@ -663,7 +667,8 @@ def seed_all(seed):
 def build_datasets(args, splits):
     """split name -> VPO dataset of the --data subset (training augmentation and --crop on train only)."""
     return {split: data.VPODataset(args.data_root, args.data.split("_")[1], split, audio_root=args.audio_root,
-                                   stereo=not args.mono, train=split == "train", crop=args.crop, limit=args.limit)
+                                   stereo=not args.mono, train=split == "train", crop=args.crop, limit=args.limit,
+                                   pan=args.pan)
             for split in splits}
 
 

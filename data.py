@@ -479,14 +479,16 @@ class VPODataset(torch.utils.data.Dataset):
         sy, sx = h_src / h, w_src / w
         box = (left * sx, y0 * sy, (left + vw) * sx, (y0 + vh) * sy)
         win = im.resize((vw, vh), Image.BILINEAR, box=box)
-        lab = mask.resize((vw, vh), Image.NEAREST, box=box)  # the source pixel under each output pixel's centre
+        # mask: the source pixel under each output pixel's centre, floor((y + 0.5) * h_src / h) in integers
+        rows = np.arange(2 * y0 + 1, 2 * (y0 + vh), 2) * h_src // (2 * h)
+        cols = np.arange(2 * left + 1, 2 * (left + vw), 2) * w_src // (2 * w)
         if flip:
-            win, lab = win.transpose(Image.FLIP_LEFT_RIGHT), lab.transpose(Image.FLIP_LEFT_RIGHT)
+            win, cols = win.transpose(Image.FLIP_LEFT_RIGHT), cols[::-1]
         padded = (vh, vw) != (ch, cw)
         image = torch.zeros(3, ch, cw) if padded else torch.empty(3, ch, cw)
         labels = torch.full((ch, cw), 255, dtype=torch.long) if padded else torch.empty(ch, cw, dtype=torch.long)
         _normalize255(_jitter(win, im, bright, contrast, sat, image[:, :vh, :vw]))
-        labels[:vh, :vw] = _hwc(lab)
+        labels[:vh, :vw] = torch.from_numpy(np.asarray(mask).take(rows, 0).take(cols, 1))
 
         def pos(alpha):  # audio_pos = centre of mass / W (pixel centres), so x = alpha * W maps exactly
             alpha = 1.0 - alpha if flip else alpha  # SPEC 1.1: flip -> 1 - alpha

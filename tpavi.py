@@ -89,6 +89,10 @@ def parse_args(argv=None):
            "Single-source/, Multi-sources/ or AVSBench-semantic/")
     a("--audio-root", default=None, help="VPO: folder of {vgg_file}.wav clips (default: DATA_ROOT/audio)")
     a("--mono", action="store_true", help="mono audio instead of stereo (CAVP Table 8 ablation)")
+    a("--pan", default="crop", choices=["crop", "csv"],
+      help="VPO training: pan each source at its object's centre of mass as moved by the flip, scale and crop, "
+           "clamped to [0, 1] (crop, issue 19), or at the CSV audio_pos, mirrored on a flip (csv, the released "
+           "behaviour)")
     a("--crop", type=int, default=None,
       help="VPO training crop (default 512, CAVP App. B.1; built-in VPO: its image size); AVSBench "
            "frame size (default 224, AVS)")
@@ -714,7 +718,7 @@ def build_datasets(args, spec, splits):
             if spec["kind"] == "vpo":
                 out[split] = data.VPODataset(args.data_root, spec["subset"], split, audio_root=args.audio_root,
                                              stereo=not args.mono, train=split == "train", crop=args.crop,
-                                             limit=args.limit)
+                                             limit=args.limit, pan=args.pan)
             else:
                 out[split] = data.AVSBenchDataset(args.data_root, spec["subset"], split, size=args.crop,
                                                   stereo=not args.mono, limit=args.limit)
