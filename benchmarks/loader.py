@@ -2,32 +2,37 @@
 
 Writes its own samples in the released layouts (SPEC 1.1-1.2) under --root (default: a temporary folder):
 - VPO-MS: 640x480 photo-like JPEGs (smooth colour fields, 1/f texture, grain and 3-5 textured objects;
-  quality 95, 4:2:0: ~175 KB, COCO's images average ~160 KB), single-channel PNG masks of COCO ids, 1-5 sounding objects per image
-  (one CSV row each, audio_pos = centre of mass at pixel centres / width as vpo_make.py), 10 s clips
-  alternately 44.1 kHz stereo and 16 kHz mono;
+  quality 95, 4:2:0: ~175 KB, COCO's average ~160 KB), single-channel PNG masks of COCO ids, 1-5 sounding
+  objects per image (one CSV row each, audio_pos = centre of mass at pixel centres / width as vpo_make.py),
+  10 s clips alternately 44.1 kHz stereo and 16 kHz mono;
 - AVSBench S4 (train): 5 RGB PNG frames per clip at 224x224 (the release's frame size), the first
   frame's binary mask, a 5 s clip (44.1 kHz stereo / 16 kHz mono alternately).
 Then, in this process with one thread (as a DataLoader worker), it times rounds over all samples,
 alternating: decoding the images alone (PIL and torchvision.io, the faster counts) and producing the
 training samples (VPODataset train=True at --crop; AVSBenchDataset train split at --size, T = 5). Times
 are this process's CPU time (time.process_time), so other jobs on the machine slow them less than the
-wall clock. It prints the median ms per sample of each, images/s per worker and the ratio sample / decode.
+wall clock. It prints the median ms per sample of each, images/s, the ratio sample / decode, the cost of
+collating a batch (--batch-size; AVSBench: a quarter, clips of 5 frames) and moving it to shared memory as a
+DataLoader worker does, one worker's images/s with it, and the workers one GPU at --gpu-rate images/s needs.
 
     OMP_NUM_THREADS=1 python benchmarks/loader.py --rounds 5
 """
 import argparse
 import csv
+import math
 import os
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
 import torchvision
 from PIL import Image
 
+warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)  # torchvision.io, timed for comparison
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 from vpo_make import png_bytes, put_bytes  # noqa: E402
@@ -129,33 +134,48 @@ def decode_pil(path):
 
 
 def decode_tv(path):
-    return torchvision.io.decode_image(torchvision.io.read_file(path))
+    return torchvision.io.decode_image(torchvision.io.read_file(path), torchvision.io.ImageReadMode.RGB)
 
 
-def per_sample_ms(fn, items):
+def ms_per_item(fn, items):
+    """CPU time of fn over items, ms per item."""
     t0 = time.process_time()
     for x in items:
         fn(x)
     return 1000 * (time.process_time() - t0) / len(items)
 
 
-def compare(name, images_per_sample, decode_paths, dataset, rounds):
-    """Alternating rounds: decode (PIL, torchvision.io) vs dataset[i]; prints medians and the ratio."""
-    idx = range(len(dataset))
+def collate_and_share(batch):
+    """What a DataLoader worker does with a batch after the samples: pad_collate, then the move of its
+    tensors to shared memory for the trip to the main process."""
+    for v in data.pad_collate(batch).values():
+        if torch.is_tensor(v):
+            v.share_memory_()
+
+
+def compare(name, images_per_sample, decode_paths, dataset, rounds, batch_size):
+    """Alternating rounds of decoding the images alone (PIL, torchvision.io) and dataset[i]; then
+    collate_and_share per sample. Prints median ms per sample, images/s and the ratio; returns the images/s
+    of one worker (samples + collate)."""
     times = {"decode PIL": [], "decode torchvision.io": [], "sample": []}
     dataset[0]  # warm-up: imports, file cache
     for r in range(rounds):
         torch.manual_seed(r)
-        times["decode PIL"].append(per_sample_ms(lambda ps: [decode_pil(p) for p in ps], decode_paths))
-        times["decode torchvision.io"].append(per_sample_ms(lambda ps: [decode_tv(p) for p in ps], decode_paths))
-        times["sample"].append(per_sample_ms(dataset.__getitem__, idx))
+        times["decode PIL"].append(ms_per_item(lambda ps: [decode_pil(p) for p in ps], decode_paths))
+        times["decode torchvision.io"].append(ms_per_item(lambda ps: [decode_tv(p) for p in ps], decode_paths))
+        times["sample"].append(ms_per_item(dataset.__getitem__, range(len(dataset))))
+    samples = [dataset[i] for i in range(len(dataset))]
+    batches = [samples[i:i + batch_size] for i in range(0, len(samples) - batch_size + 1, batch_size)]
+    times["collate + share"] = [ms_per_item(collate_and_share, batches) / batch_size for _ in range(rounds)]
     med = {k: statistics.median(v) for k, v in times.items()}
     decode = min(med["decode PIL"], med["decode torchvision.io"])
-    print(f"{name}: {len(dataset)} samples x {rounds} rounds, one thread")
+    per_worker = 1000 * images_per_sample / (med["sample"] + med["collate + share"])
+    print(f"{name}: {len(dataset)} samples x {rounds} rounds, one thread, CPU time")
     for k, v in med.items():
         print(f"  {k:22s} {v:7.2f} ms/sample  ({1000 * images_per_sample / v:6.1f} images/s)")
-    print(f"  ratio sample / decode  {med['sample'] / decode:.2f}x")
-    return med
+    print(f"  ratio sample / decode  {med['sample'] / decode:.2f}x (decode: the faster of the two)")
+    print(f"  one worker (sample + collate + share): {per_worker:.1f} images/s")
+    return per_worker
 
 
 def main():
@@ -165,6 +185,9 @@ def main():
     p.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
     p.add_argument("--crop", type=int, default=512, help="VPO training crop (CAVP App. B.1: 512)")
     p.add_argument("--size", type=int, default=224, help="AVSBench frame size (AVS: 224)")
+    p.add_argument("--batch-size", type=int, default=16, help="batch collated by a worker (CAVP App. B.1: 16)")
+    p.add_argument("--gpu-rate", type=float, default=300.0,
+                   help="training images/s of one GPU to feed (issue 20: a few hundred at crop 512 on an H100)")
     args = p.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,10 +202,13 @@ def main():
         kb = np.mean([os.path.getsize(s["image"]) for s in vpo.samples]) / 1024
         print(f"VPO-MS: {W}x{H} JPEGs ({kb:.0f} KB on average), {sources:.1f} sources per image, "
               f"{CLIP_SECONDS} s clips")
-        compare(f"VPODataset train, crop {args.crop}", 1, [[s["image"]] for s in vpo.samples], vpo, args.rounds)
+        rate = compare(f"VPODataset train, crop {args.crop}", 1, [[s["image"]] for s in vpo.samples], vpo,
+                       args.rounds, args.batch_size)
+        need = args.gpu_rate / rate
+        print(f"workers for {args.gpu_rate:.0f} images/s: {need:.1f} -> {math.ceil(need)}")
         s4 = data.AVSBenchDataset(root, "s4", "train", size=args.size)
         compare(f"AVSBenchDataset s4 train, size {args.size}, T = 5 (per clip of 5 frames)", 5,
-                [s["frames"] for s in s4.samples], s4, args.rounds)
+                [s["frames"] for s in s4.samples], s4, args.rounds, args.batch_size // 4)
 
 
 if __name__ == "__main__":
