@@ -18,9 +18,11 @@ DataLoader worker does, one worker's images/s with it, and the workers one GPU a
     OMP_NUM_THREADS=1 python benchmarks/loader.py --rounds 5
 """
 import argparse
+import cProfile
 import csv
 import math
 import os
+import pstats
 import statistics
 import sys
 import tempfile
@@ -186,6 +188,8 @@ def main():
     p.add_argument("--crop", type=int, default=512, help="VPO training crop (CAVP App. B.1: 512)")
     p.add_argument("--size", type=int, default=224, help="AVSBench frame size (AVS: 224)")
     p.add_argument("--batch-size", type=int, default=16, help="batch collated by a worker (CAVP App. B.1: 16)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print a cProfile (CPU time) of the VPO training samples, the 25 largest own times")
     p.add_argument("--gpu-rate", type=float, default=300.0,
                    help="training images/s of one GPU to feed (issue 20: a few hundred at crop 512 on an H100)")
     args = p.parse_args()
@@ -206,6 +210,10 @@ def main():
                        args.rounds, args.batch_size)
         need = args.gpu_rate / rate
         print(f"workers for {args.gpu_rate:.0f} images/s: {need:.1f} -> {math.ceil(need)}")
+        if args.profile:
+            prof = cProfile.Profile(time.process_time)
+            prof.runcall(lambda: [vpo[i] for i in range(len(vpo))])
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         s4 = data.AVSBenchDataset(root, "s4", "train", size=args.size)
         compare(f"AVSBenchDataset s4 train, size {args.size}, T = 5 (per clip of 5 frames)", 5,
                 [s["frames"] for s in s4.samples], s4, args.rounds, args.batch_size // 4)
