@@ -60,7 +60,10 @@ def parse_args(argv=None):
     a("--crop", type=int, default=None,
       help="training crop size (default: 512 as App. B.1; built-in VPO: its image size)")
     a("--limit", type=int, default=None, help="use only the first N samples of each split (quick checks)")
-    a("--workers", type=int, default=2, help="data loader worker processes per rank")
+    a("--workers", type=int, default=7,
+      help="data loader worker processes per rank (default 7: one worker makes ~49 VPO training samples/s at "
+           "crop 512 on one CPU core, collate included (benchmarks/loader.py); a GPU training at ~300 img/s (an "
+           "H100 at crop 512, issue 20) needs 300 / 49 = 6.1 -> 7; README 'Loader speed')")
     # model
     a("--backbone", default=None, choices=["resnet50", "resnet18"],
       help="DeepLabV3+ encoder (default: resnet50 as the paper; built-in VPO: resnet18)")

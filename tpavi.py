@@ -97,7 +97,10 @@ def parse_args(argv=None):
       help="VPO training crop (default 512, CAVP App. B.1; built-in VPO: its image size); AVSBench "
            "frame size (default 224, AVS)")
     a("--limit", type=int, default=None, help="use only the first N samples of each split (quick checks)")
-    a("--workers", type=int, default=2, help="data loader worker processes per rank")
+    a("--workers", type=int, default=7,
+      help="data loader worker processes per rank (default 7: one worker makes ~49 VPO training samples/s at "
+           "crop 512 on one CPU core, collate included (benchmarks/loader.py); a GPU training at ~300 img/s (an "
+           "H100 at crop 512, issue 20) needs 300 / 49 = 6.1 -> 7; README 'Loader speed')")
     # model
     a("--backbone", default=None, choices=list(ENCODER_CHANNELS),
       help="image encoder (default resnet50 as AVS; pvt_v2_b5 is AVS's second encoder; built-in VPO: "
