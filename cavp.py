@@ -82,6 +82,10 @@ def parse_args(argv=None):
     a("--resize", type=int, default=None,
       help="AVSBench: frames and masks resized to RESIZE x RESIZE, 0 = original resolution (default: 224 for "
            "avsbench_s4 / avsbench_ms3 as Tables 1-2, 0 for avss as Table 3; --resize 224 for avss in Tables 1-2)")
+    a("--pan", default="crop", choices=["crop", "csv"],
+      help="VPO training: pan each source at its object's centre of mass as moved by the flip, scale and crop, "
+           "clamped to [0, 1] (crop, issue 19), or at the CSV audio_pos, mirrored on a flip (csv, the released "
+           "behaviour)")
     a("--crop", type=int, default=None,
       help="training crop size (default: 512 as App. B.1; AVSBench resized: the frame size; built-in VPO: its "
            "image size)")
@@ -94,7 +98,11 @@ def parse_args(argv=None):
       help="avss: evaluate on the frames of one release part only: v1s (single source) or v1m (multi-source), "
            "Table 3's SS / MS columns, or v2; training always uses the whole train split (Table 3)")
     a("--limit", type=int, default=None, help="use only the first N samples of each split (quick checks)")
-    a("--workers", type=int, default=2, help="data loader worker processes per rank")
+    a("--workers", type=int, default=None,
+      help="data loader worker processes per rank (default 7: one worker makes ~49 VPO training samples/s at "
+           "crop 512 on one CPU core, collate included (benchmarks/loader.py); a GPU training at ~300 img/s (an "
+           "H100 at crop 512, issue 20) needs 300 / 49 = 6.1 -> 7; README 'Loader speed'; built-in VPO: 2, as "
+           "the CPU that trains also loads)")
     # model
     a("--backbone", default=None, choices=["resnet50", "resnet18"],
       help="DeepLabV3+ encoder (default: resnet50 as the paper; built-in VPO: resnet18)")
@@ -235,12 +243,12 @@ def parse_args(argv=None):
 
 
 PAPER = dict(backbone="resnet50", pretrained="imagenet", output_stride=8, crop=512, lr=1e-3, anchors_per_group=512,
-             eval_batch_size=1, eval_every=5)
+             eval_batch_size=1, eval_every=5, workers=7)
 # built-in VPO on a CPU: fixed-size 64 px images (crop = image size, so any eval batch size gives the same
 # result), trained from scratch; fewer anchors for 1/64 of the paper's crop area; one evaluation (450 images
 # with the L/R-swapped twins) costs about as much as 1.3 training epochs, so 4 in 80 epochs
 BUILTIN = dict(backbone="resnet18", pretrained="none", output_stride=16, crop=None, lr=1e-2, anchors_per_group=128,
-               eval_batch_size=16, eval_every=20)
+               eval_batch_size=16, eval_every=20, workers=2)
 # taken from a checkpoint
 CKPT_KEYS = ("backbone", "output_stride", "fusion", "attn", "heads", "pos_enc", "audio_conv1", "mono", "s4_labels")
 
@@ -950,7 +958,8 @@ def build_datasets(args, splits):
     for split in splits:
         if spec["kind"] == "vpo":
             out[split] = data.VPODataset(args.data_root, spec["task"], split, audio_root=args.audio_root,
-                                         stereo=not args.mono, train=split == "train", crop=args.crop, limit=args.limit)
+                                         stereo=not args.mono, train=split == "train", crop=args.crop, limit=args.limit,
+                                         pan=args.pan)
         else:
             out[split] = data.AVSBenchFrames(args.data_root, spec["task"], split, size=args.resize or None,
                                              stereo=not args.mono, train=split == "train", crop=args.crop,

@@ -1,6 +1,7 @@
 """Datasets and audio I/O shared by cavp.py and tpavi.py (SPEC 1.1-1.3)."""
 import colorsys
 import csv
+import functools
 import json
 import math
 import os
@@ -12,7 +13,6 @@ import wave
 import numpy as np
 import torch
 import torchaudio
-import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from pycocotools import mask as mask_utils
 
@@ -128,20 +128,32 @@ def _read_riff(path):
     return _decode_pcm(raw, bits // 8, channels, tag == 3, path), rate
 
 
-def read_wav(path):
-    """Read a WAV file -> (float32 array (C, N) in [-1, 1], sample_rate)."""
+def _wav_open(path):
+    """(sample rate, frames, read(start, stop) -> float32 (C, stop - start) in [-1, 1]) of a WAV file; PCM
+    WAVs are read only over [start, stop)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: audio file not found; check --audio-root / --data-root")
     try:
         with wave.open(path, "rb") as w:
             c, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
-            raw = w.readframes(n)
     except (wave.Error, EOFError):
-        return _read_riff(path)
+        x, rate = _read_riff(path)
+        return rate, x.shape[1], lambda start, stop: x[:, start:stop]
     except OSError as e:
         raise DataError(f"{path}: cannot read WAV ({e}); re-encode it as 16-bit PCM .wav") from e
-    return _decode_pcm(raw, width, c, False, path), rate
+
+    def read(start, stop):
+        with wave.open(path, "rb") as w:
+            w.setpos(start)
+            return _decode_pcm(w.readframes(stop - start), width, c, False, path)
+    return rate, n, read
+
+
+def read_wav(path):
+    """Read a WAV file -> (float32 array (C, N) in [-1, 1], sample_rate)."""
+    rate, n, read = _wav_open(path)
+    return read(0, n), rate
 
 
 def write_wav(path, wave_, sample_rate=SAMPLE_RATE):
@@ -181,15 +193,35 @@ def pan(mono, alpha, stereo=True):
     return torch.cat([(1 - alpha) * mono, alpha * mono]) if stereo else mono
 
 
-def load_clip(path, sample_rate=SAMPLE_RATE, seconds=3.0, centre=True):
-    """Read a WAV, resample to `sample_rate`, `seconds` crop (centred) / repeat-pad -> (C, N)."""
-    x, rate = read_wav(path)
-    if x.shape[1] == 0:
+@functools.lru_cache(maxsize=None)
+def _resampler(orig, new):
+    """torchaudio's resampling (sinc, Hann window, 6 zero crossings) with its kernel built once per rate pair."""
+    return torchaudio.transforms.Resample(orig, new)
+
+
+def load_clip(path, sample_rate=SAMPLE_RATE, seconds=3.0, centre=True, mono=False):
+    """Read a WAV, resample to `sample_rate`, `seconds` crop (centred) / repeat-pad -> (C, N); mono: channels
+    averaged, (1, N). The crop is cut in source samples before resampling (issue 20), with a margin of whole
+    resampling blocks beyond the sinc filter's reach, so the result is that of resampling the whole clip."""
+    rate, length, read = _wav_open(path)
+    if length == 0:
         raise DataError(f"{os.fspath(path)}: WAV has no samples; replace the file")
-    x = torch.from_numpy(x)
+    n = int(round(seconds * sample_rate))
+    g = math.gcd(rate, sample_rate)
+    block_in, block_out = rate // g, sample_rate // g  # resampling maps each block_in samples to block_out
+    full = -(-length * block_out // block_in)  # length of the whole clip resampled
+    skip, start, stop = 0, 0, length
+    if full >= n:  # else repeat-pad: the whole clip is needed
+        begin = (full - n) // 2 if centre else 0
+        reach = -(-8 // min(block_in, block_out))  # blocks; 8 > the filter's half-width of ~6 input periods
+        first, last = max(0, begin // block_out - reach), -(-(begin + n) // block_out) + reach
+        start, stop, skip = first * block_in, min(length, last * block_in), begin - first * block_out
+    x = torch.from_numpy(read(start, stop))
+    if mono:
+        x = x.mean(0, keepdim=True)
     if rate != sample_rate:
-        x = torchaudio.functional.resample(x, rate, sample_rate)
-    return fit_length(x, int(round(seconds * sample_rate)), centre)
+        x = _resampler(rate, sample_rate)(x)
+    return fit_length(x[:, skip:], n, centre=False)  # the crop starts at skip; a short clip is repeat-padded
 
 
 class LogMel(torch.nn.Module):
@@ -218,7 +250,7 @@ def _open_image(path, mode):
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert(mode) if mode else im.copy()
+            return im.convert(mode) if mode and im.mode != mode else im
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot read image ({e}); re-download or replace the file") from e
 
@@ -237,6 +269,24 @@ def _resize_mask(arr, size):
 
 def normalize(img):
     return (img - MEAN) / STD
+
+
+def _hwc(im):
+    """PIL image -> uint8 tensor (H, W[, C])."""
+    return torch.from_numpy(np.array(im))
+
+
+def _rgb_float(im, out=None):
+    """RGB PIL image -> float (3, H, W) in 0..255, written into `out` when given."""
+    out = torch.empty(3, im.height, im.width) if out is None else out
+    for channel, band in zip(out, im.split()):  # one contiguous copy per band: faster than a transposing one
+        channel.copy_(_hwc(band))
+    return out
+
+
+def _normalize255(img):
+    """normalize(img / 255), in place, of a float (3, H, W) image (or view) in 0..255."""
+    return img.mul_(1.0 / (255.0 * STD)).sub_(MEAN / STD)
 
 
 def _missing(paths, what, fix):
@@ -277,14 +327,45 @@ _VPO_SPLITS = {"train": "train", "val": "test", "test": "test"}  # the release's
 _VPO_COLUMNS = ["cateName", "img_Id", "ann_Ids", "cateId", "vgg_file", "split", "audio_pos"]
 
 
-def coco_to_vpo(mask, path="mask"):
-    """Map COCO category ids (0 bg, 92/93/94 male/female/baby, 255 ignore) to 0..21 / 255."""
-    mask = np.asarray(mask)
-    bad = mask[(mask > 255) | (_VPO_LUT[np.clip(mask, 0, 255)] < 0)]
+_VPO_POINT = _VPO_LUT.clip(0).tolist()  # checked COCO ids -> VPO labels, as a PIL point() table
+
+
+def read_vpo_mask(path):
+    """Mask PNG of COCO category ids (0 bg, 92/93/94 male/female/baby, 255 ignore) -> PIL image ("L" or "P")
+    of VPO labels 0..21 / 255; DataError on any other value."""
+    im = _open_image(path, None)
+    if im.mode in ("L", "P"):
+        values = np.flatnonzero(im.histogram())
+    else:
+        arr = np.asarray(im)
+        if arr.ndim != 2:
+            raise DataError(f"{path}: mask must be a single-channel PNG of COCO ids, got shape {arr.shape}")
+        values = np.unique(arr)
+    bad = values[(values < 0) | (values > 255) | (_VPO_LUT[np.clip(values, 0, 255)] < 0)]
     if bad.size:
-        raise DataError(f"{path}: mask value {int(bad.flat[0])} is not a VPO COCO class id "
+        raise DataError(f"{path}: mask value {int(bad[0])} is not a VPO COCO class id "
                         f"({VPO_COCO_IDS}, 0, 255); fix the mask or rebuild with vpo_make.py")
-    return _VPO_LUT[mask.astype(np.int64)]
+    if im.mode not in ("L", "P"):
+        im = Image.fromarray(arr.astype(np.uint8), "L")
+    return im.point(_VPO_POINT)
+
+
+_GREY = torch.tensor([0.2989, 0.587, 0.114])  # torchvision's rgb_to_grayscale weights
+
+
+def _jitter(win, full, bright, contrast, sat, out):
+    """Colour jitter of `win`, a crop of the PIL image `full`, into `out`, a float (3, h, w) tensor, in 0..255:
+    torchvision's adjust_brightness, adjust_contrast and adjust_saturation formulas in that order. The first
+    two act on every value alike, so they are one uint8 lookup table (rounded to the nearest level); contrast
+    blends towards the mean grey of the whole brightness-adjusted image (from its histogram), as if the whole
+    image had been jittered before cropping."""
+    hist = np.asarray(full.histogram(), np.float64).reshape(3, 256)
+    levels = np.minimum(np.arange(256) * bright, 255.0)  # brightness: value * factor, clamped
+    mean = _GREY.double().numpy() @ (hist @ levels) / hist[0].sum()
+    lut = np.clip(contrast * levels + (1 - contrast) * mean, 0, 255).round()  # contrast
+    out = _rgb_float(win.point(lut.tolist() * 3), out)
+    grey = torch.tensordot(_GREY * (1 - sat), out, 1)
+    return out.mul_(sat).add_(grey).clamp_(0.0, 255.0)  # saturation: blend with the pixel's grey
 
 
 def _int_field(value, path, column):
@@ -294,23 +375,43 @@ def _int_field(value, path, column):
     return int(ids[0])
 
 
-def augment(img, mask, crop):
-    """Joint train augmentation (CAVP App. B.1) of an image in [0, 1] (3, H, W) and its uint8 label map:
-    colour jitter, horizontal flip, scale 0.5-2.0, normalisation and a random `crop` (None: no crop);
-    returns (image, mask, flipped), so that the caller mirrors stereo audio with the image."""
-    for adjust in (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation):
-        img = adjust(img, float(torch.empty(1).uniform_(1 - JITTER, 1 + JITTER)))
+def augment(im, mask, crop, pan="crop"):
+    """Joint train augmentation (CAVP App. B.1) of a PIL image and its PIL label map, drawn in this order:
+    colour jitter factors, h-flip, scale s, then the offset (y, x) of a crop x crop window (None: no crop)
+    of the scaled image padded to crop (image 0 == mean after normalisation, mask 255). Only that window
+    is resized, from source coordinates, and jittered (issue 20). Returns (image, mask, flipped, pos),
+    pos(audio_pos) being where a source is panned: its centre of mass moved with the crop (pan 'crop',
+    issue 19) or the CSV position mirrored on a flip ('csv')."""
+    bright, contrast, sat = (float(torch.empty(1).uniform_(1 - JITTER, 1 + JITTER)) for _ in range(3))
     flip = bool(torch.rand(1) < 0.5)
-    if flip:
-        img, mask = img.flip(-1), mask.flip(-1)
     s = float(torch.empty(1).uniform_(SCALE[0], SCALE[1]))
-    size = [max(1, round(img.shape[-2] * s)), max(1, round(img.shape[-1] * s))]
-    img = TF.resize(img, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-    mask = TF.resize(mask[None], size, interpolation=TF.InterpolationMode.NEAREST)[0]
-    img = normalize(img.clamp(0, 1))
+    w_src, h_src = im.size
+    h, w = max(1, round(h_src * s)), max(1, round(w_src * s))
+    ch, cw, y0, x0 = h, w, 0, 0
     if crop is not None:
-        img, mask = random_crop(img, mask, crop)
-    return img, mask, flip
+        ch = cw = crop
+        y0 = int(torch.randint(0, max(h, ch) - ch + 1, (1,)))
+        x0 = int(torch.randint(0, max(w, cw) - cw + 1, (1,)))
+    vh, vw = min(h - y0, ch), min(w - x0, cw)  # the part of the crop inside the scaled image
+    left = w - x0 - vw if flip else x0  # ... its first column in the unflipped scaled image
+    sy, sx = h_src / h, w_src / w
+    box = (left * sx, y0 * sy, (left + vw) * sx, (y0 + vh) * sy)
+    win = im.resize((vw, vh), Image.BILINEAR, box=box)
+    # mask: the source pixel under each output pixel's centre, floor((y + 0.5) * h_src / h) in integers
+    rows = np.arange(2 * y0 + 1, 2 * (y0 + vh), 2) * h_src // (2 * h)
+    cols = np.arange(2 * left + 1, 2 * (left + vw), 2) * w_src // (2 * w)
+    if flip:
+        win, cols = win.transpose(Image.FLIP_LEFT_RIGHT), cols[::-1]
+    padded = (vh, vw) != (ch, cw)
+    image = torch.zeros(3, ch, cw) if padded else torch.empty(3, ch, cw)
+    labels = torch.full((ch, cw), 255, dtype=torch.long) if padded else torch.empty(ch, cw, dtype=torch.long)
+    _normalize255(_jitter(win, im, bright, contrast, sat, image[:, :vh, :vw]))
+    labels[:vh, :vw] = torch.from_numpy(np.asarray(mask).take(rows, 0).take(cols, 1))
+
+    def pos(alpha):  # audio_pos = centre of mass / W (pixel centres), so x = alpha * W maps exactly
+        alpha = 1.0 - alpha if flip else alpha  # SPEC 1.1: flip -> 1 - alpha
+        return alpha if pan == "csv" else min(1.0, max(0.0, (alpha * w - x0) / cw))
+    return image, labels, flip, pos
 
 
 class VPODataset(torch.utils.data.Dataset):
@@ -320,11 +421,16 @@ class VPODataset(torch.utils.data.Dataset):
     (vgg_file may already end in .wav). SS: one sample per CSV row; MS/MSMI: one per image with
     one CSV row per sound source. train=True: colour jitter, h-flip (mirrors the stereo),
     scale 0.5-2.0 and a random `crop` (None: no crop); all randomness drawn from torch's RNG.
+    pan: where a training sample's sources are panned: "crop", at their object's centre of mass
+    (the CSV audio_pos) moved by the flip, scale and crop and clamped to [0, 1]; "csv", at the CSV
+    audio_pos, mirrored on a flip (the release). source_pos / audio_pos carry the positions used.
     """
 
     def __init__(self, root, subset, split, audio_root=None, stereo=True, train=False, crop=512,
-                 limit=None):
+                 limit=None, pan="crop"):
         self.twins = None
+        if pan not in ("crop", "csv"):
+            raise DataError(f"unknown pan {pan!r}; use crop or csv")
         if subset not in VPO_SUBSETS:
             raise DataError(f"unknown VPO subset {subset!r}; use one of {sorted(VPO_SUBSETS)}")
         if split not in ("train", "val", "test"):
@@ -338,7 +444,7 @@ class VPODataset(torch.utils.data.Dataset):
         self.audio_root = os.fspath(audio_root) if audio_root is not None else os.path.join(root, "audio")
         if not os.path.isdir(self.audio_root):
             raise DataError(f"{self.audio_root} not found: pass --audio-root (folder of {{vgg_file}}.wav)")
-        self.subset, self.stereo, self.train, self.crop = subset, stereo, train, crop
+        self.subset, self.stereo, self.train, self.crop, self.pan = subset, stereo, train, crop, pan
         self.csv = os.path.join(self.dir, f"vpo_{subset}_data_stereo.csv")
         rows, _ = _read_csv(self.csv, _VPO_COLUMNS + (["multi_instance"] if subset == "msmi" else []),
                             build)
@@ -410,37 +516,27 @@ class VPODataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def _mask(self, path):
-        arr = np.asarray(_open_image(path, None))
-        if arr.ndim != 2:
-            raise DataError(f"{path}: mask must be a single-channel PNG of COCO ids, got shape {arr.shape}")
-        return torch.from_numpy(coco_to_vpo(arr, path).astype(np.uint8))
 
     def __getitem__(self, i):
         s = self.samples[i]
-        img = read_image(s["image"])
-        mask = self._mask(s["mask"])
-        if mask.shape != img.shape[1:]:
-            raise DataError(f"{s['mask']}: mask size {tuple(mask.shape)} != image size "
-                            f"{tuple(img.shape[1:])} of {s['image']}")
+        im, mask = _open_image(s["image"], "RGB"), read_vpo_mask(s["mask"])
+        if mask.size != im.size:
+            raise DataError(f"{s['mask']}: mask size {mask.size[::-1]} != image size {im.size[::-1]} of {s['image']}")
         if self.train:
-            img, mask, flip = augment(img, mask, self.crop)
+            img, mask, _, pos = augment(im, mask, self.crop, self.pan)
         else:
-            img, flip = normalize(img), False
-        alphas = [1.0 - a if flip else a for _, _, a in s["sources"]]  # SPEC 1.1: flip -> 1 - alpha
+            img, mask = _normalize255(_rgb_float(im)), _hwc(mask).long()
+            pos = float  # the CSV positions
         wave_, audio_classes = 0.0, torch.zeros(len(VPO_CLASSES))
         source_pos = torch.full((len(VPO_CLASSES),), -1.0)
-        for (cls, wav, _), a in zip(s["sources"], alphas):
+        for cls, wav, alpha in s["sources"]:
+            a = pos(alpha)
             # SPEC 1.1: sources panned one by one, then summed
-            wave_ = wave_ + pan(load_clip(wav).mean(0, keepdim=True), a, self.stereo)
+            wave_ = wave_ + pan(load_clip(wav, mono=True), a, self.stereo)
             audio_classes[cls], source_pos[cls] = 1.0, a
-        mask = mask.long()
-        image_classes = torch.zeros(len(VPO_CLASSES))
-        present = mask.unique()
-        image_classes[present[(present > 0) & (present < len(VPO_CLASSES))]] = 1.0
-        audio_pos = torch.tensor(alphas[0] if len(alphas) == 1 else -1.0)
-        out = dict(image=img, mask=mask, wave=wave_, audio_classes=audio_classes, image_classes=image_classes,
-                   audio_pos=audio_pos, source_pos=source_pos, name=s["name"])
+        audio_pos = torch.tensor(a if len(s["sources"]) == 1 else -1.0)
+        out = dict(image=img, mask=mask, wave=wave_, audio_classes=audio_classes, audio_pos=audio_pos,
+                   source_pos=source_pos, name=s["name"])
         if self.twins is not None and not self.train:
             twin = torch.zeros_like(mask)
             for cls, seg in self.twins.get(i, []):
@@ -566,19 +662,6 @@ def eval_audio_set(test_set, mode, coco_ann=None, seed=0):
         return test_set
     visible = coco_visible_classes(default_coco_ann(test_set, coco_ann)) if mode == "absent" else None
     return CounterfactualAudio(test_set, mode, visible, seed)
-
-
-def random_crop(img, mask, crop):
-    """Pad (image 0 == mean after normalisation, mask 255) up to `crop`, then a random crop x crop."""
-    h, w = img.shape[-2:]
-    ph, pw = max(crop - h, 0), max(crop - w, 0)
-    if ph or pw:
-        img = torch.nn.functional.pad(img, (0, pw, 0, ph), value=0.0)
-        mask = torch.nn.functional.pad(mask, (0, pw, 0, ph), value=255)
-    h, w = img.shape[-2:]
-    y = int(torch.randint(0, h - crop + 1, (1,)))
-    x = int(torch.randint(0, w - crop + 1, (1,)))
-    return img[..., y:y + crop, x:x + crop], mask[..., y:y + crop, x:x + crop]
 
 
 def pad_collate(batch):
@@ -719,20 +802,23 @@ class AVSBenchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         s, t = self.samples[i], self.frames
-        imgs = [normalize(read_image(p, self.size)) for p in s["frames"]]
-        h, w = imgs[0].shape[1:]
-        masks = [torch.from_numpy(_resize_mask(self._label(m), self.size).copy()) if m
-                 else torch.full((h, w), 255, dtype=torch.uint8) for m in s["masks"]]
-        n = len(imgs)
+        frames = [_open_image(p, "RGB") for p in s["frames"]]
+        if self.size is not None:
+            frames = [im.resize((self.size, self.size), Image.BILINEAR) for im in frames]
+        w, h = frames[0].size
+        n = len(frames)
         image = torch.zeros(t, 3, h, w)
         mask = torch.full((t, h, w), 255, dtype=torch.long)
         try:
-            image[:n], mask[:n] = torch.stack(imgs), torch.stack(masks).long()
+            for k, (im, m) in enumerate(zip(frames, s["masks"])):
+                _normalize255(_rgb_float(im, image[k]))
+                if m:
+                    mask[k] = torch.from_numpy(_resize_mask(self._label(m), self.size).copy())
         except RuntimeError as e:
             raise DataError(f"{s['frames'][0]}: frames/masks of clip {s['name']} differ in size ({e}); "
                             "pass size=224") from e
-        x = load_clip(s["wav"], seconds=n, centre=False)
-        x = (x[:2] if x.shape[0] >= 2 else x.repeat(2, 1)) if self.stereo else x.mean(0, keepdim=True)
+        x = load_clip(s["wav"], seconds=n, centre=False, mono=not self.stereo)
+        x = (x[:2] if x.shape[0] >= 2 else x.repeat(2, 1)) if self.stereo else x
         wave_ = torch.zeros(x.shape[0], t * SAMPLE_RATE)
         wave_[:, :x.shape[1]] = x
         valid = torch.arange(t) < n
@@ -813,8 +899,9 @@ class AVSBenchFrames(torch.utils.data.Dataset):
             classes = present[(present > 0) & (present != 255)].tolist()
         second = clip["wave"][:, j * SAMPLE_RATE:(j + 1) * SAMPLE_RATE]
         wave_ = fit_length(second, round(self.seconds * SAMPLE_RATE))  # 1 s repeat-padded (SPEC 1.3)
-        if self.train:
-            img, mask, flip = augment(img * STD + MEAN, mask.to(torch.uint8), self.crop)
+        if self.train:  # no source positions on AVSBench: the centre stays the centre
+            img, mask, flip, _ = augment(Image.fromarray(to_uint8(img)), Image.fromarray(mask.numpy().astype(np.uint8)),
+                                         self.crop, "csv")
             if flip:
                 wave_ = wave_.flip(0)  # stereo: left and right swap with the image (mono: unchanged)
         audio_classes = torch.zeros(len(self.classes))

@@ -89,11 +89,19 @@ def parse_args(argv=None):
            "Single-source/, Multi-sources/ or AVSBench-semantic/")
     a("--audio-root", default=None, help="VPO: folder of {vgg_file}.wav clips (default: DATA_ROOT/audio)")
     a("--mono", action="store_true", help="mono audio instead of stereo (CAVP Table 8 ablation)")
+    a("--pan", default="crop", choices=["crop", "csv"],
+      help="VPO training: pan each source at its object's centre of mass as moved by the flip, scale and crop, "
+           "clamped to [0, 1] (crop, issue 19), or at the CSV audio_pos, mirrored on a flip (csv, the released "
+           "behaviour)")
     a("--crop", type=int, default=None,
       help="VPO training crop (default 512, CAVP App. B.1; built-in VPO: its image size); AVSBench "
            "frame size (default 224, AVS)")
     a("--limit", type=int, default=None, help="use only the first N samples of each split (quick checks)")
-    a("--workers", type=int, default=2, help="data loader worker processes per rank")
+    a("--workers", type=int, default=None,
+      help="data loader worker processes per rank (default 7: one worker makes ~49 VPO training samples/s at "
+           "crop 512 on one CPU core, collate included (benchmarks/loader.py); a GPU training at ~300 img/s (an "
+           "H100 at crop 512, issue 20) needs 300 / 49 = 6.1 -> 7; README 'Loader speed'; built-in VPO: 2, as "
+           "the CPU that trains also loads)")
     # model
     a("--backbone", default=None, choices=list(ENCODER_CHANNELS),
       help="image encoder (default resnet50 as AVS; pvt_v2_b5 is AVS's second encoder; built-in VPO: "
@@ -165,7 +173,7 @@ def parse_args(argv=None):
                  "limit", "crop", "max_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.workers < 0 or args.overlays < 0:
+    if (args.workers or 0) < 0 or args.overlays < 0:
         p.error("--workers and --overlays must be >= 0")
     if args.predict and not (args.ckpt and args.audio):
         p.error("--predict needs --ckpt PATH and --audio WAV")
@@ -205,9 +213,9 @@ def resolve_defaults(args):
             info = json.load(f)
     args.builtin = bool(info.get("synthetic"))  # written by `vpo_make.py --synthetic`
     defaults = dict(backbone="resnet50", pretrained="imagenet", crop=spec["crop"], epochs=spec["epochs"],
-                    lambda_avm=spec["lam"] if args.tpavi_stages else 0.0)
+                    lambda_avm=spec["lam"] if args.tpavi_stages else 0.0, workers=7)
     if args.builtin:
-        defaults.update(backbone="resnet18", pretrained="none", crop=int(info["image_size"]))
+        defaults.update(backbone="resnet18", pretrained="none", crop=int(info["image_size"]), workers=2)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -758,7 +766,7 @@ def build_datasets(args, spec, splits):
             if spec["kind"] == "vpo":
                 out[split] = data.VPODataset(args.data_root, spec["subset"], split, audio_root=args.audio_root,
                                              stereo=not args.mono, train=split == "train", crop=args.crop,
-                                             limit=args.limit)
+                                             limit=args.limit, pan=args.pan)
             else:
                 out[split] = data.AVSBenchDataset(args.data_root, spec["subset"], split, size=args.crop,
                                                   stereo=not args.mono, limit=args.limit)

@@ -28,15 +28,17 @@ def dc_wav(path, level, seconds=3.0, rate=16000, channels=1):
 
 
 def write_vpo(root, subset, samples):
-    """samples: dicts with img (int), mask (H, W uint8 of COCO ids), split, and sources: list of
-    (cateName, cateId, ann_Ids (int or list string), vgg_file, level, alpha). Audio -> root/audio."""
+    """samples: dicts with img (int), mask (uint8 of COCO ids, usually H x W), split, sources: list of
+    (cateName, cateId, ann_Ids (int or list string), vgg_file, level, alpha), and optionally pixels (the
+    image, uint8 of the mask's size; default random). Audio -> root/audio."""
     base = os.path.join(root, {"ss": "VPO-SS", "ms": "VPO-MS", "msmi": "VPO-MSMI"}[subset])
     rows = []
     for s in samples:
+        image = Image.fromarray(s["pixels"]) if "pixels" in s else _rgb(*s["mask"].shape, s["img"])
         for cate_name, cate_id, ann_ids, vgg, level, alpha in s["sources"]:
             ann = int(str(ann_ids).strip("[]").split(",")[0])
             if subset == "ss":
-                _save(_rgb(H, W, s["img"]), os.path.join(base, "data", cate_name, f"{s['img']:012d}.jpg"))
+                _save(image, os.path.join(base, "data", cate_name, f"{s['img']:012d}.jpg"))
                 _save(Image.fromarray(s["mask"]),
                       os.path.join(base, "mask", cate_name, f"{s['img']:012d}_{ann:012d}.png"))
             dc_wav(os.path.join(root, "audio", f"{vgg}.wav"), level)
@@ -46,7 +48,7 @@ def write_vpo(root, subset, samples):
                 row["multi_instance"] = int(len(s["sources"]) > 1)
             rows.append(row)
         if subset != "ss":
-            _save(_rgb(H, W, s["img"]), os.path.join(base, "data", f"{s['img']:012d}.jpg"))
+            _save(image, os.path.join(base, "data", f"{s['img']:012d}.jpg"))
             _save(Image.fromarray(s["mask"]), os.path.join(base, "mask", f"{s['img']:012d}.png"))
     os.makedirs(base, exist_ok=True)
     with open(os.path.join(base, f"vpo_{subset}_data_stereo.csv"), "w", newline="") as f:
