@@ -116,11 +116,11 @@ def parse_args(argv=None):
     a("--attn", default="sigmoid", choices=["sigmoid", "softmax", "minmax"],
       help="f_CA attention activation (Sec. 4.1, Fig. 6)")
     a("--heads", type=int, default=4, help="f_CA attention heads")
-    a("--pos-enc", default="none", choices=["none", "sine"],
-      help="position code added to f_CA's visual queries: none (the paper; the released code allocates one but "
-           "never adds it) or a fixed 2-D sinusoidal code as the Transformer attention the paper builds on "
-           "(ref. [55]). f_CA has one audio token, so a pixel can prefer one side of the image for a sound only "
-           "if its query knows where the pixel is (issue 19)")
+    a("--pos-enc", default="sine", choices=["none", "sine"],
+      help="position code added to f_CA's visual queries: a fixed 2-D sinusoidal code as the Transformer attention "
+           "the paper builds on (ref. [55]; the default) or none (the paper; the released code allocates one but "
+           "never adds it). f_CA has one audio token, so a pixel can prefer one side of the image for a sound only "
+           "if its query knows where the pixel is; the default is picked by README 'Stereo mechanism probe'")
     a("--audio-conv1", default="split", choices=["split", "mean"],
       help="stereo audio conv1 at init: one filter on L + R plus a fresh one on L - R, so the encoder starts "
            "with sight of the side (split), or one filter shared by both channels, an encoder blind to the side "

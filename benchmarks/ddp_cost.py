@@ -22,7 +22,7 @@ import cavp  # noqa: E402
 import data  # noqa: E402
 
 ARGS = dict(backbone="resnet18", pretrained="none", output_stride=16, fusion="ca", attn="sigmoid", heads=4, mono=False,
-            pos_enc="none", audio_conv1="split",
+            pos_enc="sine", audio_conv1="split",
             contrast="cavp", seed=0, bank_size=8, pos_share=0.5, bank_sources="single", match="class", tau=0.1,
             anchors_per_group=128, positives="label", unknown="mismatched", bg_groups="one")
 

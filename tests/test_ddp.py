@@ -18,7 +18,7 @@ import tpavi
 from script_runner import ENV, command
 
 ARGS = Namespace(backbone="resnet18", pretrained="none", output_stride=16, fusion="ca", attn="sigmoid", heads=4,
-                 pos_enc="none", audio_conv1="split", mono=False, contrast="cavp", seed=3, bank_size=4,
+                 pos_enc="sine", audio_conv1="split", mono=False, contrast="cavp", seed=3, bank_size=4,
                  pos_share=1.0, bank_sources="single",
                  match="class", tau=0.1, anchors_per_group=24, positives="label", unknown="mismatched",
                  bg_groups="one")
