@@ -117,8 +117,9 @@ def test_one_rank_equals_two_ranks(ddp_runs, case):
     assert one["values"][2] > 0 and len(one["grads"]) > 50 and one["grads"].keys() == two["grads"].keys()
     if "bank" in one:
         assert torch.equal(one["bank"], two["bank"]) and one["bank"].sum() == 4
-    for name, grad in one["grads"].items():
-        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    for name, grad in one["grads"].items():  # float32 sums in another order: ~1e-4 of the norm at most
+        error = (two["grads"][name] - grad).norm() / grad.norm().clamp(min=1e-12)
+        assert error < 1e-3, (name, float(error))
 
 
 def single_source_batch(seed):
