@@ -1029,11 +1029,11 @@ def load_checkpoint(path):
 def use_checkpoint_args(args, ckpt):
     """The architecture flags come from the checkpoint, which also holds the weights; an AVSBench model is tested
     at the frame size it was trained at unless --resize says otherwise."""
-    for key in CKPT_KEYS:
-        setattr(args, key, ckpt["args"].get(key))
+    for key in CKPT_KEYS:  # load_checkpoint has checked that they are there
+        setattr(args, key, ckpt["args"][key])
     args.pretrained = "none"
     if getattr(args, "resize", None) is None:
-        args.resize = ckpt["args"].get("resize")
+        args.resize = ckpt["args"]["resize"]
 
 
 def save_checkpoint(path, model, optimizer, run, args, extra, world):
