@@ -7,6 +7,7 @@
 #   OUT=runs/repro2 SEEDS="2 3" bash benchmarks/reproduce.sh claims
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/reproduce.sh readings   # two runs at a time, one thread each: ~2.3 h
 #   AVSBENCH=/data/AVSBench VGGSOUND=/data/VGGSound bash benchmarks/reproduce.sh avsmss   # CAVP Sec. 5.2, on a GPU
+#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/reproduce.sh stereo    # issue 19 (b): stereo vs mono, CAVP vs SupCon
 #
 # Every run gets its own folder OUT/<method>-<subset>-s<seed>; a finished run (its log.txt says "done in")
 # is skipped, an interrupted one continues from its last.pt, so the script can be stopped and started again.
@@ -52,6 +53,34 @@ for seed in $SEEDS; do
 done
 wait
 $PY benchmarks/summarize.py --avsmss "$OUT"
+exit 0
+fi
+if [ "$PART" = stereo ]; then
+# Issue 19 (b): stereo vs mono on VPO-MSMI at a budget past the point where benchmarks/stereo_probe.sh's models
+# start to use the side, with this project's defaults (a position code, pans that follow the crop) and with the
+# paper's setting (neither), and CAVP's mining vs SupCon at the same budget. Built-in VPO with N_TRAIN_STEREO
+# training images per subset (8x the default 128, as the probe) and the default 300 test images; ITERS_STEREO
+# iterations of batch 16 (whole epochs); evaluation at the end only, with the twin and L/R-swap metrics.
+# One seed's runs come before the next seed's, so a stopped run set stays balanced.
+N_TRAIN=${N_TRAIN_STEREO:-1024}
+DATA=data/vpo-$N_TRAIN
+OUT=${OUT_STEREO:-runs/stereo}
+EPOCHS=$(( (${ITERS_STEREO:-768} * 16 + N_TRAIN - 1) / N_TRAIN ))
+EVAL_EVERY=$EPOCHS
+SEEDS=${SEEDS_STEREO:-"0 1 2"}
+PAPER=(--pos-enc none --pan csv)
+[ -f "$DATA/vpo_summary.json" ] || $PY vpo_make.py --synthetic --out "$DATA" --n-train "$N_TRAIN" > /dev/null
+mkdir -p "$OUT"
+for seed in $SEEDS; do
+    common=(--data vpo_msmi --data-root "$DATA" --seed "$seed" --workers 0 --overlays 0)
+    train stereo-msmi-s$seed cavp.py "${common[@]}"
+    train mono-msmi-s$seed cavp.py "${common[@]}" --mono
+    train paper-msmi-s$seed cavp.py "${common[@]}" "${PAPER[@]}"
+    train paper-mono-msmi-s$seed cavp.py "${common[@]}" "${PAPER[@]}" --mono
+    train supcon-msmi-s$seed cavp.py "${common[@]}" --contrast supcon
+done
+wait
+$PY benchmarks/summarize.py --stereo "$OUT"
 exit 0
 fi
 [ -f data/vpo_summary.json ] || $PY vpo_make.py --synthetic --out data

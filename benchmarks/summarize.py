@@ -3,6 +3,7 @@
     python benchmarks/summarize.py runs/repro
     python benchmarks/summarize.py --readings runs/readings     # readings of Eq. (1)-(3), stereo vs mono
     python benchmarks/summarize.py --stereo-probe runs/stereo-probe   # benchmarks/stereo_probe.sh (issue 19)
+    python benchmarks/summarize.py --stereo runs/stereo         # stereo vs mono, CAVP vs SupCon (issue 19)
     python benchmarks/summarize.py --avsmss runs/avsmss         # CAVP Sec. 5.2: TPAVI on S4 vs AVS-M-SS
 
 Figures are test-split percentages of the last epoch (metrics.json "final"); "a (b-c)" = mean over
@@ -99,21 +100,21 @@ TWIN_COLUMNS = ("twin_recall", "twin_share", "twin_side_acc", "twin_recall_swap"
                 "twin_side_acc_swap")
 
 
-def paired(root, a, b, subset):
-    """Per-seed mIoU differences a - b over the seeds both have."""
+def paired(root, a, b, subset, key="miou"):
+    """Per-seed differences a - b of one metric (default mIoU) over the seeds both have."""
     ra, rb = scores(root, a, subset), scores(root, b, subset)
-    mb = dict(zip(rb["seeds"], rb["miou"]))
-    return [v - mb[s] for s, v in zip(ra["seeds"], ra["miou"]) if s in mb]
+    mb = dict(zip(rb["seeds"], rb[key]))
+    return [v - mb[s] for s, v in zip(ra["seeds"], ra[key]) if s in mb and None not in (v, mb[s])]
 
 
-def readings_rows(root, methods, subsets, base):
+def readings_rows(root, methods, subsets, base, names=READINGS):
     """Table rows with the twin metrics and the seed-paired mIoU difference to `base` on the same subset."""
     rows = []
     for s in subsets:
         for m in methods:
             r = scores(root, m, s)
             if r["n"]:
-                rows.append([f"VPO-{s.upper()}", READINGS[m], ",".join(map(str, r["seeds"])), spread(r["miou"]),
+                rows.append([f"VPO-{s.upper()}", names[m], ",".join(map(str, r["seeds"])), spread(r["miou"]),
                              spread(paired(root, m, base, s)) if m != base else "",
                              spread(r["fbeta"]), spread(r["fdr"])] + [spread(r[k], 1) for k in TWIN_COLUMNS])
     return table(["data", "method", "seeds", "mIoU", f"mIoU - {base} (paired by seed)", "F-beta",
@@ -193,6 +194,45 @@ def stereo_probe(root):
                      spread(pct("twin_side_acc"), 1), spread(pct("twin_side_acc_swap"), 1), spread(gap, 1)])
     print(table(["data", "run", "setting", "seeds", "iterations", "mIoU", "sounding recall", "silent-twin share",
                  "side acc", "side acc, L/R swapped", "side acc: real - swapped"], rows))
+
+
+STEREO = {"stereo": "CAVP, stereo (defaults: --pos-enc sine, --pan crop)", "mono": "CAVP, mono (--mono)",
+          "paper": "CAVP, stereo, paper's setting (--pos-enc none --pan csv)",
+          "paper-mono": "CAVP, mono, paper's setting (--pos-enc none --mono)",
+          "supcon": "f_CA + SupCon, stereo (--contrast supcon)"}
+
+
+def paired_p(diffs):
+    """Two-sided p of the one-sample t-test of seed-paired differences against 0 (NaN below 2 seeds)."""
+    n = len(diffs)
+    if n < 2:
+        return math.nan
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    if sd == 0:
+        return 0.0 if mean else math.nan
+    t = mean / (sd / math.sqrt(n))
+    return betainc((n - 1) / 2, 0.5, (n - 1) / (n - 1 + t * t))
+
+
+def stereo(root):
+    """Issue 19 (b): stereo vs mono with this project's defaults and with the paper's setting, and CAVP's mining
+    vs SupCon, on VPO-MSMI; seed-paired differences with their range and paired t-test p."""
+    print("### Stereo vs mono, CAVP vs SupCon on VPO-MSMI (%; a (b-c) = mean over seeds (lowest-highest))\n")
+    print(readings_rows(root, tuple(STEREO), ("msmi",), "mono", STEREO))
+    print("\n### Seed-paired differences, mean (lowest-highest) [paired t-test p]\n")
+    for a, b, key in (("stereo", "mono", "miou"), ("paper", "paper-mono", "miou"), ("stereo", "paper", "miou"),
+                      ("mono", "paper-mono", "miou"), ("stereo", "supcon", "miou"),
+                      ("stereo", "mono", "twin_side_acc"), ("paper", "paper-mono", "twin_side_acc")):
+        d = paired(root, a, b, "msmi", key)
+        if d:
+            print(f"- {key}, {a} - {b}: {spread(d)} [p = {paired_p(d):.3f}, {len(d)} seeds]")
+    for m in ("stereo", "paper", "supcon"):
+        r = scores(root, m, "msmi")
+        gap = [x - y for x, y in zip(r["twin_side_acc"], r["twin_side_acc_swap"]) if None not in (x, y)]
+        if gap:
+            print(f"- side acc, real - L/R swapped channels, {m}: {spread(gap, 1)} [p = {paired_p(gap):.3f}, "
+                  f"{len(gap)} seeds]")
 
 
 def margin(root, a, b, subset):
@@ -288,6 +328,7 @@ def main(argv=None):
     p.add_argument("--readings", action="store_true", help="the folder is the 'readings' part's (issue 10)")
     p.add_argument("--stereo-probe", action="store_true", help="the folder is benchmarks/stereo_probe.sh's OUT "
                    "(issue 19): side accuracy curves and the last evaluations")
+    p.add_argument("--stereo", action="store_true", help="the folder is the 'stereo' part's (issue 19 (b))")
     p.add_argument("--avsmss", action="store_true", help="the folder is the 'avsmss' part's (CAVP Sec. 5.2)")
     args = p.parse_args(argv)
     root = args.root
@@ -297,6 +338,8 @@ def main(argv=None):
         return readings(root)
     if args.stereo_probe:
         return stereo_probe(root)
+    if args.stereo:
+        return stereo(root)
     if args.avsmss:
         return avsmss(root)
 

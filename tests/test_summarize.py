@@ -100,3 +100,29 @@ def test_stereo_probe_curves_and_final_table(tmp_path, capsys):
     assert "all-long |" not in out and "cavp" not in out  # unfinished: curve only; foreign folder: nowhere
     with pytest.raises(SystemExit, match="no run folder"):
         summarize.main(["--stereo-probe", str(tmp_path / "cavp-msmi-s0")])
+
+
+def test_paired_p_against_t_table():
+    # d = 1, 2, 3: t = 2 / (1 / sqrt 3) = 3.4641, df 2; two-sided p = 1 - t / sqrt(t^2 + 2) for df 2
+    t = 2 * 3 ** 0.5
+    assert summarize.paired_p([1.0, 2.0, 3.0]) == pytest.approx(1 - t / (t * t + 2) ** 0.5, rel=1e-9)
+    assert summarize.paired_p([-1.0, -2.0, -3.0]) == pytest.approx(summarize.paired_p([1.0, 2.0, 3.0]))
+    assert summarize.paired_p([2.0, 2.0]) == 0.0 and summarize.paired_p([1.0]) != summarize.paired_p([1.0])
+
+
+def test_stereo_tables_pair_seeds_and_side_gap(tmp_path, capsys):
+    for seed, (st, mo, sc, real, swap) in enumerate(((0.40, 0.30, 0.35, 0.9, 0.1), (0.50, 0.45, 0.52, 0.8, 0.3))):
+        for name, miou in (("stereo", st), ("mono", mo), ("supcon", sc)):
+            fake_run(tmp_path, f"{name}-msmi-s{seed}", miou)
+            res = json.loads((tmp_path / f"{name}-msmi-s{seed}" / "metrics.json").read_text())
+            res["final"].update(twin_recall=0.5, twin_share=0.25, twin_side_acc=real, twin_side_acc_swap=swap)
+            (tmp_path / f"{name}-msmi-s{seed}" / "metrics.json").write_text(json.dumps(res))
+    fake_run(tmp_path, "paper-msmi-s0", 0.2, done=False)  # interrupted: left out
+    summarize.main(["--stereo", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| VPO-MSMI | CAVP, stereo (defaults: --pos-enc sine, --pan crop) | 0,1 | 45.00 (40.00-50.00) " \
+           "| 7.50 (5.00-10.00) |" in out
+    assert "- miou, stereo - mono: 7.50 (5.00-10.00) [p = 0.205, 2 seeds]" in out  # t = 3, df 1
+    assert "- miou, stereo - supcon: 1.50 (-2.00-5.00)" in out
+    assert "- side acc, real - L/R swapped channels, stereo: 65.0 (50.0-80.0)" in out
+    assert "paper" not in out.split("###")[2]
