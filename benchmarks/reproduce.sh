@@ -27,7 +27,9 @@ train() {  # train NAME SCRIPT ARGS...: one training run in OUT/NAME
     [ -f "$dir/last.pt" ] && resume=(--resume "$dir/last.pt")
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
     echo "$(date +%T) $name"
-    $PY "$script" "$@" --epochs "$EPOCHS" --eval-every "$EVAL_EVERY" --out "$dir" "${resume[@]}" > "$dir.log" 2>&1 &
+    # a failed run is reported and left out; the others go on
+    ( $PY "$script" "$@" --epochs "$EPOCHS" --eval-every "$EVAL_EVERY" --out "$dir" "${resume[@]}" > "$dir.log" 2>&1 \
+        || echo "$(date +%T) $name failed: see $dir.log" >&2 ) &
     [ "$JOBS" -gt 1 ] || wait $!
 }
 
@@ -61,7 +63,8 @@ if [ "$PART" = stereo ]; then
 # paper's setting (neither), and CAVP's mining vs SupCon at the same budget. Built-in VPO with N_TRAIN_STEREO
 # training images per subset (8x the default 128, as the probe) and the default 300 test images; ITERS_STEREO
 # iterations of batch 16 (whole epochs); evaluation at the end only, with the twin and L/R-swap metrics.
-# One seed's runs come before the next seed's, so a stopped run set stays balanced.
+# One seed's runs come before the next seed's, so a stopped run set stays balanced. Then "curve": the default
+# stereo model (first seed) for CURVE_ITERS iterations, evaluated every 256, to see whether the side comes later.
 N_TRAIN=${N_TRAIN_STEREO:-1024}
 DATA=data/vpo-$N_TRAIN
 OUT=${OUT_STEREO:-runs/stereo}
@@ -79,6 +82,9 @@ for seed in $SEEDS; do
     train paper-mono-msmi-s$seed cavp.py "${common[@]}" "${PAPER[@]}" --mono
     train supcon-msmi-s$seed cavp.py "${common[@]}" --contrast supcon
 done
+seed=${SEEDS%% *}
+EPOCHS=$(( (${CURVE_ITERS:-2048} * 16 + N_TRAIN - 1) / N_TRAIN )) EVAL_EVERY=$(( (256 * 16 + N_TRAIN - 1) / N_TRAIN )) \
+    train curve-msmi-s$seed cavp.py --data vpo_msmi --data-root "$DATA" --seed "$seed" --workers 0 --overlays 0
 wait
 $PY benchmarks/summarize.py --stereo "$OUT"
 exit 0

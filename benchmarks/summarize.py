@@ -233,6 +233,12 @@ def stereo(root):
         if gap:
             print(f"- side acc, real - L/R swapped channels, {m}: {spread(gap, 1)} [p = {paired_p(gap):.3f}, "
                   f"{len(gap)} seeds]")
+    for seed, run in runs(root, "curve", "msmi"):
+        print(f"\n### The default stereo model over a longer run (curve-msmi-s{seed}), %\n")
+        print(table(["iteration", "mIoU", "sounding recall", "silent-twin share", "side acc", "side acc, L/R swapped"],
+                    [[h["iteration"]] + [f"{100 * h[k]:.{2 if k == 'miou' else 1}f}" for k in
+                                         ("miou", "twin_recall", "twin_share", "twin_side_acc", "twin_side_acc_swap")]
+                     for h in load(os.path.join(run, "metrics.json"))["history"]]))
 
 
 def margin(root, a, b, subset):

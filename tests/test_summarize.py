@@ -118,8 +118,10 @@ def test_stereo_tables_pair_seeds_and_side_gap(tmp_path, capsys):
             res["final"].update(twin_recall=0.5, twin_share=0.25, twin_side_acc=real, twin_side_acc_swap=swap)
             (tmp_path / f"{name}-msmi-s{seed}" / "metrics.json").write_text(json.dumps(res))
     fake_run(tmp_path, "paper-msmi-s0", 0.2, done=False)  # interrupted: left out
+    probe_run(tmp_path, "curve-msmi-s0", [(256, 0.40, 0.38), (512, 0.9, 0.125)])
     summarize.main(["--stereo", str(tmp_path)])
     out = capsys.readouterr().out
+    assert "| 512 | 50.00 | 60.0 | 20.0 | 90.0 | 12.5 |" in out
     assert "| VPO-MSMI | CAVP, stereo (defaults: --pos-enc sine, --pan crop) | 0,1 | 45.00 (40.00-50.00) " \
            "| 7.50 (5.00-10.00) |" in out
     assert "- miou, stereo - mono: 7.50 (5.00-10.00) [p = 0.205, 2 seeds]" in out  # t = 3, df 1
