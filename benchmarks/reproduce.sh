@@ -68,14 +68,16 @@ if [ "$PART" = stereo ]; then
 N_TRAIN=${N_TRAIN_STEREO:-1024}
 DATA=data/vpo-$N_TRAIN
 OUT=${OUT_STEREO:-runs/stereo}
-EPOCHS=$(( (${ITERS_STEREO:-768} * 16 + N_TRAIN - 1) / N_TRAIN ))
+epochs() { echo $(( ($1 * 16 + N_TRAIN - 1) / N_TRAIN )); }  # iterations of batch 16 -> whole epochs
+EPOCHS=$(epochs "${ITERS_STEREO:-768}")
 EVAL_EVERY=$EPOCHS
 SEEDS=${SEEDS_STEREO:-"0 1 2"}
 PAPER=(--pos-enc none --pan csv)
+BASE=(--data vpo_msmi --data-root "$DATA" --workers 0 --overlays 0)
 [ -f "$DATA/vpo_summary.json" ] || $PY vpo_make.py --synthetic --out "$DATA" --n-train "$N_TRAIN" > /dev/null
 mkdir -p "$OUT"
 for seed in $SEEDS; do
-    common=(--data vpo_msmi --data-root "$DATA" --seed "$seed" --workers 0 --overlays 0)
+    common=("${BASE[@]}" --seed "$seed")
     train stereo-msmi-s$seed cavp.py "${common[@]}"
     train mono-msmi-s$seed cavp.py "${common[@]}" --mono
     train paper-msmi-s$seed cavp.py "${common[@]}" "${PAPER[@]}"
@@ -83,8 +85,8 @@ for seed in $SEEDS; do
     train supcon-msmi-s$seed cavp.py "${common[@]}" --contrast supcon
 done
 seed=${SEEDS%% *}
-EPOCHS=$(( (${CURVE_ITERS:-2048} * 16 + N_TRAIN - 1) / N_TRAIN )) EVAL_EVERY=$(( (256 * 16 + N_TRAIN - 1) / N_TRAIN )) \
-    train curve-msmi-s$seed cavp.py --data vpo_msmi --data-root "$DATA" --seed "$seed" --workers 0 --overlays 0
+EPOCHS=$(epochs "${CURVE_ITERS:-2048}") EVAL_EVERY=$(epochs 256) \
+    train curve-msmi-s$seed cavp.py "${BASE[@]}" --seed "$seed"
 wait
 $PY benchmarks/summarize.py --stereo "$OUT"
 exit 0

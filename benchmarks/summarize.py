@@ -100,11 +100,16 @@ TWIN_COLUMNS = ("twin_recall", "twin_share", "twin_side_acc", "twin_recall_swap"
                 "twin_side_acc_swap")
 
 
+def differences(xs, ys):
+    """x - y for each pair of per-seed values where both are known."""
+    return [x - y for x, y in zip(xs, ys) if None not in (x, y)]
+
+
 def paired(root, a, b, subset, key="miou"):
     """Per-seed differences a - b of one metric (default mIoU) over the seeds both have."""
     ra, rb = scores(root, a, subset), scores(root, b, subset)
     mb = dict(zip(rb["seeds"], rb[key]))
-    return [v - mb[s] for s, v in zip(ra["seeds"], ra[key]) if s in mb and None not in (v, mb[s])]
+    return differences([v for s, v in zip(ra["seeds"], ra[key]) if s in mb], [mb[s] for s in ra["seeds"] if s in mb])
 
 
 def readings_rows(root, methods, subsets, base, names=READINGS):
@@ -187,7 +192,7 @@ def stereo_probe(root):
         if not done:
             continue
         pct = lambda key: [None if r.get(key) is None else 100 * r[key] for r in done.values()]  # noqa: E731
-        gap = [a - b for a, b in zip(pct("twin_side_acc"), pct("twin_side_acc_swap")) if None not in (a, b)]
+        gap = differences(pct("twin_side_acc"), pct("twin_side_acc_swap"))
         iters = sorted({seeds[s][0]["history"][-1]["iteration"] for s in done})
         rows.append([PROBE_DATA[data], run, PROBE[run], ",".join(map(str, sorted(done))), ",".join(map(str, iters)),
                      spread(pct("miou")), spread(pct("twin_recall"), 1), spread(pct("twin_share"), 1),
@@ -211,8 +216,7 @@ def paired_p(diffs):
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
     if sd == 0:
         return 0.0 if mean else math.nan
-    t = mean / (sd / math.sqrt(n))
-    return betainc((n - 1) / 2, 0.5, (n - 1) / (n - 1 + t * t))
+    return two_sided_p(mean / (sd / math.sqrt(n)), n - 1)
 
 
 def stereo(root):
@@ -229,16 +233,17 @@ def stereo(root):
             print(f"- {key}, {a} - {b}: {spread(d)} [p = {paired_p(d):.3f}, {len(d)} seeds]")
     for m in ("stereo", "paper", "supcon"):
         r = scores(root, m, "msmi")
-        gap = [x - y for x, y in zip(r["twin_side_acc"], r["twin_side_acc_swap"]) if None not in (x, y)]
+        gap = differences(r["twin_side_acc"], r["twin_side_acc_swap"])
         if gap:
             print(f"- side acc, real - L/R swapped channels, {m}: {spread(gap, 1)} [p = {paired_p(gap):.3f}, "
                   f"{len(gap)} seeds]")
     for seed, run in runs(root, "curve", "msmi"):
         print(f"\n### The default stereo model over a longer run (curve-msmi-s{seed}), %\n")
+        twins = ("twin_recall", "twin_share", "twin_side_acc", "twin_side_acc_swap")
+        rows = [[h["iteration"], f"{100 * h['miou']:.2f}"] + [f"{100 * h[k]:.1f}" for k in twins]
+                for h in load(os.path.join(run, "metrics.json"))["history"]]
         print(table(["iteration", "mIoU", "sounding recall", "silent-twin share", "side acc", "side acc, L/R swapped"],
-                    [[h["iteration"]] + [f"{100 * h[k]:.{2 if k == 'miou' else 1}f}" for k in
-                                         ("miou", "twin_recall", "twin_share", "twin_side_acc", "twin_side_acc_swap")]
-                     for h in load(os.path.join(run, "metrics.json"))["history"]]))
+                    rows))
 
 
 def margin(root, a, b, subset):
@@ -290,7 +295,12 @@ def t_test(x, y, welch=False):
     if se2 == 0:  # no spread in either group: any difference is certain, none is undefined
         return (math.copysign(math.inf, mx - my), df, 0.0) if mx != my else (math.nan, df, math.nan)
     t = (mx - my) / math.sqrt(se2)
-    return t, df, betainc(df / 2, 0.5, df / (df + t * t))
+    return t, df, two_sided_p(t, df)
+
+
+def two_sided_p(t, df):
+    """P(|T| >= |t|) for Student's t with df degrees of freedom: I_{df / (df + t^2)}(df / 2, 1 / 2)."""
+    return betainc(df / 2, 0.5, df / (df + t * t))
 
 
 def mean_std(values):
