@@ -15,8 +15,9 @@
 #   mixed: plus 0-4 other sounding classes, as VPO-MSMI's multi-instance images.
 # Runs (OUT/<run>-<data>-s<seed>): base = the paper's setting (no position code, an audio conv1 blind to the side
 # at init, pans from the CSV, Eq. (1) matches on classes); pos, conv1, pan, side = base with one lever switched
-# (--pos-enc sine, --audio-conv1 split, --pan crop, --match side); all = every lever; all-long = all for
-# LONG_ITERS iterations (training length; the curves of the others show it up to ITERS). On mixed: base and all.
+# (--pos-enc sine, --audio-conv1 split, --pan crop, --match side); all = every lever. On mixed: all-long (all
+# for LONG_ITERS iterations, first seed only: training length, past the ITERS the curves of the others show),
+# all and base. KINDS picks the data (e.g. KINDS=mixed runs only the mixed part).
 # Model: the built-in defaults (ResNet-18 encoders from scratch, 64 px, output stride 16, batch 16): 1.3-3.2 s per
 # iteration on one thread of the shared 2-core CPU (5-12 images/s), so ITERS=2048 is roughly 45-110 min a run.
 #
@@ -28,6 +29,7 @@ PY=${PYTHON:-python}
 JOBS=${JOBS:-1}
 OUT=${OUT:-runs/stereo-probe}
 SEEDS=${SEEDS:-0}
+KINDS=${KINDS:-solo mixed}
 N_TRAIN=${N_TRAIN:-1024}
 N_TEST=${N_TEST:-200}
 DATA=${DATA:-data/stereo-probe-$N_TRAIN-$N_TEST}
@@ -43,7 +45,7 @@ CONV1=${CONV1-"--audio-conv1 split"}
 PAN=${PAN-"--pan crop"}
 SIDE=${SIDE-"--match side"}
 
-for kind in solo mixed; do
+for kind in $KINDS; do
     flags=(--mi-share 1); [ "$kind" = solo ] && flags+=(--mi-single-source)
     [ -f "$DATA/$kind/vpo_summary.json" ] || $PY vpo_make.py --synthetic --out "$DATA/$kind" --n-train "$N_TRAIN" \
         --n-test "$N_TEST" --workers 1 "${flags[@]}" > /dev/null
@@ -73,17 +75,21 @@ mkdir -p "$OUT"
 # shellcheck disable=SC2086  # the flag strings split into words on purpose; a later flag overrides BASE's
 # the most telling runs first (every lever, none), so that a stopped probe has them
 for seed in $SEEDS; do
-    train all-solo-s$seed solo "$ITERS" --seed "$seed" $BASE $POS $CONV1 $PAN $SIDE
-    train base-solo-s$seed solo "$ITERS" --seed "$seed" $BASE
-    train pos-solo-s$seed solo "$ITERS" --seed "$seed" $BASE $POS
-    train conv1-solo-s$seed solo "$ITERS" --seed "$seed" $BASE $CONV1
-    train pan-solo-s$seed solo "$ITERS" --seed "$seed" $BASE $PAN
-    train side-solo-s$seed solo "$ITERS" --seed "$seed" $BASE $SIDE
-    if [ "$LONG_ITERS" -gt 0 ]; then
-        train all-long-solo-s$seed solo "$LONG_ITERS" --seed "$seed" $BASE $POS $CONV1 $PAN $SIDE
+    if [[ " $KINDS " == *" solo "* ]]; then
+        train all-solo-s$seed solo "$ITERS" --seed "$seed" $BASE $POS $CONV1 $PAN $SIDE
+        train base-solo-s$seed solo "$ITERS" --seed "$seed" $BASE
+        train pos-solo-s$seed solo "$ITERS" --seed "$seed" $BASE $POS
+        train conv1-solo-s$seed solo "$ITERS" --seed "$seed" $BASE $CONV1
+        train pan-solo-s$seed solo "$ITERS" --seed "$seed" $BASE $PAN
+        train side-solo-s$seed solo "$ITERS" --seed "$seed" $BASE $SIDE
     fi
-    train base-mixed-s$seed mixed "$ITERS" --seed "$seed" $BASE
-    train all-mixed-s$seed mixed "$ITERS" --seed "$seed" $BASE $POS $CONV1 $PAN $SIDE
+    if [[ " $KINDS " == *" mixed "* ]]; then
+        if [ "$LONG_ITERS" -gt 0 ] && [ "$seed" = "${SEEDS%% *}" ]; then
+            train all-long-mixed-s$seed mixed "$LONG_ITERS" --seed "$seed" $BASE $POS $CONV1 $PAN $SIDE
+        fi
+        train all-mixed-s$seed mixed "$ITERS" --seed "$seed" $BASE $POS $CONV1 $PAN $SIDE
+        train base-mixed-s$seed mixed "$ITERS" --seed "$seed" $BASE
+    fi
 done
 wait
 $PY benchmarks/summarize.py --stereo-probe "$OUT"
