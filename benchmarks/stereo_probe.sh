@@ -17,7 +17,8 @@
 # at init, pans from the CSV, Eq. (1) matches on classes); pos, conv1, pan, side = base with one lever switched
 # (--pos-enc sine, --audio-conv1 split, --pan crop, --match side); all = every lever. On mixed: all-long (all
 # for LONG_ITERS iterations, first seed only: training length, past the ITERS the curves of the others show),
-# all and base. KINDS picks the data (e.g. KINDS=mixed runs only the mixed part).
+# all and base. KINDS picks the data (e.g. KINDS=mixed runs only the mixed part), ONLY the runs (a bash regex
+# over the folder names, e.g. ONLY="all-long-mixed-s1").
 # Model: the built-in defaults (ResNet-18 encoders from scratch, 64 px, output stride 16, batch 16): 1.3-3.2 s per
 # iteration on one thread of the shared 2-core CPU (5-12 images/s), so ITERS=2048 is roughly 45-110 min a run.
 #
@@ -30,6 +31,7 @@ JOBS=${JOBS:-1}
 OUT=${OUT:-runs/stereo-probe}
 SEEDS=${SEEDS:-0}
 KINDS=${KINDS:-solo mixed}
+ONLY=${ONLY:-.*}
 N_TRAIN=${N_TRAIN:-1024}
 N_TEST=${N_TEST:-200}
 DATA=${DATA:-data/stereo-probe-$N_TRAIN-$N_TEST}
@@ -58,6 +60,7 @@ EVAL_EVERY=$(( EVAL_ITERS / per_epoch > 0 ? EVAL_ITERS / per_epoch : 1 ))
 train() {  # train NAME DATA_KIND ITERATIONS FLAGS...: one cavp.py run in OUT/NAME
     local name=$1 kind=$2 iters=$3; shift 3
     local dir=$OUT/$name
+    [[ $name =~ ^($ONLY)$ ]] || return 0
     if grep -qs "done in" "$dir/log.txt"; then return; fi
     local resume=()
     [ -f "$dir/last.pt" ] && resume=(--resume "$dir/last.pt")
