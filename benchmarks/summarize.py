@@ -157,33 +157,28 @@ def probe_runs(root):
     return dict(sorted(found.items(), key=lambda kv: (list(PROBE_DATA).index(kv[0][1]), list(PROBE).index(kv[0][0]))))
 
 
-def mean_pct(values):
-    values = [100 * v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
+def rate(h, key):
+    """An evaluation's rate as a percentage string, '-' where it is missing."""
+    return "-" if h is None or h.get(key) is None else f"{100 * h[key]:.1f}"
 
 
 def stereo_probe(root):
-    """Issue 19: side accuracy (real / L/R-swapped channels) over training for each run of stereo_probe.sh
-    (mean over seeds), then each run's last evaluation."""
+    """Issue 19: side accuracy (real / L/R-swapped channels) over training for each run folder of stereo_probe.sh
+    (one column per seed: a run either learns the side or not, and a mean would hide which), then each run's
+    last evaluation (mean over seeds)."""
     found = probe_runs(root)
     if not found:
         sys.exit(f"{root}: no run folder of benchmarks/stereo_probe.sh (<run>-<data>-s<seed>/metrics.json)")
-    curves = {key: {} for key in found}
-    for key, seeds in found.items():
-        for res, _ in seeds.values():
-            for h in res["history"]:
-                curves[key].setdefault(h["iteration"], []).append(h)
+    curves = {(run, data, seed): {h["iteration"]: h for h in res["history"]}
+              for (run, data), seeds in found.items() for seed, (res, _) in sorted(seeds.items())}
     print("### Side accuracy over training: real / L/R-swapped channels, % of the twin images\n")
-    header = ["iteration"] + [f"{run} ({data})" + ("" if all(done for _, done in found[run, data].values())
-                                                   else ", running") for run, data in found]
+    header = ["iteration"] + [f"{run} ({data}) s{seed}" + ("" if found[run, data][seed][1] else ", running")
+                              for run, data, seed in curves]
     rows = []
     for it in sorted({it for c in curves.values() for it in c}):
-        row = [it]
-        for key in found:
-            hs = curves[key].get(it, [])
-            real, swap = (mean_pct([h.get(k) for h in hs]) for k in ("twin_side_acc", "twin_side_acc_swap"))
-            row.append("-" if real is None else f"{real:.1f} / " + ("-" if swap is None else f"{swap:.1f}"))
-        rows.append(row)
+        hs = [c.get(it) for c in curves.values()]
+        rows.append([it] + ["-" if rate(h, "twin_side_acc") == "-" else
+                            f"{rate(h, 'twin_side_acc')} / {rate(h, 'twin_side_acc_swap')}" for h in hs])
     print(table(header, rows))
     print("\n### Last evaluation of the finished runs (% ; a (b-c) = mean over seeds (lowest-highest))\n")
     rows = []

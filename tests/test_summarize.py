@@ -90,9 +90,10 @@ def test_stereo_probe_curves_and_final_table(tmp_path, capsys):
     probe_run(tmp_path, "cavp-msmi-s0", [(64, 0.99, 0.0)])  # not a probe run: ignored
     summarize.main(["--stereo-probe", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "| iteration | base (solo) | pos (solo) | all-long (solo), running | all (mixed) |" in out
-    assert "| 64 | 40.0 / 38.0 | 60.0 / 40.0 | 60.0 / - | - |" in out  # pos: mean of seeds 0 and 1
-    assert "| 128 | 50.0 / 50.0 | 85.0 / 15.0 | - | 55.0 / 45.0 |" in out
+    assert "| iteration | base (solo) s0 | pos (solo) s0 | pos (solo) s1 | all-long (solo) s0, running " \
+           "| all (mixed) s0 |" in out
+    assert "| 64 | 40.0 / 38.0 | 50.0 / 30.0 | 70.0 / 50.0 | 60.0 / - | - |" in out  # a column per seed
+    assert "| 128 | 50.0 / 50.0 | 80.0 / 10.0 | 90.0 / 20.0 | - | 55.0 / 45.0 |" in out
     assert "| one sounding twin | pos | base + --pos-enc sine | 0,1 | 128 | 50.00 (50.00-50.00) | 60.0 (60.0-60.0) " \
            "| 20.0 (20.0-20.0) | 85.0 (80.0-90.0) | 15.0 (10.0-20.0) | 70.0 (70.0-70.0) |" in out
     assert "| twin + other sources | all | all four levers | 0 | 128 | 50.00 | 60.0 | 20.0 | 55.0 | 45.0 " \
