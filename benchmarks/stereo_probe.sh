@@ -19,8 +19,8 @@
 # for LONG_ITERS iterations, first seed only: training length, past the ITERS the curves of the others show),
 # all and base. KINDS picks the data (e.g. KINDS=mixed runs only the mixed part), ONLY the runs (a bash regex
 # over the folder names, e.g. ONLY="all-long-mixed-s1").
-# Model: the built-in defaults (ResNet-18 encoders from scratch, 64 px, output stride 16, batch 16): 1.3-3.2 s per
-# iteration on one thread of the shared 2-core CPU (5-12 images/s), so ITERS=2048 is roughly 45-110 min a run.
+# Model: the built-in defaults (ResNet-18 encoders from scratch, 64 px, output stride 16, batch 16): about 1.05 s per
+# iteration with JOBS=2 and one thread each on a 2-core CPU, so ITERS=2048 is about 36 min a run.
 #
 # A finished run (its log.txt says "done in") is skipped, an interrupted one continues from its last.pt, so the
 # script can be stopped and started again. Iterations are whole epochs of N_TRAIN / BATCH steps.
