@@ -107,9 +107,9 @@ def differences(xs, ys):
 
 def paired(root, a, b, subset, key="miou"):
     """Per-seed differences a - b of one metric (default mIoU) over the seeds both have."""
-    ra, rb = scores(root, a, subset), scores(root, b, subset)
-    mb = dict(zip(rb["seeds"], rb[key]))
-    return differences([v for s, v in zip(ra["seeds"], ra[key]) if s in mb], [mb[s] for s in ra["seeds"] if s in mb])
+    ma, mb = (dict(zip(r["seeds"], r[key])) for r in (scores(root, a, subset), scores(root, b, subset)))
+    both = [s for s in ma if s in mb]
+    return differences([ma[s] for s in both], [mb[s] for s in both])
 
 
 def readings_rows(root, methods, subsets, base, names=READINGS):
@@ -176,9 +176,8 @@ def stereo_probe(root):
                               for run, data, seed in curves]
     rows = []
     for it in sorted({it for c in curves.values() for it in c}):
-        hs = [c.get(it) for c in curves.values()]
-        rows.append([it] + ["-" if rate(h, "twin_side_acc") == "-" else
-                            f"{rate(h, 'twin_side_acc')} / {rate(h, 'twin_side_acc_swap')}" for h in hs])
+        real_swap = [(rate(c.get(it), "twin_side_acc"), rate(c.get(it), "twin_side_acc_swap")) for c in curves.values()]
+        rows.append([it] + ["-" if real == "-" else f"{real} / {swap}" for real, swap in real_swap])
     print(table(header, rows))
     print("\n### Last evaluation of the finished runs (% ; a (b-c) = mean over seeds (lowest-highest))\n")
     rows = []
@@ -235,7 +234,7 @@ def stereo(root):
     for seed, run in runs(root, "curve", "msmi"):
         print(f"\n### The default stereo model over a longer run (curve-msmi-s{seed}), %\n")
         twins = ("twin_recall", "twin_share", "twin_side_acc", "twin_side_acc_swap")
-        rows = [[h["iteration"], f"{100 * h['miou']:.2f}"] + [f"{100 * h[k]:.1f}" for k in twins]
+        rows = [[h["iteration"], f"{100 * h['miou']:.2f}"] + [rate(h, k) for k in twins]
                 for h in load(os.path.join(run, "metrics.json"))["history"]]
         print(table(["iteration", "mIoU", "sounding recall", "silent-twin share", "side acc", "side acc, L/R swapped"],
                     rows))
