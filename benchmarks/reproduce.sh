@@ -8,6 +8,7 @@
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/reproduce.sh readings   # two runs at a time, one thread each: ~2.3 h
 #   AVSBENCH=/data/AVSBench VGGSOUND=/data/VGGSound bash benchmarks/reproduce.sh avsmss   # CAVP Sec. 5.2, on a GPU
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/reproduce.sh stereo    # issue 19 (b): stereo vs mono, CAVP vs SupCon
+#   ONLY="(stereo|mono)-msmi-s1" bash benchmarks/reproduce.sh stereo  # only the runs whose folder name matches
 #
 # Every run gets its own folder OUT/<method>-<subset>-s<seed>; a finished run (its log.txt says "done in")
 # is skipped, an interrupted one continues from its last.pt, so the script can be stopped and started again.
@@ -18,10 +19,12 @@ cd "$(dirname "$0")/.."
 PART=${1:-all}
 PY=${PYTHON:-python}
 JOBS=${JOBS:-1}
+ONLY=${ONLY:-.*}  # a bash regex over the run folder names: the runs it does not match are left out
 
 train() {  # train NAME SCRIPT ARGS...: one training run in OUT/NAME
     local name=$1 script=$2; shift 2
     local dir=$OUT/$name
+    [[ $name =~ ^($ONLY)$ ]] || return 0
     if grep -qs "done in" "$dir/log.txt"; then return; fi
     local resume=()
     [ -f "$dir/last.pt" ] && resume=(--resume "$dir/last.pt")

@@ -213,6 +213,11 @@ def paired_p(diffs):
     return two_sided_p(mean / (sd / math.sqrt(n)), n - 1)
 
 
+def paired_note(diffs):
+    """'p = 0.249, 3 seeds' for the paired t-test of seed-paired differences; no test on one seed."""
+    return f"p = {paired_p(diffs):.3f}, {len(diffs)} seeds" if len(diffs) > 1 else "1 seed: no test"
+
+
 def stereo(root):
     """Issue 19 (b): stereo vs mono with this project's defaults and with the paper's setting, and CAVP's mining
     vs SupCon, on VPO-MSMI; seed-paired differences with their range and paired t-test p."""
@@ -224,13 +229,12 @@ def stereo(root):
                       ("stereo", "mono", "twin_side_acc"), ("paper", "paper-mono", "twin_side_acc")):
         d = paired(root, a, b, "msmi", key)
         if d:
-            print(f"- {key}, {a} - {b}: {spread(d)} [p = {paired_p(d):.3f}, {len(d)} seeds]")
+            print(f"- {key}, {a} - {b}: {spread(d)} [{paired_note(d)}]")
     for m in ("stereo", "paper", "supcon"):
         r = scores(root, m, "msmi")
         gap = differences(r["twin_side_acc"], r["twin_side_acc_swap"])
         if gap:
-            print(f"- side acc, real - L/R swapped channels, {m}: {spread(gap, 1)} [p = {paired_p(gap):.3f}, "
-                  f"{len(gap)} seeds]")
+            print(f"- side acc, real - L/R swapped channels, {m}: {spread(gap, 1)} [{paired_note(gap)}]")
     for seed, run in runs(root, "curve", "msmi"):
         print(f"\n### The default stereo model over a longer run (curve-msmi-s{seed}), %\n")
         twins = ("twin_recall", "twin_share", "twin_side_acc", "twin_side_acc_swap")

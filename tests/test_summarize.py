@@ -119,6 +119,8 @@ def test_stereo_tables_pair_seeds_and_side_gap(tmp_path, capsys):
             res["final"].update(twin_recall=0.5, twin_share=0.25, twin_side_acc=real, twin_side_acc_swap=swap)
             (tmp_path / f"{name}-msmi-s{seed}" / "metrics.json").write_text(json.dumps(res))
     fake_run(tmp_path, "paper-msmi-s0", 0.2, done=False)  # interrupted: left out
+    fake_run(tmp_path, "paper-msmi-s1", 0.3)
+    fake_run(tmp_path, "paper-mono-msmi-s1", 0.1)
     probe_run(tmp_path, "curve-msmi-s0", [(256, 0.40, 0.38), (512, 0.9, 0.125)])
     summarize.main(["--stereo", str(tmp_path)])
     out = capsys.readouterr().out
@@ -128,4 +130,5 @@ def test_stereo_tables_pair_seeds_and_side_gap(tmp_path, capsys):
     assert "- miou, stereo - mono: 7.50 (5.00-10.00) [p = 0.205, 2 seeds]" in out  # t = 3, df 1
     assert "- miou, stereo - supcon: 1.50 (-2.00-5.00)" in out
     assert "- side acc, real - L/R swapped channels, stereo: 65.0 (50.0-80.0)" in out
-    assert "paper" not in out.split("###")[2]
+    assert "| VPO-MSMI | CAVP, stereo, paper's setting (--pos-enc none --pan csv) | 1 | 30.00 |" in out
+    assert "- miou, paper - paper-mono: 20.00 [1 seed: no test]" in out
