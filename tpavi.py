@@ -744,7 +744,7 @@ def write_metrics(main_rank, args, run, split, final, meter):
         write_json(os.path.join(args.out, "metrics.json"), dict(
             args=vars(args), history=run["history"], final=final,
             best=best and dict(best, metric=run["metric"], score=best[run["metric"]]),
-            wall_time_s=round(time.time() - meter.t0, 1), train_images_per_s=meter.images_per_s()))
+            wall_time_s=round(meter.elapsed(), 1), train_images_per_s=meter.images_per_s()))
 
 
 def rank_seed(seed, rank):
@@ -835,15 +835,16 @@ def use_checkpoint_args(args, ckpt):
         setattr(args, key, ckpt["args"][key])
 
 
-def save_checkpoint(path, model, optimizer, run, args, extra, world):
+def save_checkpoint(path, model, optimizer, run, meter, args, extra, world):
     """Called on every rank (it gathers the per-rank RNG states); rank 0 passes the path and writes the
-    model, optimiser, `run` (iteration, epoch, best, metric, history) and the method's `extra` state."""
+    model, optimiser, `run` (iteration, epoch, best, metric, history), the wall time so far (`meter`) and the
+    method's `extra` state."""
     rngs = [rng_state()] * world
     if world > 1:
         dist.all_gather_object(rngs, rngs[0])
     if path:
         save_atomic(dict(script="tpavi", args=vars(args), model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         rng=rngs, extra=extra, **run), path)
+                         rng=rngs, extra=extra, elapsed_s=meter.elapsed(), **run), path)
 
 
 class Meter:
@@ -851,8 +852,8 @@ class Meter:
     line(), which every rank calls; images/s over training time only, the first step (warm-up) left out;
     ETA from the wall time since the start, evaluations included."""
 
-    def __init__(self, iteration, total, world):
-        self.t0, self.start, self.total, self.world = time.time(), iteration, total, world
+    def __init__(self, iteration, total, world, elapsed):
+        self.t0, self.start, self.total, self.world, self.before = time.time(), iteration, total, world, elapsed
         self.sums, self.n, self.names, self.train_s, self.images = None, 0, [], 0.0, 0
         self.window_s, self.window_images = 0.0, 0
 
@@ -876,6 +877,10 @@ class Meter:
                 f"eta {eta // 3600:.0f}:{eta % 3600 // 60:02.0f}:{eta % 60:02.0f}")
         self.sums, self.n, self.window_s, self.window_images = None, 0, 0.0, 0
         return text
+
+    def elapsed(self):
+        """Wall time of the run: this process's and, after --resume, the earlier processes' (from the checkpoint)."""
+        return self.before + time.time() - self.t0
 
     def images_per_s(self):
         return round(self.images / max(self.train_s, 1e-9), 2)
@@ -1150,7 +1155,7 @@ def main(args):
             log(f"resumed from {args.resume} at epoch {run['epoch']}, iteration {run['iteration']}", log_path)
 
     criterion = Criterion(args, binary, device, amp, world)
-    meter = Meter(run["iteration"], total, world)
+    meter = Meter(run["iteration"], total, world, ckpt.get("elapsed_s", 0.0) if ckpt else 0.0)
     res = run["history"][-1] if run["history"] else None  # a resumed finished run keeps its final metrics
     for epoch in range(run["iteration"] // iters_per_epoch, args.epochs):
         if run["iteration"] >= total:
@@ -1170,9 +1175,10 @@ def main(args):
                     f"FDR {100 * res['mean_fdr']:.2f} ({time.time() - eval_t:.1f} s)", log_path)
             if res[run["metric"]] > run["best"]:
                 run["best"] = res[run["metric"]]
-                save_checkpoint(main_rank and os.path.join(args.out, "best.pt"), model, optimizer, run, args, {}, world)
+                save_checkpoint(main_rank and os.path.join(args.out, "best.pt"), model, optimizer, run, meter, args, {},
+                                world)
             write_metrics(main_rank, args, run, val_split, res if val_split == "test" else None, meter)
-        save_checkpoint(main_rank and os.path.join(args.out, "last.pt"), model, optimizer, run, args, {}, world)
+        save_checkpoint(main_rank and os.path.join(args.out, "last.pt"), model, optimizer, run, meter, args, {}, world)
         if stop:
             break
     if world > 1:
@@ -1182,7 +1188,7 @@ def main(args):
         res = run_eval(model, eval_loaders, "test", "best", device, amp, args, log_path)
     write_metrics(main_rank, args, run, val_split, res, meter)
     if main_rank:
-        log(f"done in {time.time() - meter.t0:.0f} s; best {run['metric']} {run['best']:.4f}; run folder {args.out}",
+        log(f"done in {meter.elapsed():.0f} s; best {run['metric']} {run['best']:.4f}; run folder {args.out}",
             log_path)
     return res
 

@@ -61,3 +61,25 @@ def assert_same_run(a, b):
         with open(os.path.join(d, "metrics.json")) as f:
             finals.append(json.load(f)["final"])
     assert finals[0] == finals[1]
+
+
+A_DAY = 86400.0
+
+
+def add_a_day(ckpt_path):
+    """Add a day to the wall time that checkpoint CKPT_PATH has recorded, as if its run had taken that long
+    before it stopped: a run resumed from it must then report over a day."""
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert 0 < ckpt["elapsed_s"] < 600
+    ckpt["elapsed_s"] += A_DAY
+    torch.save(ckpt, ckpt_path)
+
+
+def assert_wall_time_over_a_day(out):
+    """metrics.json's wall_time_s and the log's last 'done in N s' count the day that add_a_day put in the
+    checkpoint, plus this process's minutes."""
+    with open(os.path.join(out, "metrics.json")) as f:
+        wall = json.load(f)["wall_time_s"]
+    with open(os.path.join(out, "log.txt")) as f:
+        done = int(re.findall(r"^done in (\d+) s", f.read(), re.M)[-1])
+    assert A_DAY < wall < A_DAY + 600 and A_DAY < done < A_DAY + 600, (wall, done)

@@ -9,7 +9,7 @@ import torch
 
 import cavp
 import data
-from script_runner import assert_same_run, kill_after_first_epoch, run_script
+from script_runner import add_a_day, assert_same_run, assert_wall_time_over_a_day, kill_after_first_epoch, run_script
 
 
 def run(*argv, torchrun=False, check=True):
@@ -115,7 +115,9 @@ def test_resume_after_epochs_and_sigkill_is_exact(tiny_vpo, tmp_path):
         return quick(tiny_vpo, out, "--epochs", "3", "--overlays", "0", *extra)
     run(*argv(straight))
     run(*argv(split, "--max-iters", "2"))
+    add_a_day(split / "last.pt")
     run(*argv(split, "--resume", split / "last.pt"))
+    assert_wall_time_over_a_day(split)  # the wall time carries over a resume
     assert kill_after_first_epoch("cavp.py", argv(killed), killed)["iteration"] == 2
     run(*argv(killed, "--resume", killed / "last.pt"))
     assert_same_run(straight, split)

@@ -220,7 +220,7 @@ def test_training_steps_never_wait_for_the_device(tiny_vpo, monkeypatch):
     model = cavp.CAVPModel(ARGS, 22).to(meta)
     criterion = cavp.Criterion(ARGS, 22, data.LogMel(frames=300).to(meta), meta, False, 0, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    meter = cavp.Meter(0, 10, 1)
+    meter = cavp.Meter(0, 10, 1, 0.0)
     for step, batch in enumerate(global_batches(tiny_vpo) * 2):
         loss, parts = criterion(model, batch, step // 2)  # epoch 1 from step 2: the bank is used
         optimizer.zero_grad()

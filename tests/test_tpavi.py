@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import data
 import fixtures_layouts as fl
 import tpavi
-from script_runner import assert_same_run, kill_after_first_epoch, run_script
+from script_runner import add_a_day, assert_same_run, assert_wall_time_over_a_day, kill_after_first_epoch, run_script
 
 
 def run(*argv, torchrun=False, check=True):
@@ -189,7 +189,9 @@ def test_resume_after_epochs_and_sigkill_is_exact(tiny_vpo, tmp_path):
         return quick_vpo(tiny_vpo, out, "--epochs", "3", "--no-amp", "--overlays", "0", *extra)
     run(*argv(straight))
     run(*argv(split, "--max-iters", "3"))
+    add_a_day(split / "last.pt")
     run(*argv(split, "--resume", split / "last.pt"))
+    assert_wall_time_over_a_day(split)  # the wall time carries over a resume
     assert kill_after_first_epoch("tpavi.py", argv(killed), killed)["iteration"] == 3
     run(*argv(killed, "--resume", killed / "last.pt"))
     assert_same_run(straight, split)
