@@ -82,10 +82,10 @@ def parse_args(argv=None):
     a("--resize", type=int, default=None,
       help="AVSBench: frames and masks resized to RESIZE x RESIZE, 0 = original resolution (default: 224 for "
            "avsbench_s4 / avsbench_ms3 as Tables 1-2, 0 for avss as Table 3; --resize 224 for avss in Tables 1-2)")
-    a("--pan", default="crop", choices=["crop", "csv"],
-      help="VPO training: pan each source at its object's centre of mass as moved by the flip, scale and crop, "
-           "clamped to [0, 1] (crop, issue 19), or at the CSV audio_pos, mirrored on a flip (csv, the released "
-           "behaviour)")
+    a("--pan", default="csv", choices=["csv", "crop"],
+      help="VPO training: pan each source at the CSV audio_pos, mirrored on a flip (csv, the released behaviour and "
+           "the default, README 'Stereo vs mono at 4,096 iterations'), or at its object's centre of mass as "
+           "moved by the flip, scale and crop, clamped to [0, 1] (crop, issue 19)")
     a("--crop", type=int, default=None,
       help="training crop size (default: 512 as App. B.1; AVSBench resized: the frame size; built-in VPO: its "
            "image size)")
@@ -116,11 +116,13 @@ def parse_args(argv=None):
     a("--attn", default="sigmoid", choices=["sigmoid", "softmax", "minmax"],
       help="f_CA attention activation (Sec. 4.1, Fig. 6)")
     a("--heads", type=int, default=4, help="f_CA attention heads")
-    a("--pos-enc", default="sine", choices=["none", "sine"],
-      help="position code added to f_CA's visual queries: a fixed 2-D sinusoidal code as the Transformer attention "
-           "the paper builds on (ref. [55]; the default) or none (the paper; the released code allocates one but "
-           "never adds it). f_CA has one audio token, so a pixel can prefer one side of the image for a sound only "
-           "if its query knows where the pixel is; the default is picked by README 'Stereo mechanism probe'")
+    a("--pos-enc", default="none", choices=["none", "sine"],
+      help="position code added to f_CA's visual queries: none (the paper and the default; the released code "
+           "allocates one but never adds it) or a fixed 2-D sinusoidal code as the Transformer attention the paper "
+           "builds on (sine, ref. [55]). f_CA has one audio token, so a pixel can prefer one side of the image for a "
+           "sound only if its query knows where the pixel is: sine makes the side learnable sooner in README "
+           "'Stereo mechanism probe', but costs mIoU on VPO-MSMI with --pan crop, README 'Stereo vs mono at 4,096 "
+           "iterations'")
     a("--audio-conv1", default="split", choices=["split", "mean"],
       help="stereo audio conv1 at init: one filter on L + R plus a fresh one on L - R, so the encoder starts "
            "with sight of the side (split), or one filter shared by both channels, an encoder blind to the side "
@@ -1036,6 +1038,22 @@ def use_checkpoint_args(args, ckpt):
         args.resize = ckpt["args"]["resize"]
 
 
+# run control and paths: they may differ on --resume
+RESUME_FREE = ("out", "resume", "ckpt", "eval_only", "predict", "audio", "audio_pos", "max_size", "workers",
+               "log_every", "eval_every", "eval_batch_size", "overlays", "max_iters", "device", "no_amp", "compile",
+               "data_root", "audio_root", "coco_ann", "pretrained", "eval_audio")
+
+
+def check_resume_args(args, ckpt):
+    """--resume continues the run that wrote the checkpoint: a method or data flag that differs from the run's
+    (a default changed since included) is a one-line DataError, not a silently different run."""
+    changed = [k for k, v in ckpt["args"].items() if k not in RESUME_FREE and getattr(args, k, v) != v]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {ckpt['args'][k]} (now {getattr(args, k)})" for k in changed)
+        raise data.DataError(f"{args.resume} was trained with {flags}: pass the run's flags (its log.txt 'settings' "
+                             "line) or start a new run")
+
+
 def save_checkpoint(path, model, optimizer, run, meter, args, extra, world):
     """Called on every rank (it gathers the per-rank RNG states); rank 0 passes the path and writes the
     model, optimiser, `run` (iteration, epoch, best, metric, history), the wall time so far (`meter`) and the
@@ -1243,6 +1261,8 @@ def main(args):
             raise data.DataError(f"{args.resume or args.ckpt} was trained on --data {ckpt['args']['data']}, whose "
                                  f"classes differ from --data {args.data}")
     resolve_defaults(args)
+    if args.resume:
+        check_resume_args(args, ckpt)
     args.out = run_folder(args, world)
     seed_all(rank_seed(args.seed, rank))
     spec = DATASETS[args.data]

@@ -375,13 +375,13 @@ def _int_field(value, path, column):
     return int(ids[0])
 
 
-def augment(im, mask, crop, pan="crop"):
+def augment(im, mask, crop, pan="csv"):
     """Joint train augmentation (CAVP App. B.1) of a PIL image and its PIL label map, drawn in this order:
     colour jitter factors, h-flip, scale s, then the offset (y, x) of a crop x crop window (None: no crop)
     of the scaled image padded to crop (image 0 == mean after normalisation, mask 255). Only that window
     is resized, from source coordinates, and jittered (issue 20). Returns (image, mask, flipped, pos),
-    pos(audio_pos) being where a source is panned: its centre of mass moved with the crop (pan 'crop',
-    issue 19) or the CSV position mirrored on a flip ('csv')."""
+    pos(audio_pos) being where a source is panned: the CSV position mirrored on a flip (pan 'csv') or its
+    centre of mass moved with the crop ('crop', issue 19)."""
     bright, contrast, sat = (float(torch.empty(1).uniform_(1 - JITTER, 1 + JITTER)) for _ in range(3))
     flip = bool(torch.rand(1) < 0.5)
     s = float(torch.empty(1).uniform_(SCALE[0], SCALE[1]))
@@ -421,13 +421,13 @@ class VPODataset(torch.utils.data.Dataset):
     (vgg_file may already end in .wav). SS: one sample per CSV row; MS/MSMI: one per image with
     one CSV row per sound source. train=True: colour jitter, h-flip (mirrors the stereo),
     scale 0.5-2.0 and a random `crop` (None: no crop); all randomness drawn from torch's RNG.
-    pan: where a training sample's sources are panned: "crop", at their object's centre of mass
-    (the CSV audio_pos) moved by the flip, scale and crop and clamped to [0, 1]; "csv", at the CSV
-    audio_pos, mirrored on a flip (the release). source_pos / audio_pos carry the positions used.
+    pan: where a training sample's sources are panned: "csv", at the CSV audio_pos, mirrored on a
+    flip (the release); "crop", at their object's centre of mass (the CSV audio_pos) moved by the
+    flip, scale and crop and clamped to [0, 1]. source_pos / audio_pos carry the positions used.
     """
 
     def __init__(self, root, subset, split, audio_root=None, stereo=True, train=False, crop=512,
-                 limit=None, pan="crop"):
+                 limit=None, pan="csv"):
         self.twins = None
         if pan not in ("crop", "csv"):
             raise DataError(f"unknown pan {pan!r}; use crop or csv")

@@ -89,10 +89,10 @@ def parse_args(argv=None):
            "Single-source/, Multi-sources/ or AVSBench-semantic/")
     a("--audio-root", default=None, help="VPO: folder of {vgg_file}.wav clips (default: DATA_ROOT/audio)")
     a("--mono", action="store_true", help="mono audio instead of stereo (CAVP Table 8 ablation)")
-    a("--pan", default="crop", choices=["crop", "csv"],
-      help="VPO training: pan each source at its object's centre of mass as moved by the flip, scale and crop, "
-           "clamped to [0, 1] (crop, issue 19), or at the CSV audio_pos, mirrored on a flip (csv, the released "
-           "behaviour)")
+    a("--pan", default="csv", choices=["csv", "crop"],
+      help="VPO training: pan each source at the CSV audio_pos, mirrored on a flip (csv, the released behaviour and "
+           "the default, README 'Stereo vs mono at 4,096 iterations'), or at its object's centre of mass as "
+           "moved by the flip, scale and crop, clamped to [0, 1] (crop, issue 19)")
     a("--crop", type=int, default=None,
       help="VPO training crop (default 512, CAVP App. B.1; built-in VPO: its image size); AVSBench "
            "frame size (default 224, AVS)")
@@ -835,6 +835,22 @@ def use_checkpoint_args(args, ckpt):
         setattr(args, key, ckpt["args"][key])
 
 
+# run control and paths: they may differ on --resume
+RESUME_FREE = ("out", "resume", "ckpt", "eval_only", "predict", "audio", "audio_pos", "max_size", "workers",
+               "log_every", "eval_every", "eval_batch_size", "overlays", "max_iters", "device", "no_amp", "compile",
+               "data_root", "audio_root", "coco_ann", "pretrained", "vggish_weights", "eval_audio")
+
+
+def check_resume_args(args, ckpt):
+    """--resume continues the run that wrote the checkpoint: a method or data flag that differs from the run's
+    (a default changed since included) is a one-line DataError, not a silently different run."""
+    changed = [k for k, v in ckpt["args"].items() if k not in RESUME_FREE and getattr(args, k, v) != v]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {ckpt['args'][k]} (now {getattr(args, k)})" for k in changed)
+        raise data.DataError(f"{args.resume} was trained with {flags}: pass the run's flags (its log.txt 'settings' "
+                             "line) or start a new run")
+
+
 def save_checkpoint(path, model, optimizer, run, meter, args, extra, world):
     """Called on every rank (it gathers the per-rank RNG states); rank 0 passes the path and writes the
     model, optimiser, `run` (iteration, epoch, best, metric, history), the wall time so far (`meter`) and the
@@ -1090,6 +1106,8 @@ def main(args):
             raise data.DataError(f"{args.resume or args.ckpt} was trained on --data {ckpt['args']['data']}, whose "
                                  f"classes differ from --data {args.data}")
     resolve_defaults(args)
+    if args.resume:
+        check_resume_args(args, ckpt)
     spec = DATASETS[args.data]
     binary, num_classes = spec["classes"] == 1, spec["classes"]
     args.out = run_folder(args, world)

@@ -201,7 +201,7 @@ def main():
             write_vpo(root, args.n, rng)
         if not os.path.isfile(os.path.join(root, "Single-source", "s4_meta_data.csv")):
             write_s4(root, args.n, rng, args.size)
-        vpo = data.VPODataset(root, "ms", "train", train=True, crop=args.crop)
+        vpo = data.VPODataset(root, "ms", "train", train=True, crop=args.crop, pan="crop")  # the costlier pan
         sources = sum(len(s["sources"]) for s in vpo.samples) / len(vpo)
         kb = np.mean([os.path.getsize(s["image"]) for s in vpo.samples]) / 1024
         print(f"VPO-MS: {W}x{H} JPEGs ({kb:.0f} KB on average), {sources:.1f} sources per image, "

@@ -62,10 +62,11 @@ exit 0
 fi
 if [ "$PART" = stereo ]; then
 # Issue 19 (b): stereo vs mono on VPO-MSMI at a budget past the point where benchmarks/stereo_probe.sh's models
-# start to use the side, with this project's defaults (a position code, pans that follow the crop) and with the
-# paper's setting (neither), and CAVP's mining vs SupCon at the same budget. Built-in VPO with N_TRAIN_STEREO
-# training images per subset (8x the default 128, as the probe) and the default 300 test images; ITERS_STEREO
-# iterations of batch 16 (whole epochs); evaluation at the end only, with the twin and L/R-swap metrics.
+# start to use the side, with the probe's levers (a position code, pans that follow the crop: LEVERS, the defaults
+# when these runs were made) and with the paper's setting (neither: PAPER, the defaults since), and CAVP's mining vs
+# SupCon at the same budget. Built-in VPO with N_TRAIN_STEREO training images per subset (8x the default 128, as
+# the probe) and the default 300 test images; ITERS_STEREO iterations of batch 16 (whole epochs); evaluation at
+# the end only, with the twin and L/R-swap metrics.
 # One seed's runs come before the next seed's, so a stopped run set stays balanced. Then "curve": the default
 # stereo model (first seed) for CURVE_ITERS iterations, evaluated every 256, to see whether the side comes later.
 N_TRAIN=${N_TRAIN_STEREO:-1024}
@@ -75,21 +76,22 @@ epochs() { echo $(( ($1 * 16 + N_TRAIN - 1) / N_TRAIN )); }  # iterations of bat
 EPOCHS=$(epochs "${ITERS_STEREO:-768}")
 EVAL_EVERY=$EPOCHS
 SEEDS=${SEEDS_STEREO:-"0 1 2"}
+LEVERS=(--pos-enc sine --pan crop)
 PAPER=(--pos-enc none --pan csv)
 BASE=(--data vpo_msmi --data-root "$DATA" --workers 0 --overlays 0)
 [ -f "$DATA/vpo_summary.json" ] || $PY vpo_make.py --synthetic --out "$DATA" --n-train "$N_TRAIN" > /dev/null
 mkdir -p "$OUT"
 for seed in $SEEDS; do
     common=("${BASE[@]}" --seed "$seed")
-    train stereo-msmi-s$seed cavp.py "${common[@]}"
-    train mono-msmi-s$seed cavp.py "${common[@]}" --mono
+    train stereo-msmi-s$seed cavp.py "${common[@]}" "${LEVERS[@]}"
+    train mono-msmi-s$seed cavp.py "${common[@]}" "${LEVERS[@]}" --mono
     train paper-msmi-s$seed cavp.py "${common[@]}" "${PAPER[@]}"
     train paper-mono-msmi-s$seed cavp.py "${common[@]}" "${PAPER[@]}" --mono
-    train supcon-msmi-s$seed cavp.py "${common[@]}" --contrast supcon
+    train supcon-msmi-s$seed cavp.py "${common[@]}" "${LEVERS[@]}" --contrast supcon
 done
 seed=${SEEDS%% *}
 EPOCHS=$(epochs "${CURVE_ITERS:-2048}") EVAL_EVERY=$(epochs 256) \
-    train curve-msmi-s$seed cavp.py "${BASE[@]}" --seed "$seed"
+    train curve-msmi-s$seed cavp.py "${BASE[@]}" "${LEVERS[@]}" --seed "$seed"
 wait
 $PY benchmarks/summarize.py --stereo "$OUT"
 exit 0

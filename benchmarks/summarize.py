@@ -195,10 +195,10 @@ def stereo_probe(root):
                  "side acc", "side acc, L/R swapped", "side acc: real - swapped"], rows))
 
 
-STEREO = {"stereo": "CAVP, stereo (defaults: --pos-enc sine, --pan crop)", "mono": "CAVP, mono (--mono)",
-          "paper": "CAVP, stereo, paper's setting (--pos-enc none --pan csv)",
-          "paper-mono": "CAVP, mono, paper's setting (--pos-enc none --mono)",
-          "supcon": "f_CA + SupCon, stereo (--contrast supcon)"}
+STEREO = {"stereo": "CAVP, stereo (--pos-enc sine --pan crop)", "mono": "CAVP, mono (--pos-enc sine --pan crop --mono)",
+          "paper": "CAVP, stereo, paper's setting (--pos-enc none --pan csv: the defaults)",
+          "paper-mono": "CAVP, mono, paper's setting (--pos-enc none --pan csv --mono)",
+          "supcon": "f_CA + SupCon, stereo (--pos-enc sine --pan crop --contrast supcon)"}
 
 
 def paired_p(diffs):

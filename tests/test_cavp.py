@@ -122,6 +122,8 @@ def test_resume_after_epochs_and_sigkill_is_exact(tiny_vpo, tmp_path):
     run(*argv(killed, "--resume", killed / "last.pt"))
     assert_same_run(straight, split)
     assert_same_run(straight, killed)
+    with pytest.raises(data.DataError, match=r"last.pt was trained with --pan csv \(now crop\): pass the run's"):
+        cavp.main(cavp.parse_args(list(map(str, argv(split, "--resume", split / "last.pt", "--pan", "crop")))))
     states = [torch.load(d / "last.pt", weights_only=True)["extra"]["criterion"] for d in (straight, split)]
     banks = [state["bank"] for state in states]
     assert torch.equal(banks[0]["count"], banks[1]["count"]) and torch.equal(banks[0]["waves"], banks[1]["waves"])

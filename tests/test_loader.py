@@ -113,7 +113,7 @@ def test_pans_follow_the_augmentation(root, mode):
 def test_single_source_stereo_energy(root):
     """One source: audio_pos == its source_pos, and sqrt(E_R) / (sqrt(E_L) + sqrt(E_R)) of the wave is
     that position (L = (1 - p) w, R = p w)."""
-    ds = data.VPODataset(root, "ms", "train", train=True, crop=CROP)
+    ds = data.VPODataset(root, "ms", "train", train=True, crop=CROP, pan="crop")
     cls = data.VPO_COCO_IDS.index(DOG[0]) + 1
     positions = set()
     for seed in range(12):
@@ -205,7 +205,7 @@ def test_load_clip_cut_before_resampling(tmp_path, rate):
 def test_pan_flag_reaches_the_datasets(tiny_vpo):
     for script, build in ((cavp, lambda a: cavp.build_datasets(a, ["train"])),
                           (tpavi, lambda a: tpavi.build_datasets(a, tpavi.DATASETS[a.data], ["train"]))):
-        assert script.parse_args(["--data-root", tiny_vpo]).pan == "crop"
-        assert build(script.parse_args(["--data-root", tiny_vpo, "--pan", "csv"]))["train"].pan == "csv"
+        assert script.parse_args(["--data-root", tiny_vpo]).pan == "csv"
+        assert build(script.parse_args(["--data-root", tiny_vpo, "--pan", "crop"]))["train"].pan == "crop"
     with pytest.raises(data.DataError, match="unknown pan"):
         data.VPODataset(tiny_vpo, "ms", "train", pan="mask")

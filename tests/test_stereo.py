@@ -71,7 +71,7 @@ def test_pos_enc_needs_f_ca(capsys):
     with pytest.raises(SystemExit):
         cavp.parse_args(["--pos-enc", "sine", "--fusion", "tpavi"])
     assert "--pos-enc sine" in capsys.readouterr().err
-    assert cavp.parse_args([]).pos_enc == "sine" and cavp.parse_args([]).audio_conv1 == "split"
+    assert cavp.parse_args([]).pos_enc == "none" and cavp.parse_args([]).audio_conv1 == "split"
 
 
 def waves(*sources):

@@ -125,10 +125,10 @@ def test_stereo_tables_pair_seeds_and_side_gap(tmp_path, capsys):
     summarize.main(["--stereo", str(tmp_path)])
     out = capsys.readouterr().out
     assert "| 512 | 50.00 | 60.0 | 20.0 | 90.0 | 12.5 |" in out
-    assert "| VPO-MSMI | CAVP, stereo (defaults: --pos-enc sine, --pan crop) | 0,1 | 45.00 (40.00-50.00) " \
+    assert "| VPO-MSMI | CAVP, stereo (--pos-enc sine --pan crop) | 0,1 | 45.00 (40.00-50.00) " \
            "| 7.50 (5.00-10.00) |" in out
     assert "- miou, stereo - mono: 7.50 (5.00-10.00) [p = 0.205, 2 seeds]" in out  # t = 3, df 1
     assert "- miou, stereo - supcon: 1.50 (-2.00-5.00)" in out
     assert "- side acc, real - L/R swapped channels, stereo: 65.0 (50.0-80.0)" in out
-    assert "| VPO-MSMI | CAVP, stereo, paper's setting (--pos-enc none --pan csv) | 1 | 30.00 |" in out
+    assert "| VPO-MSMI | CAVP, stereo, paper's setting (--pos-enc none --pan csv: the defaults) | 1 | 30.00 |" in out
     assert "- miou, paper - paper-mono: 20.00 [1 seed: no test]" in out

@@ -196,6 +196,9 @@ def test_resume_after_epochs_and_sigkill_is_exact(tiny_vpo, tmp_path):
     run(*argv(killed, "--resume", killed / "last.pt"))
     assert_same_run(straight, split)
     assert_same_run(straight, killed)
+    with pytest.raises(data.DataError, match=r"last.pt was trained with --pan csv \(now crop\), --seed 0 \(now 1\)"):
+        tpavi.main(tpavi.parse_args(list(map(str, argv(split, "--resume", split / "last.pt", "--seed", "1",
+                                                       "--pan", "crop")))))
 
 
 def test_foreign_or_corrupt_checkpoint(tmp_path):
