@@ -169,7 +169,8 @@ def parse_args(argv=None):
     a("--max-iters", type=int, default=None, help="stop after this many iterations (quick checks)")
     # run
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (auto: cuda when available)")
-    a("--no-amp", action="store_true", help="disable bf16 autocast (default: on for CUDA and for CPUs with native bf16, AVX512-BF16 / AMX; "
+    a("--no-amp", action="store_true",
+      help="disable bf16 autocast (default: on for CUDA and for CPUs with native bf16, AVX512-BF16 / AMX; "
            "other CPUs emulate it about 20x slower, so they run fp32)")
     a("--compile", action="store_true",
       help="torch.compile the image encoder (off by default: measure it on your GPU first; no gain on CPU)")
