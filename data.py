@@ -1,4 +1,4 @@
-"""Datasets and audio I/O shared by cavp.py and tpavi.py (SPEC 1.1-1.3)."""
+"""DOCSTRING"""
 import colorsys
 import csv
 import functools
@@ -27,6 +27,7 @@ class DataError(Exception):
         super().__init__(msg)
 
 
+# ---------------------------------------------------------------- label sets
 # SPEC 1.1: index 0 = background, then the 21 VPO classes in ascending COCO category id
 # (the release uses 92/93/94 for male/female/baby, CAVP App. A).
 VPO_CLASSES = ["background", "car", "motorcycle", "airplane", "bus", "bird", "cat", "dog",
@@ -59,6 +60,8 @@ VPO_AUDIO_LABELS = {
     "female": ["female speech, woman speaking"],
     "baby": ["baby babbling", "baby crying", "baby laughter"],
 }
+
+
 AVSS_NUM_CLASSES = 71
 # AVSBench-Objects S4: the 23 categories of s4_meta_data.csv (VGGSound labels written with '_'), in the order
 # of the CAVP release's AVSBench index table (config/class_list.py)
@@ -77,12 +80,12 @@ AVSS_CLASSES = [
     "missile-rocket", "motorcycle", "mower", "parrot", "piano", "pig", "pipa", "saw", "saxophone", "sheep", "sitar",
     "sorna", "squirrel", "tabla", "tank", "tiger", "tractor", "train", "trombone", "truck", "trumpet", "tuba",
     "ukulele", "utv", "vacuum-cleaner", "violin", "wolf", "woman"]
+
+
 SAMPLE_RATE = 16000
-JITTER = 0.4  # train colour jitter: brightness / contrast / saturation factor in 1 +- 0.4
-SCALE = (0.5, 2.0)  # train random scale range
 
 
-# ---------------------------------------------------------------- WAV I/O (SPEC 1.3)
+# ---------------------------------------------------------------- files: WAV, image, CSV, COCO
 def _decode_pcm(raw, width, channels, is_float, path):
     if is_float and width in (4, 8):
         x = np.frombuffer(raw, dtype="<f4" if width == 4 else "<f8").astype(np.float32)
@@ -176,6 +179,80 @@ def write_wav(path, wave_, sample_rate=SAMPLE_RATE):
         raise
 
 
+def _open_image(path, mode):
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert(mode) if mode and im.mode != mode else im
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read image ({e}); re-download or replace the file") from e
+
+
+def _missing(paths, what, fix):
+    """Raise one DataError naming the first missing file (checked at construction time)."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"{missing[0]} not found{more}, listed in {what}; {fix}")
+
+
+def _read_csv(path, required, fix):
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found; {fix}")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = [{k: (v if isinstance(v, str) else "").strip() for k, v in r.items() if k is not None}
+                    for r in reader]
+            header = [h.strip() for h in reader.fieldnames or []]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read CSV ({e}); re-download it") from e
+    absent = [c for c in required if c not in header]
+    if absent:
+        raise DataError(f"{path}: missing column(s) {', '.join(absent)}; expected {', '.join(required)}")
+    return rows, header
+
+
+def _limit(items, limit):
+    return items if limit is None else items[:limit]
+
+
+def _int_field(value, path, column):
+    ids = re.findall(r"-?\d+", str(value))
+    if not ids:
+        raise DataError(f"{path}: column {column} has no integer in {value!r}; fix the CSV row")
+    return int(ids[0])
+
+
+def read_coco(ann_file):
+    """COCO instances JSON -> dict(names {category id: name}, images [ids], anns {img_Id: [annotation]})."""
+    fix = "pass --coco-ann with the COCO instances JSON of the test images (e.g. instances_val2017.json)"
+    try:
+        with open(ann_file) as f:
+            coco = json.load(f)
+        anns = {}
+        for a in coco["annotations"]:
+            anns.setdefault(int(a["image_id"]), []).append(a)
+        return dict(names={c["id"]: c["name"] for c in coco["categories"]},
+                    images=[int(im["id"]) for im in coco["images"]], anns=anns)
+    except FileNotFoundError:
+        raise DataError(f"{ann_file} not found: {fix}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{ann_file}: not a COCO instances file ({type(e).__name__}: {e}); {fix}") from None
+
+
+def decode_coco(seg, h, w):
+    """COCO segmentation (polygons, RLE or compressed RLE) -> (h, w) uint8 {0, 1} mask."""
+    if isinstance(seg, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    elif isinstance(seg["counts"], list):
+        rle = mask_utils.frPyObjects(seg, h, w)
+    else:
+        rle = seg
+    return mask_utils.decode(rle)
+
+
+# ---------------------------------------------------------------- audio: clips, panning, log-mel
 def fit_length(x, n, centre=True):
     """Crop the last axis to n samples around the middle (or from the start if not `centre`);
     repeat-pad shorter signals (SPEC 1.3)."""
@@ -241,18 +318,9 @@ class LogMel(torch.nn.Module):
         return 20.0 * torch.log10(x.clamp_min(1e-5)) / 100.0  # 20*log10(max(x,1e-5))/100
 
 
-# ---------------------------------------------------------------- image helpers
+# ---------------------------------------------------------------- images: resize, normalise
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-
-
-def _open_image(path, mode):
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert(mode) if mode and im.mode != mode else im
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot read image ({e}); re-download or replace the file") from e
 
 
 def read_image(path, size=None):
@@ -289,65 +357,15 @@ def _normalize255(img):
     return img.mul_(1.0 / (255.0 * STD)).sub_(MEAN / STD)
 
 
-def _missing(paths, what, fix):
-    """Raise one DataError naming the first missing file (checked at construction time)."""
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise DataError(f"{missing[0]} not found{more}, listed in {what}; {fix}")
+def to_uint8(img):
+    """Normalised (3, H, W) image tensor -> (H, W, 3) uint8 (undoes `normalize`)."""
+    img = (img.detach().cpu().float() * STD + MEAN).clamp(0, 1)
+    return (img * 255).round().byte().permute(1, 2, 0).numpy()
 
 
-def _read_csv(path, required, fix):
-    if not os.path.isfile(path):
-        raise DataError(f"{path} not found; {fix}")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            rows = [{k: (v if isinstance(v, str) else "").strip() for k, v in r.items() if k is not None}
-                    for r in reader]
-            header = [h.strip() for h in reader.fieldnames or []]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{path}: cannot read CSV ({e}); re-download it") from e
-    absent = [c for c in required if c not in header]
-    if absent:
-        raise DataError(f"{path}: missing column(s) {', '.join(absent)}; expected {', '.join(required)}")
-    return rows, header
-
-
-def _limit(items, limit):
-    return items if limit is None else items[:limit]
-
-
-# ---------------------------------------------------------------- VPO (SPEC 1.1)
-VPO_SUBSETS = {"ss": "VPO-SS", "ms": "VPO-MS", "msmi": "VPO-MSMI"}
-_VPO_LUT = np.full(256, -1, dtype=np.int64)
-_VPO_LUT[0], _VPO_LUT[255] = 0, 255
-_VPO_LUT[VPO_COCO_IDS] = np.arange(1, len(VPO_COCO_IDS) + 1)
-_VPO_SPLITS = {"train": "train", "val": "test", "test": "test"}  # the release's "val" is the test set
-_VPO_COLUMNS = ["cateName", "img_Id", "ann_Ids", "cateId", "vgg_file", "split", "audio_pos"]
-
-
-_VPO_POINT = _VPO_LUT.clip(0).tolist()  # checked COCO ids -> VPO labels, as a PIL point() table
-
-
-def read_vpo_mask(path):
-    """Mask PNG of COCO category ids (0 bg, 92/93/94 male/female/baby, 255 ignore) -> PIL image ("L" or "P")
-    of VPO labels 0..21 / 255; DataError on any other value."""
-    im = _open_image(path, None)
-    if im.mode in ("L", "P"):
-        values = np.flatnonzero(im.histogram())
-    else:
-        arr = np.asarray(im)
-        if arr.ndim != 2:
-            raise DataError(f"{path}: mask must be a single-channel PNG of COCO ids, got shape {arr.shape}")
-        values = np.unique(arr)
-    bad = values[(values < 0) | (values > 255) | (_VPO_LUT[np.clip(values, 0, 255)] < 0)]
-    if bad.size:
-        raise DataError(f"{path}: mask value {int(bad[0])} is not a VPO COCO class id "
-                        f"({VPO_COCO_IDS}, 0, 255); fix the mask or rebuild with vpo_make.py")
-    if im.mode not in ("L", "P"):
-        im = Image.fromarray(arr.astype(np.uint8), "L")
-    return im.point(_VPO_POINT)
+# ---------------------------------------------------------------- augmentation
+JITTER = 0.4  # train colour jitter: brightness / contrast / saturation factor in 1 +- 0.4
+SCALE = (0.5, 2.0)  # train random scale range
 
 
 _GREY = torch.tensor([0.2989, 0.587, 0.114])  # torchvision's rgb_to_grayscale weights
@@ -366,13 +384,6 @@ def _jitter(win, full, bright, contrast, sat, out):
     out = _rgb_float(win.point(lut.tolist() * 3), out)
     grey = torch.tensordot(_GREY * (1 - sat), out, 1)
     return out.mul_(sat).add_(grey).clamp_(0.0, 255.0)  # saturation: blend with the pixel's grey
-
-
-def _int_field(value, path, column):
-    ids = re.findall(r"-?\d+", str(value))
-    if not ids:
-        raise DataError(f"{path}: column {column} has no integer in {value!r}; fix the CSV row")
-    return int(ids[0])
 
 
 def augment(im, mask, crop, pan="csv"):
@@ -412,6 +423,38 @@ def augment(im, mask, crop, pan="csv"):
         alpha = 1.0 - alpha if flip else alpha  # SPEC 1.1: flip -> 1 - alpha
         return alpha if pan == "csv" else min(1.0, max(0.0, (alpha * w - x0) / cw))
     return image, labels, flip, pos
+
+
+# ---------------------------------------------------------------- datasets: VPO
+VPO_SUBSETS = {"ss": "VPO-SS", "ms": "VPO-MS", "msmi": "VPO-MSMI"}
+_VPO_LUT = np.full(256, -1, dtype=np.int64)
+_VPO_LUT[0], _VPO_LUT[255] = 0, 255
+_VPO_LUT[VPO_COCO_IDS] = np.arange(1, len(VPO_COCO_IDS) + 1)
+_VPO_SPLITS = {"train": "train", "val": "test", "test": "test"}  # the release's "val" is the test set
+_VPO_COLUMNS = ["cateName", "img_Id", "ann_Ids", "cateId", "vgg_file", "split", "audio_pos"]
+
+
+_VPO_POINT = _VPO_LUT.clip(0).tolist()  # checked COCO ids -> VPO labels, as a PIL point() table
+
+
+def read_vpo_mask(path):
+    """Mask PNG of COCO category ids (0 bg, 92/93/94 male/female/baby, 255 ignore) -> PIL image ("L" or "P")
+    of VPO labels 0..21 / 255; DataError on any other value."""
+    im = _open_image(path, None)
+    if im.mode in ("L", "P"):
+        values = np.flatnonzero(im.histogram())
+    else:
+        arr = np.asarray(im)
+        if arr.ndim != 2:
+            raise DataError(f"{path}: mask must be a single-channel PNG of COCO ids, got shape {arr.shape}")
+        values = np.unique(arr)
+    bad = values[(values < 0) | (values > 255) | (_VPO_LUT[np.clip(values, 0, 255)] < 0)]
+    if bad.size:
+        raise DataError(f"{path}: mask value {int(bad[0])} is not a VPO COCO class id "
+                        f"({VPO_COCO_IDS}, 0, 255); fix the mask or rebuild with vpo_make.py")
+    if im.mode not in ("L", "P"):
+        im = Image.fromarray(arr.astype(np.uint8), "L")
+    return im.point(_VPO_POINT)
 
 
 class VPODataset(torch.utils.data.Dataset):
@@ -545,36 +588,8 @@ class VPODataset(torch.utils.data.Dataset):
         return out
 
 
-# ---------------------------------------------------------------- audio alignment check
+# ---------------------------------------------------------------- datasets: audio alignment check
 EVAL_AUDIO = ("real", "silence", "absent")
-
-
-def read_coco(ann_file):
-    """COCO instances JSON -> dict(names {category id: name}, images [ids], anns {img_Id: [annotation]})."""
-    fix = "pass --coco-ann with the COCO instances JSON of the test images (e.g. instances_val2017.json)"
-    try:
-        with open(ann_file) as f:
-            coco = json.load(f)
-        anns = {}
-        for a in coco["annotations"]:
-            anns.setdefault(int(a["image_id"]), []).append(a)
-        return dict(names={c["id"]: c["name"] for c in coco["categories"]},
-                    images=[int(im["id"]) for im in coco["images"]], anns=anns)
-    except FileNotFoundError:
-        raise DataError(f"{ann_file} not found: {fix}") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{ann_file}: not a COCO instances file ({type(e).__name__}: {e}); {fix}") from None
-
-
-def decode_coco(seg, h, w):
-    """COCO segmentation (polygons, RLE or compressed RLE) -> (h, w) uint8 {0, 1} mask."""
-    if isinstance(seg, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-    elif isinstance(seg["counts"], list):
-        rle = mask_utils.frPyObjects(seg, h, w)
-    else:
-        rle = seg
-    return mask_utils.decode(rle)
 
 
 def default_coco_ann(test_set, coco_ann=None):
@@ -664,27 +679,7 @@ def eval_audio_set(test_set, mode, coco_ann=None, seed=0):
     return CounterfactualAudio(test_set, mode, visible, seed)
 
 
-def pad_collate(batch):
-    """Stack sample dicts, padding every tensor to the largest shape in the batch.
-
-    Fill: 255 for `mask`, 0 otherwise (image 0 == ImageNet mean after normalisation; AVSBench
-    clips of different length get silent audio / invalid frames). Strings -> list.
-    """
-    out = {}
-    for key in batch[0]:
-        vals = [b[key] for b in batch]
-        if not torch.is_tensor(vals[0]):
-            out[key] = vals
-            continue
-        shape = [max(v.shape[d] for v in vals) for d in range(vals[0].dim())]
-        padded = vals[0].new_full((len(vals), *shape), 255 if key == "mask" else 0)
-        for j, v in enumerate(vals):
-            padded[(j, *[slice(0, n) for n in v.shape])] = v
-        out[key] = padded
-    return out
-
-
-# ---------------------------------------------------------------- AVSBench (SPEC 1.2)
+# ---------------------------------------------------------------- datasets: AVSBench
 def avss_palette(num_classes=AVSS_NUM_CLASSES):
     """(71, 3) uint8 colours of the released AVSS label2idx.json order: the bits of class j are
     spread over R, G, B (bit 0 -> R, 1 -> G, 2 -> B), filled from the most significant bit down."""
@@ -912,7 +907,28 @@ class AVSBenchFrames(torch.utils.data.Dataset):
                     name=f"{clip['name']}_{j + (self.task != 'avss')}")
 
 
-# ---------------------------------------------------------------- pictures and --predict inputs (issue 13)
+# ---------------------------------------------------------------- collate
+def pad_collate(batch):
+    """Stack sample dicts, padding every tensor to the largest shape in the batch.
+
+    Fill: 255 for `mask`, 0 otherwise (image 0 == ImageNet mean after normalisation; AVSBench
+    clips of different length get silent audio / invalid frames). Strings -> list.
+    """
+    out = {}
+    for key in batch[0]:
+        vals = [b[key] for b in batch]
+        if not torch.is_tensor(vals[0]):
+            out[key] = vals
+            continue
+        shape = [max(v.shape[d] for v in vals) for d in range(vals[0].dim())]
+        padded = vals[0].new_full((len(vals), *shape), 255 if key == "mask" else 0)
+        for j, v in enumerate(vals):
+            padded[(j, *[slice(0, n) for n in v.shape])] = v
+        out[key] = padded
+    return out
+
+
+# ---------------------------------------------------------------- pictures: overlays and panels
 PANEL_MIN = 192  # panels are shown at least this high (nearest-neighbour upscale) so titles fit
 PANEL_MAX = 512  # ... and at most this high (downscaled), so the PNGs stay small
 PANEL_GAP = 4  # white pixels between panels
@@ -920,12 +936,6 @@ PANEL_GAP = 4  # white pixels between panels
 
 def _array(x):
     return np.asarray(x.detach().cpu() if torch.is_tensor(x) else x)
-
-
-def to_uint8(img):
-    """Normalised (3, H, W) image tensor -> (H, W, 3) uint8 (undoes `normalize`)."""
-    img = (img.detach().cpu().float() * STD + MEAN).clamp(0, 1)
-    return (img * 255).round().byte().permute(1, 2, 0).numpy()
 
 
 # VPO classes 1..21 (car .. baby): bright saturated colours that show on dark and light images alike;
@@ -1056,6 +1066,7 @@ def save_panels(panels, titles, legend, path, min_height=PANEL_MIN, max_height=P
     canvas.save(path, optimize=True)
 
 
+# ---------------------------------------------------------------- --predict inputs
 def fit_long_side(h, w, max_size):
     """(height, width) of an h x w image scaled, aspect kept, so that its long side is at most `max_size`
     (never enlarged)."""
