@@ -1,4 +1,22 @@
-"""DOCSTRING"""
+"""Datasets, audio features and pictures shared by cavp.py and tpavi.py, in the order a sample
+travels through them:
+
+  label sets      VPO's 21 classes + background (CAVP Sec. 3, App. A, Table 7); AVSBench-Objects
+                  S4's 23 categories and AVSBench-Semantics' 71 classes (AVS Sec. 3)
+  files           WAV read / write (standard library `wave` + numpy), images, CSVs, COCO JSON
+  audio           clip crop / repeat-pad and resampling to 16 kHz, stereo panning (CAVP Fig. 3),
+                  the log-mel front end of the released cyh-0/CAVP code
+  images          resize, ImageNet normalisation
+  augmentation    the joint train augmentation of CAVP App. B.1: colour jitter, h-flip, scale, crop
+  datasets        VPODataset (the layout of cyh-0/CAVP's VPO release), the audio alignment check
+                  (CounterfactualAudio: silent or absent-class audio), AVSBenchDataset and
+                  AVSBenchFrames (the layouts of OpenNLPLab/AVSBench's release)
+  collate         pad_collate
+  pictures        overlays and panels of the saved figures
+  --predict       the inputs of one prediction: any picture, any WAV
+
+Bad input data raises DataError, one line naming the file and what to do.
+"""
 import colorsys
 import csv
 import functools
@@ -28,8 +46,8 @@ class DataError(Exception):
 
 
 # ---------------------------------------------------------------- label sets
-# SPEC 1.1: index 0 = background, then the 21 VPO classes in ascending COCO category id
-# (the release uses 92/93/94 for male/female/baby, CAVP App. A).
+# VPO (CAVP Sec. 3, App. A): index 0 = background, then the 21 classes in ascending COCO category
+# id (the release uses 92/93/94 for male/female/baby).
 VPO_CLASSES = ["background", "car", "motorcycle", "airplane", "bus", "bird", "cat", "dog",
                "horse", "sheep", "cow", "elephant", "zebra", "sports ball", "skateboard",
                "tennis racket", "mouse", "keyboard", "cell phone", "male", "female", "baby"]
@@ -60,28 +78,26 @@ VPO_AUDIO_LABELS = {
     "female": ["female speech, woman speaking"],
     "baby": ["baby babbling", "baby crying", "baby laughter"],
 }
-
-
 AVSS_NUM_CLASSES = 71
-# AVSBench-Objects S4: the 23 categories of s4_meta_data.csv (VGGSound labels written with '_'), in the order
-# of the CAVP release's AVSBench index table (config/class_list.py)
+# AVSBench-Objects S4: the 23 categories of s4_meta_data.csv (VGGSound labels written with '_'),
+# in the order of the CAVP release's AVSBench index table (cyh-0/CAVP, config/class_list.py)
 AVS_S4_CATEGORIES = [
-    "ambulance_siren", "baby_laughter", "cap_gun_shooting", "cat_meowing", "chainsawing_trees", "coyote_howling",
-    "dog_barking", "driving_buses", "female_singing", "helicopter", "horse_clip-clop", "lawn_mowing",
-    "lions_roaring", "male_speech", "mynah_bird_singing", "playing_acoustic_guitar", "playing_glockenspiel",
-    "playing_piano", "playing_tabla", "playing_ukulele", "playing_violin", "race_car",
-    "typing_on_computer_keyboard"]
-# AVSBench-Semantics: class j is label2idx.json's entry j + 1 (the release numbers from 1, background first)
+    "ambulance_siren", "baby_laughter", "cap_gun_shooting", "cat_meowing", "chainsawing_trees",
+    "coyote_howling", "dog_barking", "driving_buses", "female_singing", "helicopter",
+    "horse_clip-clop", "lawn_mowing", "lions_roaring", "male_speech", "mynah_bird_singing",
+    "playing_acoustic_guitar", "playing_glockenspiel", "playing_piano", "playing_tabla",
+    "playing_ukulele", "playing_violin", "race_car", "typing_on_computer_keyboard"]
+# AVSBench-Semantics: class j is label2idx.json's entry j + 1 (the release numbers from 1,
+# background first)
 AVSS_CLASSES = [
-    "background", "accordion", "airplane", "axe", "baby", "bassoon", "bell", "bird", "boat", "boy", "bus", "car",
-    "cat", "cello", "clarinet", "clipper", "clock", "dog", "donkey", "drum", "duck", "elephant", "emergency-car",
-    "erhu", "flute", "frying-food", "girl", "goose", "guitar", "gun", "guzheng", "hair-dryer", "handpan",
-    "harmonica", "harp", "helicopter", "hen", "horse", "keyboard", "leopard", "lion", "man", "marimba",
-    "missile-rocket", "motorcycle", "mower", "parrot", "piano", "pig", "pipa", "saw", "saxophone", "sheep", "sitar",
-    "sorna", "squirrel", "tabla", "tank", "tiger", "tractor", "train", "trombone", "truck", "trumpet", "tuba",
+    "background", "accordion", "airplane", "axe", "baby", "bassoon", "bell", "bird", "boat", "boy",
+    "bus", "car", "cat", "cello", "clarinet", "clipper", "clock", "dog", "donkey", "drum", "duck",
+    "elephant", "emergency-car", "erhu", "flute", "frying-food", "girl", "goose", "guitar", "gun",
+    "guzheng", "hair-dryer", "handpan", "harmonica", "harp", "helicopter", "hen", "horse",
+    "keyboard", "leopard", "lion", "man", "marimba", "missile-rocket", "motorcycle", "mower",
+    "parrot", "piano", "pig", "pipa", "saw", "saxophone", "sheep", "sitar", "sorna", "squirrel",
+    "tabla", "tank", "tiger", "tractor", "train", "trombone", "truck", "trumpet", "tuba",
     "ukulele", "utv", "vacuum-cleaner", "violin", "wolf", "woman"]
-
-
 SAMPLE_RATE = 16000
 
 
@@ -132,8 +148,8 @@ def _read_riff(path):
 
 
 def _wav_open(path):
-    """(sample rate, frames, read(start, stop) -> float32 (C, stop - start) in [-1, 1]) of a WAV file; PCM
-    WAVs are read only over [start, stop)."""
+    """(sample rate, frames, read(start, stop) -> float32 (C, stop - start) in [-1, 1]) of a WAV
+    file; PCM WAVs are read only over [start, stop)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: audio file not found; check --audio-root / --data-root")
@@ -202,14 +218,15 @@ def _read_csv(path, required, fix):
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
-            rows = [{k: (v if isinstance(v, str) else "").strip() for k, v in r.items() if k is not None}
-                    for r in reader]
+            rows = [{k: (v if isinstance(v, str) else "").strip()
+                     for k, v in r.items() if k is not None} for r in reader]
             header = [h.strip() for h in reader.fieldnames or []]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path}: cannot read CSV ({e}); re-download it") from e
     absent = [c for c in required if c not in header]
     if absent:
-        raise DataError(f"{path}: missing column(s) {', '.join(absent)}; expected {', '.join(required)}")
+        raise DataError(f"{path}: missing column(s) {', '.join(absent)}; "
+                        f"expected {', '.join(required)}")
     return rows, header
 
 
@@ -225,8 +242,10 @@ def _int_field(value, path, column):
 
 
 def read_coco(ann_file):
-    """COCO instances JSON -> dict(names {category id: name}, images [ids], anns {img_Id: [annotation]})."""
-    fix = "pass --coco-ann with the COCO instances JSON of the test images (e.g. instances_val2017.json)"
+    """COCO instances JSON -> dict(names {category id: name}, images [ids],
+    anns {img_Id: [annotation]})."""
+    fix = ("pass --coco-ann with the COCO instances JSON of the test images "
+           "(e.g. instances_val2017.json)")
     try:
         with open(ann_file) as f:
             coco = json.load(f)
@@ -238,7 +257,8 @@ def read_coco(ann_file):
     except FileNotFoundError:
         raise DataError(f"{ann_file} not found: {fix}") from None
     except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{ann_file}: not a COCO instances file ({type(e).__name__}: {e}); {fix}") from None
+        raise DataError(f"{ann_file}: not a COCO instances file ({type(e).__name__}: {e}); "
+                        f"{fix}") from None
 
 
 def decode_coco(seg, h, w):
@@ -255,7 +275,7 @@ def decode_coco(seg, h, w):
 # ---------------------------------------------------------------- audio: clips, panning, log-mel
 def fit_length(x, n, centre=True):
     """Crop the last axis to n samples around the middle (or from the start if not `centre`);
-    repeat-pad shorter signals (SPEC 1.3)."""
+    repeat-pad shorter signals (the audio clips of the released cyh-0/CAVP code)."""
     length = x.shape[-1]
     if length < n:
         x = x.repeat(*([1] * (x.dim() - 1)), -(-n // length))
@@ -265,44 +285,51 @@ def fit_length(x, n, centre=True):
 
 
 def pan(mono, alpha, stereo=True):
-    """SPEC 1.1 / CAVP Fig. 3: a (1, N) mono source at relative position alpha -> (2, N) with
+    """CAVP Sec. 3 / Fig. 3: a (1, N) mono source at relative position alpha -> (2, N) with
     L = (1 - alpha) * w, R = alpha * w; with stereo=False the mono source itself."""
     return torch.cat([(1 - alpha) * mono, alpha * mono]) if stereo else mono
 
 
 @functools.lru_cache(maxsize=None)
 def _resampler(orig, new):
-    """torchaudio's resampling (sinc, Hann window, 6 zero crossings) with its kernel built once per rate pair."""
+    """torchaudio's resampling (sinc, Hann window, 6 zero crossings) with its kernel built once per
+    rate pair."""
     return torchaudio.transforms.Resample(orig, new)
 
 
 def load_clip(path, sample_rate=SAMPLE_RATE, seconds=3.0, centre=True, mono=False):
-    """Read a WAV, resample to `sample_rate`, `seconds` crop (centred) / repeat-pad -> (C, N); mono: channels
-    averaged, (1, N). The crop is cut in source samples before resampling (issue 20), with a margin of whole
-    resampling blocks beyond the sinc filter's reach, so the result is that of resampling the whole clip."""
+    """Read a WAV, resample to `sample_rate`, `seconds` crop (centred) / repeat-pad -> (C, N); mono:
+    channels averaged, (1, N). The crop is cut in source samples before resampling, with a
+    margin of whole resampling blocks beyond the sinc filter's reach, so the result is that of
+    resampling the whole clip."""
     rate, length, read = _wav_open(path)
     if length == 0:
         raise DataError(f"{os.fspath(path)}: WAV has no samples; replace the file")
     n = int(round(seconds * sample_rate))
     g = math.gcd(rate, sample_rate)
-    block_in, block_out = rate // g, sample_rate // g  # resampling maps each block_in samples to block_out
+    # resampling maps each block_in samples to block_out
+    block_in, block_out = rate // g, sample_rate // g
     full = -(-length * block_out // block_in)  # length of the whole clip resampled
     skip, start, stop = 0, 0, length
     if full >= n:  # else repeat-pad: the whole clip is needed
         begin = (full - n) // 2 if centre else 0
-        reach = -(-8 // min(block_in, block_out))  # blocks; 8 > the filter's half-width of ~6 input periods
+        # blocks; 8 > the filter's half-width of ~6 input periods
+        reach = -(-8 // min(block_in, block_out))
         first, last = max(0, begin // block_out - reach), -(-(begin + n) // block_out) + reach
-        start, stop, skip = first * block_in, min(length, last * block_in), begin - first * block_out
+        start, stop, skip = (first * block_in, min(length, last * block_in),
+                             begin - first * block_out)
     x = torch.from_numpy(read(start, stop))
     if mono:
         x = x.mean(0, keepdim=True)
     if rate != sample_rate:
         x = _resampler(rate, sample_rate)(x)
-    return fit_length(x[:, skip:], n, centre=False)  # the crop starts at skip; a short clip is repeat-padded
+    # the crop starts at skip; a short clip is repeat-padded
+    return fit_length(x[:, skip:], n, centre=False)
 
 
 class LogMel(torch.nn.Module):
-    """SPEC 1.3 front end: (B, C, N) waveform -> (B, C, frames, 64) scaled log-mel, per channel."""
+    """The audio front end of the released cyh-0/CAVP code: (B, C, N) waveform -> (B, C, frames,
+    64) scaled log-mel, per channel."""
 
     def __init__(self, sample_rate=SAMPLE_RATE, frames=None):
         super().__init__()
@@ -332,7 +359,8 @@ def read_image(path, size=None):
 
 
 def _resize_mask(arr, size):
-    return arr if size is None else np.asarray(Image.fromarray(arr).resize((size, size), Image.NEAREST))
+    return arr if size is None else np.asarray(Image.fromarray(arr).resize((size, size),
+                                                                            Image.NEAREST))
 
 
 def normalize(img):
@@ -347,7 +375,8 @@ def _hwc(im):
 def _rgb_float(im, out=None):
     """RGB PIL image -> float (3, H, W) in 0..255, written into `out` when given."""
     out = torch.empty(3, im.height, im.width) if out is None else out
-    for channel, band in zip(out, im.split()):  # one contiguous copy per band: faster than a transposing one
+    # one contiguous copy per band: faster than a transposing one
+    for channel, band in zip(out, im.split()):
         channel.copy_(_hwc(band))
     return out
 
@@ -372,11 +401,11 @@ _GREY = torch.tensor([0.2989, 0.587, 0.114])  # torchvision's rgb_to_grayscale w
 
 
 def _jitter(win, full, bright, contrast, sat, out):
-    """Colour jitter of `win`, a crop of the PIL image `full`, into `out`, a float (3, h, w) tensor, in 0..255:
-    torchvision's adjust_brightness, adjust_contrast and adjust_saturation formulas in that order. The first
-    two act on every value alike, so they are one uint8 lookup table (rounded to the nearest level); contrast
-    blends towards the mean grey of the whole brightness-adjusted image (from its histogram), as if the whole
-    image had been jittered before cropping."""
+    """Colour jitter of `win`, a crop of the PIL image `full`, into `out`, a float (3, h, w) tensor,
+    in 0..255: torchvision's adjust_brightness, adjust_contrast and adjust_saturation formulas in
+    that order. The first two act on every value alike, so they are one uint8 lookup table (rounded
+    to the nearest level); contrast blends towards the mean grey of the whole brightness-adjusted
+    image (from its histogram), as if the whole image had been jittered before cropping."""
     hist = np.asarray(full.histogram(), np.float64).reshape(3, 256)
     levels = np.minimum(np.arange(256) * bright, 255.0)  # brightness: value * factor, clamped
     mean = _GREY.double().numpy() @ (hist @ levels) / hist[0].sum()
@@ -387,13 +416,14 @@ def _jitter(win, full, bright, contrast, sat, out):
 
 
 def augment(im, mask, crop, pan="csv"):
-    """Joint train augmentation (CAVP App. B.1) of a PIL image and its PIL label map, drawn in this order:
-    colour jitter factors, h-flip, scale s, then the offset (y, x) of a crop x crop window (None: no crop)
-    of the scaled image padded to crop (image 0 == mean after normalisation, mask 255). Only that window
-    is resized, from source coordinates, and jittered (issue 20). Returns (image, mask, flipped, pos),
-    pos(audio_pos) being where a source is panned: the CSV position mirrored on a flip (pan 'csv') or its
-    centre of mass moved with the crop ('crop', issue 19)."""
-    bright, contrast, sat = (float(torch.empty(1).uniform_(1 - JITTER, 1 + JITTER)) for _ in range(3))
+    """Joint train augmentation (CAVP App. B.1) of a PIL image and its PIL label map, drawn in this
+    order: colour jitter factors, h-flip, scale s, then the offset (y, x) of a crop x crop window
+    (None: no crop) of the scaled image padded to crop (image 0 == mean after normalisation, mask
+    255). Only that window is resized, from source coordinates, and jittered. Returns (image, mask,
+    flipped, pos), pos(audio_pos) being where a source is panned: the CSV position mirrored on a
+    flip (pan 'csv') or its centre of mass moved with the crop ('crop')."""
+    bright, contrast, sat = (float(torch.empty(1).uniform_(1 - JITTER, 1 + JITTER))
+                             for _ in range(3))
     flip = bool(torch.rand(1) < 0.5)
     s = float(torch.empty(1).uniform_(SCALE[0], SCALE[1]))
     w_src, h_src = im.size
@@ -408,19 +438,21 @@ def augment(im, mask, crop, pan="csv"):
     sy, sx = h_src / h, w_src / w
     box = (left * sx, y0 * sy, (left + vw) * sx, (y0 + vh) * sy)
     win = im.resize((vw, vh), Image.BILINEAR, box=box)
-    # mask: the source pixel under each output pixel's centre, floor((y + 0.5) * h_src / h) in integers
+    # mask: the source pixel under each output pixel's centre, floor((y + 0.5) * h_src / h) in
+    # integers
     rows = np.arange(2 * y0 + 1, 2 * (y0 + vh), 2) * h_src // (2 * h)
     cols = np.arange(2 * left + 1, 2 * (left + vw), 2) * w_src // (2 * w)
     if flip:
         win, cols = win.transpose(Image.FLIP_LEFT_RIGHT), cols[::-1]
     padded = (vh, vw) != (ch, cw)
     image = torch.zeros(3, ch, cw) if padded else torch.empty(3, ch, cw)
-    labels = torch.full((ch, cw), 255, dtype=torch.long) if padded else torch.empty(ch, cw, dtype=torch.long)
+    labels = (torch.full((ch, cw), 255, dtype=torch.long) if padded
+              else torch.empty(ch, cw, dtype=torch.long))
     _normalize255(_jitter(win, im, bright, contrast, sat, image[:, :vh, :vw]))
     labels[:vh, :vw] = torch.from_numpy(np.asarray(mask).take(rows, 0).take(cols, 1))
 
     def pos(alpha):  # audio_pos = centre of mass / W (pixel centres), so x = alpha * W maps exactly
-        alpha = 1.0 - alpha if flip else alpha  # SPEC 1.1: flip -> 1 - alpha
+        alpha = 1.0 - alpha if flip else alpha  # a flip mirrors the sound too (CAVP Sec. 3)
         return alpha if pan == "csv" else min(1.0, max(0.0, (alpha * w - x0) / cw))
     return image, labels, flip, pos
 
@@ -430,7 +462,7 @@ VPO_SUBSETS = {"ss": "VPO-SS", "ms": "VPO-MS", "msmi": "VPO-MSMI"}
 _VPO_LUT = np.full(256, -1, dtype=np.int64)
 _VPO_LUT[0], _VPO_LUT[255] = 0, 255
 _VPO_LUT[VPO_COCO_IDS] = np.arange(1, len(VPO_COCO_IDS) + 1)
-_VPO_SPLITS = {"train": "train", "val": "test", "test": "test"}  # the release's "val" is the test set
+_VPO_SPLITS = {"train": "train", "val": "test", "test": "test"}  # the release's "val" = test set
 _VPO_COLUMNS = ["cateName", "img_Id", "ann_Ids", "cateId", "vgg_file", "split", "audio_pos"]
 
 
@@ -438,15 +470,16 @@ _VPO_POINT = _VPO_LUT.clip(0).tolist()  # checked COCO ids -> VPO labels, as a P
 
 
 def read_vpo_mask(path):
-    """Mask PNG of COCO category ids (0 bg, 92/93/94 male/female/baby, 255 ignore) -> PIL image ("L" or "P")
-    of VPO labels 0..21 / 255; DataError on any other value."""
+    """Mask PNG of COCO category ids (0 bg, 92/93/94 male/female/baby, 255 ignore) -> PIL image ("L"
+    or "P") of VPO labels 0..21 / 255; DataError on any other value."""
     im = _open_image(path, None)
     if im.mode in ("L", "P"):
         values = np.flatnonzero(im.histogram())
     else:
         arr = np.asarray(im)
         if arr.ndim != 2:
-            raise DataError(f"{path}: mask must be a single-channel PNG of COCO ids, got shape {arr.shape}")
+            raise DataError(f"{path}: mask must be a single-channel PNG of COCO ids, "
+                            f"got shape {arr.shape}")
         values = np.unique(arr)
     bad = values[(values < 0) | (values > 255) | (_VPO_LUT[np.clip(values, 0, 255)] < 0)]
     if bad.size:
@@ -458,7 +491,13 @@ def read_vpo_mask(path):
 
 
 class VPODataset(torch.utils.data.Dataset):
-    """VPO-SS/MS/MSMI in the released layout (SPEC 1.1); see the API contract for the sample dict.
+    """VPO-SS/MS/MSMI (CAVP Sec. 3, App. A) in the layout of cyh-0/CAVP's VPO release, which
+    vpo_make.py writes too: per subset vpo_{ss,ms,msmi}_data_stereo.csv, data/ and mask/.
+
+    A sample is a dict: image (3, H, W) normalised, mask (H, W) long (VPO labels, 255 ignore),
+    wave (C, N), audio_classes (K,) {0, 1}, audio_pos () (the source's position, -1 for several
+    sources), source_pos (K,) (each sounding class's position, -1 elsewhere), name; with
+    load_twins, test samples also carry `twin`.
 
     root holds VPO-SS/, VPO-MS/, VPO-MSMI/; audio_root (default root/audio) holds {vgg_file}.wav
     (vgg_file may already end in .wav). SS: one sample per CSV row; MS/MSMI: one per image with
@@ -484,20 +523,24 @@ class VPODataset(torch.utils.data.Dataset):
                  "or pass --data-root")
         if not os.path.isdir(self.dir):
             raise DataError(f"{self.dir} not found: {build}")
-        self.audio_root = os.fspath(audio_root) if audio_root is not None else os.path.join(root, "audio")
+        self.audio_root = (os.fspath(audio_root) if audio_root is not None
+                           else os.path.join(root, "audio"))
         if not os.path.isdir(self.audio_root):
-            raise DataError(f"{self.audio_root} not found: pass --audio-root (folder of {{vgg_file}}.wav)")
+            raise DataError(f"{self.audio_root} not found: pass --audio-root "
+                            "(folder of {vgg_file}.wav)")
         self.subset, self.stereo, self.train, self.crop, self.pan = subset, stereo, train, crop, pan
         self.csv = os.path.join(self.dir, f"vpo_{subset}_data_stereo.csv")
-        rows, _ = _read_csv(self.csv, _VPO_COLUMNS + (["multi_instance"] if subset == "msmi" else []),
-                            build)
+        rows, _ = _read_csv(self.csv,
+                            _VPO_COLUMNS + (["multi_instance"] if subset == "msmi" else []), build)
         bad = [r["split"] for r in rows if r["split"] not in _VPO_SPLITS]
         if bad:
-            raise DataError(f"{self.csv}: split value {bad[0]!r} is not train/val/test; fix the CSV")
+            raise DataError(f"{self.csv}: split value {bad[0]!r} is not train/val/test; "
+                            "fix the CSV")
         rows = [r for r in rows if _VPO_SPLITS[r["split"]] == _VPO_SPLITS[split]]
         self.samples = _limit(self._group([self._parse(r) for r in rows]), limit)
         if not self.samples:
-            raise DataError(f"{self.csv}: no rows with split {split!r}; check the CSV or --data-root")
+            raise DataError(f"{self.csv}: no rows with split {split!r}; "
+                            "check the CSV or --data-root")
         _missing([p for s in self.samples for p in (s["image"], s["mask"])], self.csv,
                  "re-download the VPO release or rebuild with vpo_make.py")
         _missing([src[1] for s in self.samples for src in s["sources"]], self.csv,
@@ -507,51 +550,58 @@ class VPODataset(torch.utils.data.Dataset):
         img = _int_field(r["img_Id"], self.csv, "img_Id")
         cate = _int_field(r["cateId"], self.csv, "cateId")
         if cate not in VPO_COCO_IDS:
-            raise DataError(f"{self.csv}: cateId {cate} (img_Id {img}) is not a VPO class id; fix the CSV")
+            raise DataError(f"{self.csv}: cateId {cate} (img_Id {img}) is not a VPO class id; "
+                            "fix the CSV")
         try:
             alpha = float(r["audio_pos"])
         except ValueError:
             alpha = math.nan
         if not 0.0 <= alpha <= 1.0:
-            raise DataError(f"{self.csv}: audio_pos {r['audio_pos']!r} (img_Id {img}) is not in [0, 1]; "
-                            "fix the CSV")
+            raise DataError(f"{self.csv}: audio_pos {r['audio_pos']!r} (img_Id {img}) "
+                            "is not in [0, 1]; fix the CSV")
         vgg = r["vgg_file"]
         wav = os.path.join(self.audio_root, vgg if vgg.lower().endswith(".wav") else vgg + ".wav")
-        return dict(cate_name=r["cateName"], img=img, ann=_int_field(r["ann_Ids"], self.csv, "ann_Ids"),
+        return dict(cate_name=r["cateName"], img=img,
+                    ann=_int_field(r["ann_Ids"], self.csv, "ann_Ids"),
                     cls=VPO_COCO_IDS.index(cate) + 1, wav=wav, alpha=alpha)
 
     def _group(self, rows):
-        """Samples with `sources` [(class, wav, audio_pos)] and `anns` (the sounding objects' COCO ids)."""
+        """Samples with `sources` [(class, wav, audio_pos)] and `anns` (the sounding objects'
+        COCO ids)."""
         if self.subset == "ss":
             return [dict(name=f"{r['img']:012d}_{r['ann']:012d}", img=r["img"],
-                         image=os.path.join(self.dir, "data", r["cate_name"], f"{r['img']:012d}.jpg"),
+                         image=os.path.join(self.dir, "data", r["cate_name"],
+                                            f"{r['img']:012d}.jpg"),
                          mask=os.path.join(self.dir, "mask", r["cate_name"],
                                            f"{r['img']:012d}_{r['ann']:012d}.png"),
                          sources=[(r["cls"], r["wav"], r["alpha"])], anns=[r["ann"]]) for r in rows]
         by_img = {}
         for r in rows:
             s = by_img.setdefault(r["img"], dict(
-                name=f"{r['img']:012d}", img=r["img"], image=os.path.join(self.dir, "data", f"{r['img']:012d}.jpg"),
+                name=f"{r['img']:012d}", img=r["img"],
+                image=os.path.join(self.dir, "data", f"{r['img']:012d}.jpg"),
                 mask=os.path.join(self.dir, "mask", f"{r['img']:012d}.png"), sources=[], anns=[]))
             s["sources"].append((r["cls"], r["wav"], r["alpha"]))
             s["anns"].append(r["ann"])
         return list(by_img.values())
 
     def load_twins(self, ann_file):
-        """Find every sounding object's silent twins (VPO-MSMI: other instances of its class in the image,
-        from the COCO instances JSON); test samples then carry `twin` (H, W): the class at twin pixels,
-        0 elsewhere. Returns the number of samples with twins."""
+        """Find every sounding object's silent twins (VPO-MSMI: other instances of its class in the
+        image, from the COCO instances JSON); test samples then carry `twin` (H, W): the class at
+        twin pixels, 0 elsewhere. Returns the number of samples with twins."""
         coco = read_coco(ann_file)
         self.twins = {}
         for i, s in enumerate(self.samples):
             anns = {a["id"]: a for a in coco["anns"].get(s["img"], [])}
             missing = [a for a in s["anns"] if a not in anns]
             if missing:
-                raise DataError(f"{ann_file}: no annotation {missing[0]} of img_Id {s['img']} ({self.csv}); "
-                                "pass --coco-ann with the COCO instances JSON of the test images")
+                raise DataError(f"{ann_file}: no annotation {missing[0]} of img_Id {s['img']} "
+                                f"({self.csv}); pass --coco-ann with the COCO instances JSON of "
+                                "the test images")
             twins = [(cls, a["segmentation"]) for (cls, _, _), ann in zip(s["sources"], s["anns"])
                      for a in anns.values()
-                     if a["category_id"] == anns[ann]["category_id"] and a["id"] != ann and not a.get("iscrowd")]
+                     if a["category_id"] == anns[ann]["category_id"] and a["id"] != ann
+                     and not a.get("iscrowd")]
             if twins:
                 self.twins[i] = twins
         return len(self.twins)
@@ -559,12 +609,12 @@ class VPODataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
-
     def __getitem__(self, i):
         s = self.samples[i]
         im, mask = _open_image(s["image"], "RGB"), read_vpo_mask(s["mask"])
         if mask.size != im.size:
-            raise DataError(f"{s['mask']}: mask size {mask.size[::-1]} != image size {im.size[::-1]} of {s['image']}")
+            raise DataError(f"{s['mask']}: mask size {mask.size[::-1]} != image size "
+                            f"{im.size[::-1]} of {s['image']}")
         if self.train:
             img, mask, _, pos = augment(im, mask, self.crop, self.pan)
         else:
@@ -574,12 +624,12 @@ class VPODataset(torch.utils.data.Dataset):
         source_pos = torch.full((len(VPO_CLASSES),), -1.0)
         for cls, wav, alpha in s["sources"]:
             a = pos(alpha)
-            # SPEC 1.1: sources panned one by one, then summed
+            # sources panned one by one, then summed (CAVP Sec. 3, Fig. 3)
             wave_ = wave_ + pan(load_clip(wav, mono=True), a, self.stereo)
             audio_classes[cls], source_pos[cls] = 1.0, a
         audio_pos = torch.tensor(a if len(s["sources"]) == 1 else -1.0)
-        out = dict(image=img, mask=mask, wave=wave_, audio_classes=audio_classes, audio_pos=audio_pos,
-                   source_pos=source_pos, name=s["name"])
+        out = dict(image=img, mask=mask, wave=wave_, audio_classes=audio_classes,
+                   audio_pos=audio_pos, source_pos=source_pos, name=s["name"])
         if self.twins is not None and not self.train:
             twin = torch.zeros_like(mask)
             for cls, seg in self.twins.get(i, []):
@@ -593,14 +643,15 @@ EVAL_AUDIO = ("real", "silence", "absent")
 
 
 def default_coco_ann(test_set, coco_ann=None):
-    """--coco-ann, or the built-in VPO's DATA_ROOT/sources/coco/annotations/instances_val2017.json."""
+    """--coco-ann, or the built-in VPO's
+    DATA_ROOT/sources/coco/annotations/instances_val2017.json."""
     return coco_ann or os.path.join(os.path.dirname(test_set.dir), "sources", "coco", "annotations",
                                     "instances_val2017.json")
 
 
 def attach_twins(test_set, coco_ann=None):
-    """test_set.load_twins from --coco-ann, or from the built-in VPO's annotations; 0 (no twin metrics)
-    when no --coco-ann is given and the built-in file does not exist."""
+    """test_set.load_twins from --coco-ann, or from the built-in VPO's annotations; 0 (no twin
+    metrics) when no --coco-ann is given and the built-in file does not exist."""
     path = default_coco_ann(test_set, coco_ann)
     if coco_ann is None and not os.path.isfile(path):
         return 0
@@ -618,14 +669,15 @@ def coco_visible_classes(ann_file):
     for img, anns in coco["anns"].items():
         for a in anns:
             name = coco["names"].get(a["category_id"])
-            classes = ("male", "female", "baby") if name == "person" else (name,) if name in VPO_CLASSES else ()
+            classes = (("male", "female", "baby") if name == "person"
+                       else (name,) if name in VPO_CLASSES else ())
             visible.setdefault(img, set()).update(VPO_CLASSES.index(c) for c in classes)
     return visible
 
 
 class CounterfactualAudio(torch.utils.data.Dataset):
-    """A VPO test set whose audio says that nothing in the image sounds, so every predicted object is
-    a false detection (the paper's Fig. 1 / Fig. 14 made a number).
+    """A VPO test set whose audio says that nothing in the image sounds, so every predicted object
+    is a false detection (the paper's Fig. 1 / Fig. 14 made a number).
 
     mode 'silence': all-zero audio. mode 'absent': one test clip of a class with no object in the
     image (`visible`: coco_visible_classes of the test images), panned at a random position; the
@@ -643,8 +695,8 @@ class CounterfactualAudio(torch.utils.data.Dataset):
         if mode == "absent":
             missing = [s["img"] for s in base.samples if s["img"] not in visible]
             if missing:
-                raise DataError(f"img_Id {missing[0]} of {base.csv} has no COCO annotation; pass --coco-ann "
-                                "with the COCO instances JSON of the test images")
+                raise DataError(f"img_Id {missing[0]} of {base.csv} has no COCO annotation; "
+                                "pass --coco-ann with the COCO instances JSON of the test images")
 
     def __len__(self):
         return len(self.base)
@@ -667,7 +719,8 @@ class CounterfactualAudio(torch.utils.data.Dataset):
             wave_ = pan(w, a, self.base.stereo)
             audio_classes[cls], pos, source_pos[cls] = 1.0, torch.tensor(a), a
         mask = sample["mask"].masked_fill(sample["mask"] != 255, 0)
-        return dict(sample, wave=wave_, mask=mask, audio_classes=audio_classes, audio_pos=pos, source_pos=source_pos)
+        return dict(sample, wave=wave_, mask=mask, audio_classes=audio_classes, audio_pos=pos,
+                    source_pos=source_pos)
 
 
 def eval_audio_set(test_set, mode, coco_ann=None, seed=0):
@@ -675,7 +728,8 @@ def eval_audio_set(test_set, mode, coco_ann=None, seed=0):
     defaults to the built-in VPO's sources/coco/annotations/instances_val2017.json."""
     if mode == "real":
         return test_set
-    visible = coco_visible_classes(default_coco_ann(test_set, coco_ann)) if mode == "absent" else None
+    visible = (coco_visible_classes(default_coco_ann(test_set, coco_ann)) if mode == "absent"
+               else None)
     return CounterfactualAudio(test_set, mode, visible, seed)
 
 
@@ -710,7 +764,8 @@ def decode_avss(rgb, path="mask"):
 
 
 def binary_mask(im):
-    """AVSBench-Objects gt PNG (grey, palette or RGB) -> uint8 {0,1}: foreground = any channel > 0."""
+    """AVSBench-Objects gt PNG (grey, palette or RGB) -> uint8 {0,1}:
+    foreground = any channel > 0."""
     arr = np.asarray(im.convert("RGB") if im.mode == "P" else im)
     return ((arr[..., :3].max(-1) if arr.ndim == 3 else arr) > 0).astype(np.uint8)
 
@@ -724,7 +779,9 @@ _AVSS_FRAMES = {"v1s": 5, "v1m": 5, "v2": 10}
 
 
 class AVSBenchDataset(torch.utils.data.Dataset):
-    """AVSBench-Objects S4/MS3 and AVSBench-Semantics in their released layouts (SPEC 1.2).
+    """AVSBench-Objects S4/MS3 and AVSBench-Semantics (AVS Sec. 3) in the layouts of
+    OpenNLPLab/AVSBench's release: s4_meta_data.csv, ms3_meta_data.csv and metadata.csv with their
+    frame, mask and audio folders.
 
     root: the folder with the task CSV, or its parent holding Single-source/, Multi-sources/
     or AVSBench-semantic/. Every clip is returned with T = `frames` frames (default 5 for
@@ -746,11 +803,13 @@ class AVSBenchDataset(torch.utils.data.Dataset):
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise DataError(f"{root} not found: download AVSBench and pass --data-root")
-        self.dir = root if os.path.isfile(os.path.join(root, csv_name)) else os.path.join(root, folder)
+        self.dir = (root if os.path.isfile(os.path.join(root, csv_name))
+                    else os.path.join(root, folder))
         self.csv = os.path.join(self.dir, csv_name)
         self.task, self.split, self.size, self.stereo = task, split, size, stereo
         self.frames = frames or (10 if task == "avss" else 5)
-        rows, header = _read_csv(self.csv, ["uid", "label", "split"] if task == "avss" else ["split"],
+        rows, header = _read_csv(self.csv,
+                                 ["uid", "label", "split"] if task == "avss" else ["split"],
                                  f"download AVSBench ({folder}/{csv_name}) and pass --data-root")
         if task == "s4" and len(header) < 3:
             raise DataError(f"{self.csv}: expected name, start, category, split columns")
@@ -758,8 +817,10 @@ class AVSBenchDataset(torch.utils.data.Dataset):
         self.samples = _limit([self._clip(base, r, header) for r in rows
                                if r["split"] == split], limit)
         if not self.samples:
-            raise DataError(f"{self.csv}: no clips with split {split!r}; check the CSV or --data-root")
-        _missing([p for s in self.samples for p in s["frames"] + [m for m in s["masks"] if m] + [s["wav"]]],
+            raise DataError(f"{self.csv}: no clips with split {split!r}; "
+                            "check the CSV or --data-root")
+        _missing([p for s in self.samples
+                  for p in s["frames"] + [m for m in s["masks"] if m] + [s["wav"]]],
                  self.csv, "re-download AVSBench or fix --data-root")
 
     def _clip(self, base, r, header):
@@ -767,7 +828,8 @@ class AVSBenchDataset(torch.utils.data.Dataset):
         if self.task == "avss":
             name, label = r["uid"], r["label"]
             if label not in _AVSS_FRAMES:
-                raise DataError(f"{self.csv}: label {label!r} of {name} not in v1s/v1m/v2; fix the CSV")
+                raise DataError(f"{self.csv}: label {label!r} of {name} not in v1s/v1m/v2; "
+                                "fix the CSV")
             n = min(_AVSS_FRAMES[label], self.frames)
             clip = os.path.join(self.dir, label, name)
             frames = [os.path.join(clip, "frames", f"{i}.jpg") for i in range(n)]
@@ -776,7 +838,8 @@ class AVSBenchDataset(torch.utils.data.Dataset):
         else:  # S4 folders add split/category levels to visual_frames and category to the rest
             s4, n = self.task == "s4", min(5, self.frames)
             cat = (r[header[2]],) if s4 else ()
-            frame_dir = os.path.join(base, "visual_frames", *((self.split, *cat) if s4 else ()), name)
+            frame_dir = os.path.join(base, "visual_frames",
+                                     *((self.split, *cat) if s4 else ()), name)
             frame_name = "{}_{}.png" if s4 else "{}.mp4_{}.png"
             frames = [os.path.join(frame_dir, frame_name.format(name, i)) for i in range(1, n + 1)]
             masks = [os.path.join(base, "gt_masks", self.split, *cat, name, f"{name}_{i}.png")
@@ -810,8 +873,8 @@ class AVSBenchDataset(torch.utils.data.Dataset):
                 if m:
                     mask[k] = torch.from_numpy(_resize_mask(self._label(m), self.size).copy())
         except RuntimeError as e:
-            raise DataError(f"{s['frames'][0]}: frames/masks of clip {s['name']} differ in size ({e}); "
-                            "pass size=224") from e
+            raise DataError(f"{s['frames'][0]}: frames/masks of clip {s['name']} differ in size "
+                            f"({e}); pass size=224") from e
         x = load_clip(s["wav"], seconds=n, centre=False, mono=not self.stereo)
         x = (x[:2] if x.shape[0] >= 2 else x.repeat(2, 1)) if self.stereo else x
         wave_ = torch.zeros(x.shape[0], t * SAMPLE_RATE)
@@ -825,35 +888,40 @@ AVSS_PARTS = ("all",) + tuple(_AVSS_FRAMES)
 
 
 def avs_classes(task, labels="binary"):
-    """Class names of an AVSBench task for an image model: AVSS its 71; S4 / MS3 background and sounding object,
-    or with labels='category' (S4) background and the 23 S4 categories."""
+    """Class names of an AVSBench task for an image model: AVSS its 71; S4 / MS3 background and
+    sounding object, or with labels='category' (S4) background and the 23 S4 categories."""
     if task == "avss":
         return AVSS_CLASSES
     return ["background"] + AVS_S4_CATEGORIES if labels == "category" else AVS_BINARY
 
 
 class AVSBenchFrames(torch.utils.data.Dataset):
-    """AVSBenchDataset as frames, for an image model (cavp.py): one sample per labelled frame (S4 train: the
-    first frame of each clip; otherwise every frame), with that frame's own second of the clip's audio as
-    AVSBenchDataset cuts it (second i from the clip start for frame i), repeat-padded to `seconds`.
+    """AVSBenchDataset as frames, for an image model (cavp.py): one sample per labelled frame (S4
+    train: the first frame of each clip; otherwise every frame), with that frame's own second of the
+    clip's audio as AVSBenchDataset cuts it (second i from the clip start for frame i),
+    repeat-padded to `seconds`.
 
-    The sample dict is VPODataset's: image (3, H, W), mask (H, W) long (255 ignore), wave (C, seconds * 16 kHz),
-    audio_classes (K,), audio_pos (), source_pos (K,), name '<clip>_<frame>' (frame numbered as its file).
-    Classes (avs_classes): AVSS its 71; S4 / MS3 binary, or S4 with labels='category' the clip's CSV category
-    at the foreground pixels. Audio class sets (CAVP Eq. (1)-(3)): S4 the clip's category (binary: {sounding
-    object}) in every frame, one category per clip as in the CAVP release's S4 loader; MS3 / AVSS the classes
-    in the frame's mask, as the release's MS3 / AVSS loaders (AVSBench labels only sounding objects). AVSBench
-    has no source positions: a sounding class sits at 0.5 (centre); audio_pos is 0.5 for one class, else -1.
-    part: only the AVSS clips of one release part (v1s, v1m, v2). train=True: `augment` with `crop` (a flip
-    swaps stereo channels). size: frames resized to size x size, None keeps the original resolution.
+    The sample dict is VPODataset's: image (3, H, W), mask (H, W) long (255 ignore), wave (C,
+    seconds * 16 kHz), audio_classes (K,), audio_pos (), source_pos (K,), name '<clip>_<frame>'
+    (frame numbered as its file). Classes (avs_classes): AVSS its 71; S4 / MS3 binary, or S4 with
+    labels='category' the clip's CSV category at the foreground pixels. Audio class sets (CAVP Eq.
+    (1)-(3)): S4 the clip's category (binary: {sounding object}) in every frame, one category per
+    clip as in the CAVP release's S4 loader; MS3 / AVSS the classes in the frame's mask, as the
+    release's MS3 / AVSS loaders (AVSBench labels only sounding objects). AVSBench has no source
+    positions: a sounding class sits at 0.5 (centre); audio_pos is 0.5 for one class, else -1. part:
+    only the AVSS clips of one release part (v1s, v1m, v2). train=True: `augment` with `crop` (a
+    flip swaps stereo channels). size: frames resized to size x size, None keeps the original
+    resolution.
     """
 
-    def __init__(self, root, task, split, size=224, stereo=False, train=False, crop=None, labels="binary",
-                 part="all", limit=None, seconds=3.0):
+    def __init__(self, root, task, split, size=224, stereo=False, train=False, crop=None,
+                 labels="binary", part="all", limit=None, seconds=3.0):
         if labels not in ("binary", "category") or (labels == "category" and task != "s4"):
-            raise DataError(f"labels {labels!r} for AVSBench {task}: use binary (or category for s4)")
+            raise DataError(f"labels {labels!r} for AVSBench {task}: "
+                            "use binary (or category for s4)")
         if part not in AVSS_PARTS or (part != "all" and task != "avss"):
-            raise DataError(f"part {part!r} for AVSBench {task}: use all (or {', '.join(_AVSS_FRAMES)} for avss)")
+            raise DataError(f"part {part!r} for AVSBench {task}: "
+                            f"use all (or {', '.join(_AVSS_FRAMES)} for avss)")
         self.clips = AVSBenchDataset(root, task, split, size=size, stereo=stereo)
         self.task, self.train, self.crop, self.seconds = task, train, crop, seconds
         self.classes = avs_classes(task, labels)
@@ -864,18 +932,21 @@ class AVSBenchFrames(torch.utils.data.Dataset):
             meta = {r[key]: r[column] for r in rows}
         self.fg = [1] * len(self.clips)  # the class of each clip's foreground pixels (S4)
         if labels == "category":
-            bad = [s["name"] for s in self.clips.samples if meta[s["name"]] not in AVS_S4_CATEGORIES]
+            bad = [s["name"] for s in self.clips.samples
+                   if meta[s["name"]] not in AVS_S4_CATEGORIES]
             if bad:
-                raise DataError(f"{csv_path}: category {meta[bad[0]]!r} of clip {bad[0]} is not one of the 23 S4 "
-                                "categories (data.AVS_S4_CATEGORIES); fix the CSV or use binary labels")
+                raise DataError(f"{csv_path}: category {meta[bad[0]]!r} of clip {bad[0]} is not "
+                                "one of the 23 S4 categories (data.AVS_S4_CATEGORIES); "
+                                "fix the CSV or use binary labels")
             self.fg = [1 + AVS_S4_CATEGORIES.index(meta[s["name"]]) for s in self.clips.samples]
         self.index = _limit([(i, j) for i, s in enumerate(self.clips.samples)
                              if part == "all" or meta[s["name"]] == part
                              for j, m in enumerate(s["masks"]) if m], limit)
         if not self.index:
-            raise DataError(f"{csv_path}: no labelled frame of part {part} in split {split!r}; check the CSV, "
-                            "--data-root or the part")
-        self._clip = None  # (clip index, AVSBenchDataset sample): the frames of a clip come one after another
+            raise DataError(f"{csv_path}: no labelled frame of part {part} in split {split!r}; "
+                            "check the CSV, --data-root or the part")
+        # (clip index, AVSBenchDataset sample): the frames of a clip come one after another
+        self._clip = None
 
     def __len__(self):
         return len(self.index)
@@ -893,12 +964,15 @@ class AVSBenchFrames(torch.utils.data.Dataset):
             present = mask.unique()
             classes = present[(present > 0) & (present != 255)].tolist()
         second = clip["wave"][:, j * SAMPLE_RATE:(j + 1) * SAMPLE_RATE]
-        wave_ = fit_length(second, round(self.seconds * SAMPLE_RATE))  # 1 s repeat-padded (SPEC 1.3)
+        # the frame's second, repeat-padded to `seconds` as any short clip is (fit_length)
+        wave_ = fit_length(second, round(self.seconds * SAMPLE_RATE))
         if self.train:  # no source positions on AVSBench: the centre stays the centre
-            img, mask, flip, _ = augment(Image.fromarray(to_uint8(img)), Image.fromarray(mask.numpy().astype(np.uint8)),
+            img, mask, flip, _ = augment(Image.fromarray(to_uint8(img)),
+                                         Image.fromarray(mask.numpy().astype(np.uint8)),
                                          self.crop, "csv")
             if flip:
-                wave_ = wave_.flip(0)  # stereo: left and right swap with the image (mono: unchanged)
+                # stereo: left and right swap with the image (mono: unchanged)
+                wave_ = wave_.flip(0)
         audio_classes = torch.zeros(len(self.classes))
         audio_classes[classes] = 1.0
         return dict(image=img, mask=mask.long(), wave=wave_, audio_classes=audio_classes,
@@ -938,18 +1012,20 @@ def _array(x):
     return np.asarray(x.detach().cpu() if torch.is_tensor(x) else x)
 
 
-# VPO classes 1..21 (car .. baby): bright saturated colours that show on dark and light images alike;
-# the most distinct (blue, red, green) for the people, who appear with every other class
-_CLASS_COLORS = [(255, 140, 0), (180, 80, 255), (0, 230, 255), (255, 235, 0), (170, 255, 0), (255, 0, 255),
-                 (0, 255, 170), (255, 120, 190), (120, 140, 255), (255, 90, 40), (255, 200, 120), (0, 170, 255),
-                 (230, 255, 100), (210, 130, 255), (255, 60, 130), (100, 255, 100), (255, 190, 0),
-                 (150, 255, 230), (30, 90, 255), (255, 20, 40), (0, 220, 60)]
+# VPO classes 1..21 (car .. baby): bright saturated colours that show on dark and light images
+# alike; the most distinct (blue, red, green) for the people, who appear with every other class
+_CLASS_COLORS = [(255, 140, 0), (180, 80, 255), (0, 230, 255), (255, 235, 0), (170, 255, 0),
+                 (255, 0, 255), (0, 255, 170), (255, 120, 190), (120, 140, 255), (255, 90, 40),
+                 (255, 200, 120), (0, 170, 255), (230, 255, 100), (210, 130, 255), (255, 60, 130),
+                 (100, 255, 100), (255, 190, 0), (150, 255, 230), (30, 90, 255), (255, 20, 40),
+                 (0, 220, 60)]
 
 
 def class_colors(n=len(VPO_CLASSES)):
     """(n, 3) uint8 class colours that stand out from photographs: index 0 (background, never drawn)
     black, 1..21 a fixed saturated set, further classes hues a golden angle apart."""
-    extra = [colorsys.hsv_to_rgb(j * 0.618034 % 1.0, 1.0, (1.0, 0.7)[j % 2]) for j in range(max(0, n - 22))]
+    extra = [colorsys.hsv_to_rgb(j * 0.618034 % 1.0, 1.0, (1.0, 0.7)[j % 2])
+             for j in range(max(0, n - 22))]
     cols = [(0, 0, 0)] + _CLASS_COLORS + [tuple(round(255 * v) for v in c) for c in extra]
     return np.array(cols[:n], dtype=np.uint8).reshape(n, 3)
 
@@ -964,7 +1040,8 @@ def label_overlay(image, labels, colors, alpha=0.5, width=None):
     col = np.asarray(colors)[np.where(obj, lab, 0)].astype(np.float32)
     out = np.where(obj[..., None], (1 - alpha) * img + alpha * col, img)
     y, x = np.indices(lab.shape)
-    out = np.where((lab == 255)[..., None], np.where(((y + x) % 4 == 0)[..., None], 255.0, 0.5 * img + 64), out)
+    out = np.where((lab == 255)[..., None],
+                   np.where(((y + x) % 4 == 0)[..., None], 255.0, 0.5 * img + 64), out)
     width = width or (2 if min(lab.shape) >= 384 else 1)
     padded = np.pad(lab, width, mode="edge")
     h, w = lab.shape
@@ -979,7 +1056,8 @@ def heatmap_overlay(image, attn, alpha=0.6):
     """Attention map (any h x w) resized bilinearly to the (H, W, 3) uint8 image, min-max normalised
     and blended as blue (low) -> green -> red (high)."""
     a = torch.as_tensor(attn).detach().cpu().float()[None, None]
-    a = torch.nn.functional.interpolate(a, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+    a = torch.nn.functional.interpolate(a, size=image.shape[:2], mode="bilinear",
+                                        align_corners=False)[0, 0]
     a = ((a - a.min()) / (a.max() - a.min() + 1e-8)).numpy()
     heat = np.stack([a, 1 - np.abs(2 * a - 1), 1 - a], -1) * 255
     return ((1 - alpha) * np.asarray(image) + alpha * heat).round().astype(np.uint8)
@@ -995,9 +1073,11 @@ def legend_for(labels_list, class_names, colors):
 
 
 def class_shares(labels, class_names):
-    """{class name: share of the pixels} of the classes (> 0, != 255) in a label map, largest first."""
+    """{class name: share of the pixels} of the classes (> 0, != 255) in a label map,
+    largest first."""
     lab = _array(labels).ravel()
-    counts = np.bincount(lab, minlength=len(class_names)).tolist()  # a photo-sized map: no sort (np.unique)
+    # a photo-sized map: no sort (np.unique)
+    counts = np.bincount(lab, minlength=len(class_names)).tolist()
     shares = {class_names[c]: counts[c] / lab.size for c in range(1, len(class_names)) if counts[c]}
     return dict(sorted(shares.items(), key=lambda kv: -kv[1]))
 
@@ -1025,8 +1105,9 @@ def shown_size(h, w, max_height=PANEL_MAX):
 
 def save_panels(panels, titles, legend, path, min_height=PANEL_MIN, max_height=PANEL_MAX):
     """One PNG: (H, W, 3) uint8 panels side by side, each under its title, above a legend strip
-    (colour swatch + class name per (name, (r, g, b)), wrapped over several lines). Panels lower than
-    `min_height` are upscaled (nearest, integer factor), higher than `max_height` downscaled."""
+    (colour swatch + class name per (name, (r, g, b)), wrapped over several lines). Panels lower
+    than `min_height` are upscaled (nearest, integer factor), higher than `max_height`
+    downscaled."""
     h, w = panels[0].shape[:2]
     if any(p.shape != panels[0].shape for p in panels) or len(titles) != len(panels):
         raise ValueError("save_panels: panels must share one (H, W, 3) shape, one title each")
@@ -1062,14 +1143,15 @@ def save_panels(panels, titles, legend, path, min_height=PANEL_MIN, max_height=P
         y = top + ph + pad + r * (line + pad)
         if color is not None:
             draw.rectangle([x, y, x + line - 1, y + line - 1], fill=color, outline=(20, 20, 20))
-        draw.text((x + line + pad if color is not None else x, y), name, fill=(20, 20, 20), font=font)
+        draw.text((x + line + pad if color is not None else x, y), name, fill=(20, 20, 20),
+                  font=font)
     canvas.save(path, optimize=True)
 
 
 # ---------------------------------------------------------------- --predict inputs
 def fit_long_side(h, w, max_size):
-    """(height, width) of an h x w image scaled, aspect kept, so that its long side is at most `max_size`
-    (never enlarged)."""
+    """(height, width) of an h x w image scaled, aspect kept, so that its long side is at most
+    `max_size` (never enlarged)."""
     scale = min(1.0, max_size / max(h, w))
     return max(1, round(h * scale)), max(1, round(w * scale))
 
@@ -1077,9 +1159,9 @@ def fit_long_side(h, w, max_size):
 def read_rgb(path, max_size):
     """--predict image: any RGB-convertible picture, EXIF orientation applied (phone photos) ->
     (normalised float (3, h, w) for the model, long side at most `max_size` (antialiased bilinear),
-    (h', w', 3) uint8 at the size save_panels shows it (at most PANEL_MAX high), (H, W) of the image).
-    A JPEG is decoded at the smallest DCT scale (1/1 .. 1/8, PIL draft) that still covers both outputs,
-    so a phone photo is never held at full size."""
+    (h', w', 3) uint8 at the size save_panels shows it (at most PANEL_MAX high), (H, W) of the
+    image). A JPEG is decoded at the smallest DCT scale (1/1 .. 1/8, PIL draft) that still covers
+    both outputs, so a phone photo is never held at full size."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: image not found; check the path given to --predict")
@@ -1095,16 +1177,18 @@ def read_rgb(path, max_size):
         raise DataError(f"{path}: cannot read image ({e}); re-download or replace the file") from e
     x = np.asarray(im.resize(model[::-1], Image.BILINEAR) if im.size != model[::-1] else im)
     img = normalize(torch.from_numpy(x.copy()).permute(2, 0, 1).float() / 255.0)
-    return img, np.array(im.resize(shown[::-1], Image.BOX) if im.size != shown[::-1] else im), (h, w)
+    return img, np.array(im.resize(shown[::-1], Image.BOX) if im.size != shown[::-1]
+                         else im), (h, w)
 
 
 def upsample_labels(logits, size, points=1 << 19):
     """Model logits (K, h, w) -> label map (H, W) uint8 at `size`: the logits resized bilinearly as
-    F.interpolate(align_corners=False) does (as DeepLabV3+ brings its logits to the input size), then
-    argmax, or logit > 0 (sigmoid > 0.5) for K = 1. Where the four model pixels around an output pixel
-    share one label, every bilinear mix of their logits keeps it (a convex combination of score vectors
-    with one argmax), so only the output pixels between differing labels are interpolated, `points` at a
-    time: a photo-sized map costs a few bytes per pixel, not K floats."""
+    F.interpolate(align_corners=False) does (as DeepLabV3+ brings its logits to the input size),
+    then argmax, or logit > 0 (sigmoid > 0.5) for K = 1. Where the four model pixels around an
+    output pixel share one label, every bilinear mix of their logits keeps it (a convex combination
+    of score vectors with one argmax), so only the output pixels between differing labels are
+    interpolated, `points` at a time: a photo-sized map costs a few bytes per pixel, not K
+    floats."""
     logits = logits.float()
     k, h, w = logits.shape
     low = (logits[0] > 0 if k == 1 else logits.argmax(0)).byte()
@@ -1123,47 +1207,53 @@ def upsample_labels(logits, size, points=1 << 19):
     flat, where = labels.view(-1), mixed.view(-1).nonzero()[:, 0]
     for i in range(0, len(where), points):
         y, x = where[i:i + points] // size[1], where[i:i + points] % size[1]
-        grid = torch.stack([(2 * sx[x] + 1) / w - 1, (2 * sy[y] + 1) / h - 1], -1)  # grid_sample's (x, y) in [-1, 1]
-        v = torch.nn.functional.grid_sample(logits[None], grid[None, None], mode="bilinear", padding_mode="border",
-                                            align_corners=False)[0, :, 0]
+        # grid_sample's (x, y) in [-1, 1]
+        grid = torch.stack([(2 * sx[x] + 1) / w - 1, (2 * sy[y] + 1) / h - 1], -1)
+        v = torch.nn.functional.grid_sample(logits[None], grid[None, None], mode="bilinear",
+                                            padding_mode="border", align_corners=False)[0, :, 0]
         flat[where[i:i + points]] = (v[0] > 0 if k == 1 else v.argmax(0)).byte()
     return labels
 
 
 def shown_labels(labels, size):
-    """Label map (H, W) -> (h, w) for display, nearest neighbour (every shown label is one predicted)."""
+    """Label map (H, W) -> (h, w) for display, nearest neighbour (every shown label is one
+    predicted)."""
     return np.asarray(Image.fromarray(_array(labels)).resize(size[::-1], Image.NEAREST))
 
 
 def load_predict_audio(path, stereo, audio_pos=None, seconds=3.0, centre=True):
     """--predict audio: any WAV (PCM / float, any rate, any channel count) resampled to SAMPLE_RATE,
     `seconds` crop (centred as VPODataset, or from the start as AVSBenchDataset with centre=False) /
-    repeat-pad -> ((C, N) as the datasets' `wave`, a note or None). C = 2 for a stereo model: a stereo
-    clip as is; a mono clip, or any clip when `audio_pos` is given, downmixed (mean of the channels) and
-    panned at audio_pos, 0 = left .. 1 = right; a clip of more channels gives its first two as left and
-    right (the WAV channel order: front left, front right, centre, ...; the rest are dropped). C = 1
-    (the mean of all channels) for a mono model. The note says which rule a clip of more than 2
-    channels met."""
+    repeat-pad -> ((C, N) as the datasets' `wave`, a note or None). C = 2 for a stereo model: a
+    stereo clip as is; a mono clip, or any clip when `audio_pos` is given, downmixed (mean of the
+    channels) and panned at audio_pos, 0 = left .. 1 = right; a clip of more channels gives its
+    first two as left and right (the WAV channel order: front left, front right, centre, ...; the
+    rest are dropped). C = 1 (the mean of all channels) for a mono model. The note says which rule a
+    clip of more than 2 channels met."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: audio file not found; check the path given to --audio")
     if audio_pos is not None and not 0.0 <= audio_pos <= 1.0:
-        raise DataError(f"--audio-pos {audio_pos} for {path} is not in [0, 1] (0 = left, 1 = right)")
+        raise DataError(f"--audio-pos {audio_pos} for {path} is not in [0, 1] "
+                        "(0 = left, 1 = right)")
     try:
         x = load_clip(path, seconds=seconds, centre=centre)
     except DataError as e:
-        raise DataError(f"{e} (e.g. ffmpeg -i {os.path.basename(path)} -c:a pcm_s16le -ar {SAMPLE_RATE} "
-                        "out.wav)") from None
+        raise DataError(f"{e} (e.g. ffmpeg -i {os.path.basename(path)} -c:a pcm_s16le "
+                        f"-ar {SAMPLE_RATE} out.wav)") from None
     c = x.shape[0]
     if stereo and audio_pos is None and c == 1:
-        raise DataError(f"{path} is mono; a stereo model needs --audio-pos A (0 = left, 1 = right) to pan it")
+        raise DataError(f"{path} is mono; a stereo model needs --audio-pos A "
+                        "(0 = left, 1 = right) to pan it")
     if not stereo:
         wave_, rule = x.mean(0, keepdim=True), f"the mean of its {c} channels"
     elif audio_pos is not None:
-        wave_, rule = pan(x.mean(0, keepdim=True), audio_pos), f"the mean of its {c} channels, panned at {audio_pos}"
+        wave_, rule = (pan(x.mean(0, keepdim=True), audio_pos),
+                       f"the mean of its {c} channels, panned at {audio_pos}")
     else:
-        wave_, rule = x[:2], (f"channels 1 and 2 as left and right (WAV channel order), channels 3-{c} dropped; "
-                              f"to keep them, downmix first (e.g. ffmpeg -i {os.path.basename(path)} -ac 2 "
-                              "stereo.wav)")
-    note = f"{path} has {c} channels; the {'stereo' if stereo else 'mono'} model gets {rule}" if c > 2 else None
+        wave_, rule = x[:2], (f"channels 1 and 2 as left and right (WAV channel order), "
+                              f"channels 3-{c} dropped; to keep them, downmix first "
+                              f"(e.g. ffmpeg -i {os.path.basename(path)} -ac 2 stereo.wav)")
+    note = (f"{path} has {c} channels; the {'stereo' if stereo else 'mono'} model gets {rule}"
+            if c > 2 else None)
     return wave_, note
