@@ -1,16 +1,17 @@
 """Segmentation metrics of CAVP (CVPR 2024) and AVSBench / TPAVI (AVS, ECCV 2022).
 
 `ConfusionMatrix`: the VPO / AVSBench-Semantics metrics of CAVP §5.1 (mIoU, F-beta with
-beta^2 = 0.3, FDR), computed as in the authors' released eval code (`utils/eval_utils.py`):
+beta^2 = 0.3, FDR), computed as in the authors' released eval code (cyh-0/CAVP,
+utils/eval_utils.py):
 one confusion matrix over the whole test set on argmax predictions, target 255 ignored.
 The headline `miou` averages over all classes incl. background and counts a class that never
 occurs (union 0) as 0, like the released code; `miou_present` averages over the classes that
 occur (in the target or the prediction) only.
 
 `AVSObjectsMeter`: the AVSBench-Objects (S4 / MS3) Jaccard M_J and F-measure M_F of the AVS
-paper (released `mask_iou` / `Eval_Fmeasure`). The released code averages these per test
-batch (of 4) and then over batches, so its numbers depend on the batch size; this meter sums
-per-frame values over the whole test set instead (SPEC 2).
+paper (OpenNLPLab/AVSBench, avs_scripts/avs_s4/utils/utility.py: `mask_iou`, `Eval_Fmeasure`).
+The released code averages these per test batch (of 4) and then over batches, so its numbers
+depend on the batch size; this meter sums per-frame values over the whole test set.
 
 Undefined values are NaN: per-class IoU / F-beta of an absent class, FDR of a class that is
 never predicted, and every mean when nothing has been counted (e.g. only 255 targets).
@@ -91,8 +92,8 @@ class ConfusionMatrix:
             "fdr": fdr.tolist(),
             "mean_fdr": fdr.nanmean().item(),
             "pixel_acc": (tp.sum() / total).item(),
-            # shares of labelled pixels predicted / labelled as an object (class != 0); with audio that
-            # says nothing sounds (CounterfactualAudio) fg_pred is the false-detection rate
+            # shares of labelled pixels predicted / labelled as an object (class != 0); with audio
+            # that says nothing sounds (CounterfactualAudio) fg_pred is the false-detection rate
             "fg_pred": (m[:, 1:].sum() / total).item(),
             "fg_true": (m[1:].sum() / total).item(),
             "present": present.tolist(),
@@ -103,18 +104,19 @@ TWIN_KEYS = ("twin_recall", "twin_share", "twin_side_acc")
 
 
 class TwinMeter:
-    """Instance disambiguation on images whose sounding object has silent twins (VPO-MSMI, issue 10).
+    """Instance disambiguation on images whose sounding object has silent twins (VPO-MSMI).
 
-    `update(pred, mask, twin)`: `twin` holds the class at the silent twins' pixels (0 elsewhere). Over
-    the sounding objects of the classes that have twins it sums the pixels predicted as their class
-    (recall) and over the twins the pixels predicted as the sounding class (a model that ignores
-    the stereo position segments both alike). `side_acc`: share of such images where the sounding
-    object's recall beats its twins' share.
+    `update(pred, mask, twin)`: `twin` holds the class at the silent twins' pixels (0 elsewhere).
+    Over the sounding objects of the classes that have twins it sums the pixels predicted as their
+    class (recall) and over the twins the pixels predicted as the sounding class (a model that
+    ignores the stereo position segments both alike). `side_acc`: share of such images where the
+    sounding object's recall beats its twins' share.
     """
 
     def __init__(self, num_classes, device="cpu"):
         self.num_classes = num_classes
-        # sounding pixels, of them hit; twin pixels, of them hit; images, of them with the side right
+        # sounding pixels, of them hit; twin pixels, of them hit; images, of them with the side
+        # right
         self.sums = torch.zeros(6, dtype=torch.float64, device=device)
 
     def update(self, pred, mask, twin):
@@ -129,7 +131,8 @@ class TwinMeter:
         counts = counts[has_twin.any(1) & (counts[:, 0] > 0)]
         side = counts[:, 1] / counts[:, 0] > counts[:, 3] / counts[:, 2].clamp(min=1)
         self.sums = self.sums.to(counts.device)
-        self.sums += torch.cat([counts.sum(0), torch.tensor([len(counts), side.sum()], device=counts.device)])
+        self.sums += torch.cat([counts.sum(0),
+                                torch.tensor([len(counts), side.sum()], device=counts.device)])
 
     def all_reduce(self):
         _all_reduce(self.sums)

@@ -6,7 +6,7 @@ reads COCO 2017 (COCO_ROOT/annotations/{instances,captions}_{train,val}2017.json
 COCO_ROOT/{train,val}2017/*.jpg, masks decoded by pycocotools) and VGGSound (VGG_ROOT/vggsound.csv,
 rows `youtube_id,start_seconds,label,split`; clips VGG_ROOT/audio/{vgg_file}.wav with
 vgg_file = f"{youtube_id}_{start_seconds:06d}") and writes VPO-SS, VPO-MS and VPO-MSMI in the
-released layout (SPEC 1.1) that data.VPODataset reads:
+layout of cyh-0/CAVP's VPO release that data.VPODataset reads:
     DATA_ROOT/VPO-{SS,MS,MSMI}/vpo_{ss,ms,msmi}_data_stereo.csv, data/, mask/
     DATA_ROOT/audio/{vgg_file}.wav       (hard link to the VGGSound clip, copy across devices)
     DATA_ROOT/vpo_summary.json           (sizes, per-class counts, imbalance N_max/N_min, App. A.1,
@@ -61,8 +61,9 @@ vggsound} (instances JSON with polygon and compressed-RLE masks, captions JSON, 
 - persons are drawn as male/female/baby families with matching captions ("a man", "two women",
   "a toddler"), or ambiguous ones (neutral "a person", or two genders in one image);
 - defaults: 64x64 images, 128 train / 300 test samples per subset, --mi-share 0.5. The stereo
-  probe of issue 19, `--mi-share 1 --mi-single-source`: every VPO-MSMI sample is a multi-instance
-  image sounding through one of its twins only (without the second flag: plus other classes).
+  probe (benchmarks/stereo_probe.sh), `--mi-share 1 --mi-single-source`: every VPO-MSMI sample
+  is a multi-instance image sounding through one of its twins only (without the second flag:
+  plus other classes).
 
 Documented choices (the paper leaves them open):
 - Split: COCO train2017 -> VPO "train", val2017 -> "val" (= test). Audio for a train sample comes
@@ -863,8 +864,9 @@ def format_avs_mss(summary):
 
 
 # ---------------------------------------------------------------- built-in synthetic sources
-SYNTHETIC_SIZES = (128, 300)  # train / test per subset: cavp.py --epochs 80 in minutes on 2 CPU cores; a
-# 300-image test set so that one class flipping moves mIoU by well under 2 points (issue 10)
+# train / test per subset: cavp.py --epochs 80 in minutes on 2 CPU cores; a 300-image test set
+# so that one class flipping moves mIoU by well under 2 points
+SYNTHETIC_SIZES = (128, 300)
 SYNTHETIC_MI_SHARE = 0.5  # half of VPO-MSMI needs the stereo cue
 SR = 16000
 CLIP_SECONDS = 3.0
@@ -1140,9 +1142,10 @@ def parse_args(argv=None):
     p.add_argument("--mi-share", type=float, help="share of multi-instance images in VPO-MSMI (default: "
                    f"the paper's {PAPER_MI_SHARE:.3f} in real mode, {SYNTHETIC_MI_SHARE} synthetic)")
     p.add_argument("--mi-single-source", action="store_true",
-                   help="multi-instance images of VPO-MSMI sound through one instance of their repeated class "
-                   "only, no other class (default: plus 0-4 other sounding classes, as VPO-MS); with --mi-share "
-                   "1 every VPO-MSMI sample is then one sound whose instance only stereo can tell (issue 19)")
+                   help="multi-instance images of VPO-MSMI sound through one instance of their "
+                   "repeated class only, no other class (default: plus 0-4 other sounding classes, "
+                   "as VPO-MS); with --mi-share 1 every VPO-MSMI sample is then one sound whose "
+                   "instance only stereo can tell")
     p.add_argument("--size", type=int, default=64, help="synthetic image side in pixels (>= 32)")
     p.add_argument("--strict", action="store_true", help="stop with an error when a COCO image listed in the "
                    "annotations, or a whole train2017/ or val2017/ folder, is missing (default: skip it with "
