@@ -1,4 +1,4 @@
-"""What the global-batch semantics of cavp.py cost per training step (issue 18).
+"""What the global-batch semantics of cavp.py cost per training step.
 
   python benchmarks/ddp_cost.py                 # built-in 64 px VPO-MSMI, batch 8: 1 rank vs 2 gloo ranks
   python benchmarks/ddp_cost.py --paper-plan    # + the host plan alone at the paper's size (16 x 512 px)

@@ -1,6 +1,7 @@
-"""Loader speed (issue 20): one worker's training samples against decoding their images alone.
+"""Loader speed: one worker's training samples against decoding their images alone.
 
-Writes its own samples in the released layouts (SPEC 1.1-1.2) under --root (default: a temporary folder):
+Writes its own samples in the released layouts (VPO: cyh-0/CAVP's; AVSBench: OpenNLPLab/AVSBench's)
+under --root (default: a temporary folder):
 - VPO-MS: 640x480 photo-like JPEGs (smooth colour fields, 1/f texture, grain and 3-5 textured objects;
   quality 95, 4:2:0: ~175 KB, COCO's average ~160 KB), single-channel PNG masks of COCO ids, 1-5 sounding
   objects per image (one CSV row each, audio_pos = centre of mass at pixel centres / width as vpo_make.py),
@@ -191,7 +192,8 @@ def main():
     p.add_argument("--profile", action="store_true",
                    help="also print a cProfile (CPU time) of the VPO training samples, the 25 largest own times")
     p.add_argument("--gpu-rate", type=float, default=300.0,
-                   help="training images/s of one GPU to feed (issue 20: a few hundred at crop 512 on an H100)")
+                   help="training images/s of one GPU to feed (a few hundred at crop 512 on an "
+                   "H100)")
     args = p.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@
 #   OUT=runs/repro2 SEEDS="2 3" bash benchmarks/reproduce.sh claims
 #   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/reproduce.sh readings   # two runs at a time, one thread each: ~2.3 h
 #   AVSBENCH=/data/AVSBench VGGSOUND=/data/VGGSound bash benchmarks/reproduce.sh avsmss   # CAVP Sec. 5.2, on a GPU
-#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/reproduce.sh stereo    # issue 19 (b): stereo vs mono, CAVP vs SupCon
+#   JOBS=2 OMP_NUM_THREADS=1 bash benchmarks/reproduce.sh stereo    # stereo vs mono, CAVP vs SupCon
 #   ONLY="(stereo|mono)-msmi-s1" bash benchmarks/reproduce.sh stereo  # only the runs whose folder name matches
 #
 # Every run gets its own folder OUT/<method>-<subset>-s<seed>; a finished run (its log.txt says "done in")
@@ -61,9 +61,9 @@ $PY benchmarks/summarize.py --avsmss "$OUT"
 exit 0
 fi
 if [ "$PART" = stereo ]; then
-# Issue 19 (b): stereo vs mono on VPO-MSMI at a budget past the point where benchmarks/stereo_probe.sh's models
-# start to use the side, with the probe's levers (a position code, pans that follow the crop: LEVERS, the defaults
-# when these runs were made) and with the paper's setting (neither: PAPER, the defaults since), and CAVP's mining vs
+# Stereo vs mono on VPO-MSMI at a budget past the point where benchmarks/stereo_probe.sh's models
+# start to use the side, with the probe's levers (a position code, pans that follow the crop:
+# LEVERS) and with the paper's setting (neither: PAPER, the defaults), and CAVP's mining vs
 # SupCon at the same budget. Built-in VPO with N_TRAIN_STEREO training images per subset (8x the default 128, as
 # the probe) and the default 300 test images; ITERS_STEREO iterations of batch 16 (whole epochs); evaluation at
 # the end only, with the twin and L/R-swap metrics.
@@ -99,15 +99,15 @@ fi
 [ -f data/vpo_summary.json ] || $PY vpo_make.py --synthetic --out data
 
 if [ "$PART" = readings ] || [ "$PART" = all ]; then
-# Issue 10: the readings of Eq. (1)-(3) for multi-source audio on VPO-MSMI, one change at a time against
-# today's CAVP and SupCon, then the best combination, then stereo vs mono for it on every subset. Each
-# seed's runs come before the next seed's, so a stopped run set stays balanced.
+# The readings of Eq. (1)-(3) for multi-source audio on VPO-MSMI, one change at a time against
+# the baseline CAVP readings and SupCon, then the best combination, then stereo vs mono for it on
+# every subset. Each seed's runs come before the next seed's, so a stopped run set stays balanced.
 OUT=${OUT_READINGS:-runs/readings}
 EPOCHS=${EPOCHS_READINGS:-12}
 EVAL_EVERY=$EPOCHS
 SEEDS=${SEEDS_READINGS:-"0 1 2"}
 BEST=${BEST-"--positives label --bg-groups one"}   # picked from the single-change runs (README); BEST="" stops after them
-# the readings as they were before issue 10 (the baseline "cavp" runs); each change below overrides one of them
+# the baseline readings (the "cavp" runs); each change below overrides one of them
 BEFORE=(--positives set --unknown mismatched --bg-groups label --match class --bank-sources single)
 mkdir -p "$OUT"
 for seed in $SEEDS; do

@@ -2,7 +2,7 @@
 
 Runs the two modes alternately (same model, batch, data and seed), each for --iters training
 iterations, --rounds times, and prints the median images/s of each and the step-time ratio.
-Issue budget: the contrastive term and the re-pairing add at most 30 % to a training step.
+Budget: the contrastive term and the re-pairing add at most 30 % to a training step.
 
     python benchmarks/step_cost.py --data-root data --rounds 3 --iters 30
 """

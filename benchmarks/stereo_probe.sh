@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 19, item 5 (a): what makes the stereo side learnable? One cavp.py run per lever, each alone on top of
+# What makes the stereo side learnable? One cavp.py run per lever, each alone on top of
 # the paper's setting and all together, on a built-in VPO-MSMI where stereo is the main cue, with side accuracy
 # (real and L/R-swapped channels) evaluated every EVAL_ITERS iterations so that it traces a curve.
 #

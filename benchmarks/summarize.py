@@ -2,8 +2,8 @@
 
     python benchmarks/summarize.py runs/repro
     python benchmarks/summarize.py --readings runs/readings     # readings of Eq. (1)-(3), stereo vs mono
-    python benchmarks/summarize.py --stereo-probe runs/stereo-probe   # benchmarks/stereo_probe.sh (issue 19)
-    python benchmarks/summarize.py --stereo runs/stereo         # stereo vs mono, CAVP vs SupCon (issue 19)
+    python benchmarks/summarize.py --stereo-probe runs/stereo-probe   # benchmarks/stereo_probe.sh
+    python benchmarks/summarize.py --stereo runs/stereo         # stereo vs mono, CAVP vs SupCon
     python benchmarks/summarize.py --avsmss runs/avsmss         # CAVP Sec. 5.2: TPAVI on S4 vs AVS-M-SS
 
 Figures are test-split percentages of the last epoch (metrics.json "final"); "a (b-c)" = mean over
@@ -128,8 +128,8 @@ def readings_rows(root, methods, subsets, base, names=READINGS):
 
 
 def readings(root):
-    """Issue 10: single changes of Eq. (1)-(3) against CAVP as before and SupCon on VPO-MSMI, then the best
-    combination and stereo vs mono on every subset."""
+    """Single changes of the readings of Eq. (1)-(3) against the baseline CAVP readings and SupCon
+    on VPO-MSMI, then the best combination and stereo vs mono on every subset."""
     print("### Readings of Eq. (1)-(3) on VPO-MSMI\n")
     print(readings_rows(root, ("supcon", "cavp", "poslabel", "unkliteral", "bgone", "side", "bankall",
                                "best", "best-mono"), ("msmi",), "cavp"))
@@ -163,9 +163,9 @@ def rate(h, key):
 
 
 def stereo_probe(root):
-    """Issue 19: side accuracy (real / L/R-swapped channels) over training for each run folder of stereo_probe.sh
-    (one column per seed: a run either learns the side or not, and a mean would hide which), then each run's
-    last evaluation (mean over seeds)."""
+    """Side accuracy (real / L/R-swapped channels) over training for each run folder of
+    stereo_probe.sh (one column per seed: a run either learns the side or not, and a mean would
+    hide which), then each run's last evaluation (mean over seeds)."""
     found = probe_runs(root)
     if not found:
         sys.exit(f"{root}: no run folder of benchmarks/stereo_probe.sh (<run>-<data>-s<seed>/metrics.json)")
@@ -219,7 +219,7 @@ def paired_note(diffs):
 
 
 def stereo(root):
-    """Issue 19 (b): stereo vs mono with this project's defaults and with the paper's setting, and CAVP's mining
+    """Stereo vs mono with this project's defaults and with the paper's setting, and CAVP's mining
     vs SupCon, on VPO-MSMI; seed-paired differences with their range and paired t-test p."""
     print("### Stereo vs mono, CAVP vs SupCon on VPO-MSMI (%; a (b-c) = mean over seeds (lowest-highest))\n")
     print(readings_rows(root, tuple(STEREO), ("msmi",), "mono", STEREO))
@@ -339,10 +339,11 @@ def avsmss(root):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", help="OUT folder of benchmarks/reproduce.sh (or stereo_probe.sh)")
-    p.add_argument("--readings", action="store_true", help="the folder is the 'readings' part's (issue 10)")
-    p.add_argument("--stereo-probe", action="store_true", help="the folder is benchmarks/stereo_probe.sh's OUT "
-                   "(issue 19): side accuracy curves and the last evaluations")
-    p.add_argument("--stereo", action="store_true", help="the folder is the 'stereo' part's (issue 19 (b))")
+    p.add_argument("--readings", action="store_true", help="the folder is the 'readings' part's")
+    p.add_argument("--stereo-probe", action="store_true",
+                   help="the folder is benchmarks/stereo_probe.sh's OUT: side accuracy curves and "
+                   "the last evaluations")
+    p.add_argument("--stereo", action="store_true", help="the folder is the 'stereo' part's")
     p.add_argument("--avsmss", action="store_true", help="the folder is the 'avsmss' part's (CAVP Sec. 5.2)")
     args = p.parse_args(argv)
     root = args.root

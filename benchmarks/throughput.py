@@ -4,7 +4,7 @@ Both scripts train --iters iterations on the same built-in VPO subset with the s
 built-in default, ResNet-18), crop (the built-in image size), batch size and loader workers; the runs
 alternate (cavp, tpavi, cavp, tpavi, ...) for --rounds rounds so that a background load hits both alike,
 and each run's metrics.json train_images_per_s (training time only, the first step left out) is
-collected. Prints the median images/s of each and tpavi / cavp. Issue budget: tpavi >= 0.8x cavp.
+collected. Prints the median images/s of each and tpavi / cavp. Budget: tpavi >= 0.8x cavp.
 
     python benchmarks/throughput.py --data-root data --rounds 3 --iters 24
 """
