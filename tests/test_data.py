@@ -286,7 +286,7 @@ def test_train_augmentation_seeded_and_scaled(tmp_path):
         h, w = o["mask"].shape
         assert H // 2 <= h <= 2 * H and abs(w / h - W / H) < 0.2
         assert set(o["mask"].unique().tolist()) <= {0, MALE, CAT}
-        assert "image_classes" not in o  # nothing read it (issue 20)
+        assert "image_classes" not in o  # the sample dict carries no image class set
     torch.manual_seed(0)
     c = VPODataset(tmp_path, "ms", "train", train=True, crop=8)[1]
     assert c["image"].shape == (3, 8, 8) and c["mask"].shape == (8, 8)
@@ -540,7 +540,7 @@ def test_error_messages_are_one_line(tmp_path):
     assert str(DataError(wrapped)) == "a.wav: cannot read WAV; re-encode it"
 
 
-# ---------------------------------------------------------------- silent twins and source positions (issue 10)
+# ---------------------------------------------------------------- silent twins and source positions
 def test_source_pos_follows_flip(tiny_vpo):
     """source_pos holds each sounding class's audio_pos (-1 for the others) and mirrors with the image."""
     test = VPODataset(tiny_vpo, "msmi", "test")

@@ -141,7 +141,8 @@ def test_invalid_input_raises(pred, target, match):
 # --- AVSBench-Objects M_J / M_F -------------------------------------------------------------
 
 def reference_avs(prob, target):
-    """Per-pixel loops over frames (and thresholds) following SPEC 2 literally."""
+    """Per-pixel loops over frames (and thresholds) following the per-frame M_J / M_F of the AVS
+    paper (OpenNLPLab/AVSBench's mask_iou / Eval_Fmeasure) literally, over the whole set."""
     thresholds = torch.linspace(0, 1 - 1e-10, 255).tolist()
     js, curves = [], []
     for p, t in zip(prob.flatten(1).tolist(), target.flatten(1).tolist()):
@@ -302,7 +303,7 @@ def test_format_table():
         format_table(["background", "car"], cm.compute())
 
 
-# ---------------------------------------------------------------- twin metrics (issue 10)
+# ---------------------------------------------------------------- twin metrics
 def twin_reference(preds, masks, twins):
     """Loops over images and pixels: pooled sounding recall, twin share and per-image side accuracy."""
     hit_s = n_s = hit_t = n_t = images = right = 0

@@ -1,6 +1,6 @@
-"""Issue 13: overlay pictures (save_panels, label_overlay, heatmap_overlay, legend_for) and the
---predict inputs (read_rgb, load_predict_audio); issue 20: --predict at --max-size (read_rgb's scaled
-decode, upsample_labels) and WAVs of more than 2 channels."""
+"""Overlay pictures (save_panels, label_overlay, heatmap_overlay, legend_for) and the --predict
+inputs (read_rgb, load_predict_audio): --predict at --max-size (read_rgb's scaled decode,
+upsample_labels) and WAVs of more than 2 channels."""
 import numpy as np
 import pytest
 import torch

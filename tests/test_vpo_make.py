@@ -492,7 +492,8 @@ def test_wav_ok(tmp_path):
 
 
 def _check_stereo(ds):
-    """Single-source samples: right-channel share of |wave| equals audio_pos (SPEC 1.1 panning)."""
+    """Single-source samples: right-channel share of |wave| equals audio_pos (the panning of
+    CAVP Sec. 3)."""
     checked = 0
     for i in range(len(ds)):
         x = ds[i]
@@ -555,7 +556,7 @@ def test_synthetic_world():
 
 
 def test_synthetic_sounds_are_separable():
-    """Mean log-mel (SPEC 1.3 front end) of a clip is nearest to another clip of its own class."""
+    """Mean log-mel (data.LogMel) of a clip is nearest to another clip of its own class."""
     mel = LogMel()
     feats = torch.stack([mel(torch.tensor(vpo_make.synth_sound(np.random.default_rng([k, j]), k, 16000),
                                           dtype=torch.float32)[None, None])[0, 0].mean(0)
@@ -565,9 +566,10 @@ def test_synthetic_sounds_are_separable():
 
 
 def test_mi_single_source_subset(src, cocos, tmp_path, capsys):
-    """--mi-share 1 --mi-single-source (issue 19's stereo probe), sizes that the fixture's multi-instance
-    images fill (2 train, 1 val): VPO-MSMI holds them only, each sounding through one instance of its
-    repeated class; its twins and the other classes are silent, so the mask holds that instance alone."""
+    """--mi-share 1 --mi-single-source (benchmarks/stereo_probe.sh), sizes that the fixture's
+    multi-instance images fill (2 train, 1 val): VPO-MSMI holds them only, each sounding through one
+    instance of its repeated class; its twins and the other classes are silent, so the mask holds
+    that instance alone."""
     out = str(tmp_path / "out")
     assert vpo_make.main(["--coco", src[0], "--vggsound", src[1], "--out", out, "--n-train", "2", "--n-test",
                           "1", "--mi-share", "1", "--mi-single-source", "--workers", "1"]) == 0
