@@ -653,18 +653,24 @@ def global_sum(values, world):
     return values.sum() * world
 
 
-def data_parallel(model, device, world, main_rank, log_path, find_unused):
-    """SyncBatchNorm (CUDA) and the DDP wrapper under torchrun -> the module to train."""
+def training_model(model, args, device, world, log_path):
+    """The module to train: channels-last and TF32 on CUDA, --compile; under torchrun
+    SyncBatchNorm on CUDA and the DDP wrapper (`model` stays the module that holds the weights)."""
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.compile:
+        model.encoder.compile()
     if world == 1:
         return model
     if device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif main_rank:
+    elif log_path:
         log("note: SyncBatchNorm runs on CUDA only; on CPU each rank keeps its own BatchNorm "
             "statistics", log_path)
     return nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=find_unused)
+        find_unused_parameters=not args.tpavi_stages)
 
 
 # --------------------------------------------------------------------- train / evaluate / predict
@@ -891,15 +897,7 @@ def main(args):
     seed_all(rank_seed(args.seed, rank))
 
     val_split = "val" if spec["kind"] == "avs" else "test"  # VPO's release "val" is the test set
-    sets = build_datasets(args, spec, ["test"] if args.eval_only else
-                          sorted({"train", val_split, "test"}))
-    twin_idx = []
-    if spec["kind"] == "vpo" and args.eval_audio == "real" and \
-            data.attach_twins(sets["test"], args.coco_ann):
-        twin_idx = sorted(sets["test"].twins)  # VPO-MSMI: images whose sounding object has twins
-    if args.eval_only:
-        sets["test"] = data.eval_audio_set(sets["test"], args.eval_audio, args.coco_ann, args.seed)
-    train_loader, eval_loaders = build_loaders(args, sets, twin_idx, rank, world, device)
+    sets, train_loader, eval_loaders = build_data(args, spec, val_split, rank, world, device)
     log_path = os.path.join(args.out, "log.txt") if main_rank else None
     if main_rank:
         os.makedirs(os.path.join(args.out, "overlays"), exist_ok=True)
@@ -913,12 +911,7 @@ def main(args):
     if args.eval_only:
         return run_eval_only(model, eval_loaders, device, amp, args, log_path)
 
-    if device.type == "cuda":  # channels-last convolutions, TF32 where the GPU has it
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.compile:
-        model.encoder.compile()
-    net = data_parallel(model, device, world, main_rank, log_path, not args.tpavi_stages)
+    net = training_model(model, args, device, world, log_path)
     optimizer = make_optimizer(model, args)
     iters_per_epoch = len(train_loader)
     if iters_per_epoch == 0:
@@ -943,13 +936,7 @@ def main(args):
         run["epoch"] = run["iteration"] // iters_per_epoch
         stop = run["iteration"] >= total
         if stop or (epoch + 1) % args.eval_every == 0:
-            eval_t = time.time()
-            res = run_eval(model, eval_loaders, val_split, "last", device, amp, args, log_path)
-            run["history"].append(dict(epoch=epoch + 1, iteration=run["iteration"], **res))
-            if main_rank:
-                log(f"eval ep {epoch + 1}: mIoU {100 * res['miou']:.2f} F-beta "
-                    f"{100 * res['mean_fbeta']:.2f} FDR {100 * res['mean_fdr']:.2f} "
-                    f"({time.time() - eval_t:.1f} s)", log_path)
+            res = validate(model, eval_loaders, val_split, run, epoch, device, amp, args, log_path)
             if res[run["metric"]] > run["best"]:
                 run["best"] = res[run["metric"]]
                 save_checkpoint(main_rank and os.path.join(args.out, "best.pt"), model, optimizer,
@@ -969,6 +956,31 @@ def main(args):
     if main_rank:
         log(f"done in {meter.elapsed():.0f} s; best {run['metric']} {run['best']:.4f}; "
             f"run folder {args.out}", log_path)
+    return res
+
+
+def build_data(args, spec, val_split, rank, world, device):
+    """The datasets (--eval-only: test, with --eval-audio's audio) and their loaders."""
+    sets = build_datasets(args, spec, ["test"] if args.eval_only else
+                          sorted({"train", val_split, "test"}))
+    twin_idx = []
+    if spec["kind"] == "vpo" and args.eval_audio == "real" and \
+            data.attach_twins(sets["test"], args.coco_ann):
+        twin_idx = sorted(sets["test"].twins)  # VPO-MSMI: images whose sounding object has twins
+    if args.eval_only:
+        sets["test"] = data.eval_audio_set(sets["test"], args.eval_audio, args.coco_ann, args.seed)
+    return (sets, *build_loaders(args, sets, twin_idx, rank, world, device))
+
+
+def validate(model, loaders, split, run, epoch, device, amp, args, log_path):
+    """The evaluation after an epoch, added to run["history"] and logged -> its metrics."""
+    start = time.time()
+    res = run_eval(model, loaders, split, "last", device, amp, args, log_path)
+    run["history"].append(dict(epoch=epoch + 1, iteration=run["iteration"], **res))
+    if log_path:
+        log(f"eval ep {epoch + 1}: mIoU {100 * res['miou']:.2f} F-beta "
+            f"{100 * res['mean_fbeta']:.2f} FDR {100 * res['mean_fdr']:.2f} "
+            f"({time.time() - start:.1f} s)", log_path)
     return res
 
 
