@@ -50,8 +50,6 @@ DATASETS = {
 }
 ENCODER_CHANNELS = {"resnet18": [64, 128, 256, 512], "resnet50": [256, 512, 1024, 2048],
                     "pvt_v2_b5": [64, 128, 320, 512]}
-# the architecture flags, taken from a checkpoint
-CKPT_KEYS = ("backbone", "pretrained", "tpavi_stages", "audio_encoder", "mono")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,6 +60,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
+    """The flags; the defaults are the paper's (AVS). args.given: the flags on the command line."""
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument_group("data").add_argument
     a("--data", default="vpo_msmi", choices=list(DATASETS),
@@ -163,8 +162,20 @@ def parse_args(argv=None):
         p.error("--audio-encoder vggish needs --vggish-weights PATH (VGGish weights load from a "
                 "local file only)" if args.vggish_weights is None else
                 "--vggish-weights needs --audio-encoder vggish")
-    args.given = given_flags(p, argv)  # taken out by main
+    args.given = given_flags(p, argv)
     return args
+
+
+def given_flags(parser, argv=None):
+    """The flags on the command line (as dests): argv parsed again with every default suppressed."""
+    defaults = [(action, action.default) for action in parser._actions]
+    for action, _ in defaults:
+        action.default = argparse.SUPPRESS
+    try:
+        return sorted(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in defaults:
+            action.default = default
 
 
 # The built-in synthetic VPO (`python vpo_make.py --synthetic`) is CPU-sized; for flags not given:
@@ -198,18 +209,6 @@ def resolve_defaults(args, given):
                              "--pretrained PATH (pvt_v2_b5.pth of the PVT release) or "
                              "--pretrained none")
     return args
-
-
-def given_flags(parser, argv):
-    """The flags on the command line: `parser` once more with every default suppressed."""
-    defaults = [(action, action.default) for action in parser._actions]
-    for action, _ in defaults:
-        action.default = argparse.SUPPRESS
-    try:
-        return set(vars(parser.parse_args(argv)))
-    finally:
-        for action, default in defaults:
-            action.default = default
 
 
 # ----------------------------------------------------------------------------- model
@@ -875,15 +874,14 @@ def predict(args):
 
 
 def main(args):
-    given = vars(args).pop("given")  # the flags on the command line (parse_args)
+    given = set(vars(args).pop("given", ()))
     if args.predict:
         return predict(args)
     device, rank, world = init_distributed(args)
     main_rank, amp = rank == 0, not args.no_amp and native_bf16(device)
     ckpt = load_checkpoint(args.resume or args.ckpt) if args.resume or args.eval_only else None
     if ckpt:
-        use_checkpoint_args(args, ckpt)
-        given = given | set(CKPT_KEYS)
+        given |= use_checkpoint_args(args, ckpt)
         if DATASETS[ckpt["args"]["data"]]["classes"] != DATASETS[args.data]["classes"]:
             raise data.DataError(f"{args.resume or args.ckpt} was trained on --data "
                                  f"{ckpt['args']['data']}, whose classes differ from --data "
@@ -921,7 +919,7 @@ def main(args):
     # released model selection: M_J (S4 / MS3), mIoU (AVSS)
     run = dict(iteration=0, epoch=0, best=-math.inf, metric="mj" if binary else "miou", history=[])
     if ckpt:
-        run = resume_run(ckpt, optimizer, run, rank, world, args, log_path)
+        run = resume_run(ckpt, args.resume, optimizer, run, rank, world, log_path)
 
     criterion = Criterion(args, binary, device, amp, world)
     meter = Meter(run["iteration"], total, world, ckpt.get("elapsed_s", 0.0) if ckpt else 0.0)
@@ -1013,16 +1011,16 @@ def make_optimizer(model, args):
     return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
 
 
-def resume_run(ckpt, optimizer, run, rank, world, args, log_path):
-    """The optimiser, the run state and this rank's RNG states of a checkpoint -> run."""
+def resume_run(ckpt, path, optimizer, run, rank, world, log_path):
+    """--resume: the checkpoint's optimiser and RNG states -> its run state (iteration, epoch,
+    best, metric, history)."""
     optimizer.load_state_dict(ckpt["optimizer"])
-    run = {key: ckpt[key] for key in run}
-    if len(ckpt["rng"]) == world:  # per-rank RNG states; with another world size, fresh seeds
+    if len(ckpt["rng"]) == world:  # per-rank RNG states; another world size keeps fresh seeds
         set_rng_state(ckpt["rng"][rank])
     if log_path:
-        log(f"resumed from {args.resume} at epoch {run['epoch']}, iteration {run['iteration']}",
+        log(f"resumed from {path} at epoch {ckpt['epoch']}, iteration {ckpt['iteration']}",
             log_path)
-    return run
+    return {key: ckpt[key] for key in run}
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -1222,6 +1220,10 @@ def build_loaders(args, sets, twin_idx, rank, world, device):
     return loader(sets["train"], args.batch_size // world, sampler), evals
 
 
+# the architecture flags, taken from a checkpoint
+CKPT_KEYS = ("backbone", "pretrained", "tpavi_stages", "audio_encoder", "mono")
+
+
 def load_checkpoint(path):
     """A last.pt / best.pt of this script (plain containers, read with weights_only=True); anything
     else, a missing file included, is a one-line DataError naming the file."""
@@ -1241,9 +1243,10 @@ def load_checkpoint(path):
 
 
 def use_checkpoint_args(args, ckpt):
-    """The architecture flags come from the checkpoint."""
+    """The architecture flags come from the checkpoint -> their names."""
     for key in CKPT_KEYS:
         setattr(args, key, ckpt["args"][key])
+    return set(CKPT_KEYS)
 
 
 # run control and paths: they may differ on --resume
