@@ -8,9 +8,10 @@ file where this one follows the release).
     python vpo_make.py --synthetic --out data                      # built-in VPO, CPU-sized
     python tpavi.py --data vpo_ss --data-root data --eval-every 5  # train + evaluate
     python tpavi.py --data vpo_ss --data-root data --eval-only --ckpt runs/<run>/best.pt
-    torchrun --nproc_per_node=8 tpavi.py --data avss --batch-size 32  # batch over all ranks
-    python tpavi.py --data avsbench_ms3 --data-root data/AVSBench
-    python tpavi.py --data avsbench_s4 --backbone pvt_v2_b5 --pretrained pvt_v2_b5.pth
+    torchrun --nproc_per_node=8 tpavi.py --data avss --data-root data/AVSBench --batch-size 32
+    python tpavi.py --data avsbench_ms3 --data-root data/AVSBench     # AVSBench, the paper's recipe
+    python tpavi.py --data avsbench_s4 --data-root data/AVSBench --backbone pvt_v2_b5 \\
+        --pretrained pvt_v2_b5.pth
 """
 import argparse
 import itertools
@@ -569,7 +570,8 @@ class PVTv2(nn.Module):
 
 def seg_loss(logits, target, binary, world=1):
     """First term of Eq. (1): BCE on the single logit (AVSBench-Objects) or CE over K classes (VPO,
-    AVSS), averaged over the labelled pixels (255 ignored; S4 train frames 2-5 are all 255)."""
+    AVSS), averaged over the labelled pixels (255 ignored; S4 train frames 2-5 are all 255).
+    `world` and global_mean: the global batch under DDP (next section)."""
     valid = target != 255
     if binary:
         loss = F.binary_cross_entropy_with_logits(logits[:, 0], (target == 1).to(logits.dtype),
@@ -643,12 +645,12 @@ def global_count(x, world):
 
 
 def global_mean(values, weights, world):
-    """This rank's share of sum(values * weights) / sum(weights) over the global batch, x world."""
+    """sum(values * weights) / sum(weights) over the global batch: this rank's share x world."""
     return (values * weights).sum() * world / global_count(weights.sum(), world)
 
 
 def global_sum(values, world):
-    """This rank's share of a sum over the global batch, x world."""
+    """A sum over the global batch: this rank's share, times world."""
     return values.sum() * world
 
 
