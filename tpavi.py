@@ -93,12 +93,13 @@ def parse_args(argv=None):
       help="local VGGish state dict (torchvggish layout: features.*, embeddings.*)")
     a = p.add_argument_group("loss (AVS Eq. (1)-(2))").add_argument
     a("--lambda-avm", type=float, default=None, help="weight of L_AVM in Eq. (1), 0 disables "
-      "(released train.sh: 0.5 for MS3 / AVSS, 0 for avsbench_s4; 0 without TPAVI stages)")
+      "(default per --data as the released train.sh: avsbench_s4 0, else 0.5; 0 without TPAVI "
+      "stages)")
     a = p.add_argument_group("optimisation (AVS)").add_argument
-    a("--epochs", type=int, default=None, help="per --data: avsbench_s4 15, avsbench_ms3 30, "
-      "avss 60 (AVS); VPO 80 (CAVP App. B.1)")
-    a("--batch-size", type=int, default=4, help="clips per step over all ranks (%(default)s)")
-    a("--lr", type=float, default=1e-4, help="Adam learning rate, constant (%(default)s)")
+    a("--epochs", type=int, default=None, help="default per --data: avsbench_s4 15, avsbench_ms3 "
+      "30, avss 60 (AVS); VPO 80 (CAVP App. B.1)")
+    a("--batch-size", type=int, default=4, help="clips per step over all ranks (AVS: %(default)s)")
+    a("--lr", type=float, default=1e-4, help="Adam learning rate, constant (AVS: %(default)s)")
     a("--seed", type=int, default=0, help="random seed (each rank draws its own)")
     a("--max-iters", type=int, default=None, help="stop after N iterations in all (quick checks)")
     a = p.add_argument_group("run").add_argument
@@ -120,7 +121,7 @@ def parse_args(argv=None):
     a("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     a("--eval-batch-size", type=int, default=1,
       help="clips per evaluation step and rank (CAVP App. B.1: 1, VPO at original resolution)")
-    a("--log-every", type=int, default=20, help="log every N iterations (released: 20)")
+    a("--log-every", type=int, default=20, help="log every N iterations (as released: %(default)s)")
     a("--overlays", type=int, default=4, help="write PNG overlays of the first N test images")
     a = p.add_argument_group("predict on your own frames and sound").add_argument
     a("--predict", default=None, metavar="FRAMES_DIR_OR_IMAGE",
@@ -133,36 +134,38 @@ def parse_args(argv=None):
     a("--max-size", type=int, default=None, metavar="PX", help="with --predict: run at a long side "
       "of at most PX, predictions resized back (default the checkpoint's --crop)")
     args = p.parse_args(argv)
-    for flag in ("batch_size", "eval_every", "eval_batch_size", "log_every", "epochs", "max_iters",
-                 "limit", "crop", "max_size"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.workers < 0 or args.overlays < 0:
-        p.error("--workers and --overlays must be >= 0")
-    if args.predict and not (args.ckpt and args.audio):
-        p.error("--predict needs --ckpt PATH and --audio WAV")
-    if (args.audio or args.audio_pos is not None or args.max_size is not None) and not args.predict:
-        p.error("--audio, --audio-pos and --max-size are for --predict FRAMES_DIR_OR_IMAGE")
-    if args.predict and (args.eval_only or args.resume):
-        p.error("--predict excludes --eval-only and --resume")
-    if (args.eval_only or args.predict is not None) != (args.ckpt is not None):
-        p.error("--eval-only needs --ckpt PATH" if args.eval_only else
-                "--ckpt is for --eval-only or --predict; use --resume PATH to continue training")
-    if args.eval_audio != "real" and not (args.eval_only and args.data.startswith("vpo")):
-        p.error(f"--eval-audio {args.eval_audio} is for --eval-only on a VPO --data")
-    if args.eval_only and args.resume:
-        p.error("--resume and --eval-only exclude each other")
-    stages = args.tpavi_stages
-    if any(s not in range(4) for s in stages) or len(set(stages)) != len(stages):
-        p.error(f"--tpavi-stages {' '.join(map(str, stages))}: give distinct stages from 0 1 2 3")
-    if args.lambda_avm is not None and args.lambda_avm < 0:
-        p.error("--lambda-avm must be >= 0")
-    if args.lambda_avm and not stages:
-        p.error("L_AVM needs the audio of a TPAVI block: add --tpavi-stages or set --lambda-avm 0")
-    if (args.audio_encoder == "vggish") != (args.vggish_weights is not None):
-        p.error("--audio-encoder vggish needs --vggish-weights PATH (VGGish weights load from a "
-                "local file only)" if args.vggish_weights is None else
-                "--vggish-weights needs --audio-encoder vggish")
+    stages, positive = args.tpavi_stages, ("batch_size", "eval_every", "eval_batch_size",
+                                           "log_every", "epochs", "max_iters", "limit", "crop",
+                                           "max_size")
+    for bad, message in [
+            *[(getattr(args, flag) is not None and getattr(args, flag) < 1,
+               f"--{flag.replace('_', '-')} must be >= 1") for flag in positive],
+            (args.workers < 0 or args.overlays < 0, "--workers and --overlays must be >= 0"),
+            (args.predict and not (args.ckpt and args.audio),
+             "--predict needs --ckpt PATH and --audio WAV"),
+            (not args.predict and (args.audio or args.audio_pos is not None
+                                   or args.max_size is not None),
+             "--audio, --audio-pos and --max-size are for --predict FRAMES_DIR_OR_IMAGE"),
+            (args.predict and (args.eval_only or args.resume),
+             "--predict excludes --eval-only and --resume"),
+            (args.eval_only and args.ckpt is None, "--eval-only needs --ckpt PATH"),
+            (not args.eval_only and (args.predict is None) != (args.ckpt is None),
+             "--ckpt is for --eval-only or --predict; use --resume PATH to continue training"),
+            (args.eval_audio != "real" and not (args.eval_only and args.data.startswith("vpo")),
+             f"--eval-audio {args.eval_audio} is for --eval-only on a VPO --data"),
+            (args.eval_only and args.resume, "--resume and --eval-only exclude each other"),
+            (any(s not in range(4) for s in stages) or len(set(stages)) != len(stages),
+             f"--tpavi-stages {' '.join(map(str, stages))}: give distinct stages from 0 1 2 3"),
+            (args.lambda_avm is not None and args.lambda_avm < 0, "--lambda-avm must be >= 0"),
+            (args.lambda_avm and not stages, "L_AVM needs the audio of a TPAVI block: add "
+             "--tpavi-stages or set --lambda-avm 0"),
+            (args.audio_encoder == "vggish" and args.vggish_weights is None,
+             "--audio-encoder vggish needs --vggish-weights PATH (VGGish weights load from a "
+             "local file only)"),
+            (args.audio_encoder != "vggish" and args.vggish_weights is not None,
+             "--vggish-weights needs --audio-encoder vggish")]:
+        if bad:
+            p.error(message)
     args.given = given_flags(p, argv)
     return args
 
