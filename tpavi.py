@@ -899,7 +899,9 @@ def main(args):
     args.out = run_folder(args, world)
     seed_all(rank_seed(args.seed, rank))
 
-    val_split = "val" if spec["kind"] == "avs" else "test"  # VPO's release "val" is the test set
+    # AVSBench: the model is selected on val and best.pt tested at the end; VPO has no val split
+    # (its release's "val" is the test set), so it is evaluated on test
+    val_split = "val" if spec["kind"] == "avs" else "test"
     sets, train_loader, eval_loaders = build_data(args, spec, val_split, rank, world, device)
     log_path = os.path.join(args.out, "log.txt") if main_rank else None
     if main_rank:
@@ -921,7 +923,7 @@ def main(args):
         raise data.DataError(f"{args.data} train split has {len(sets['train'])} samples, fewer "
                              f"than --batch-size {args.batch_size}: lower --batch-size or --limit")
     total = min(args.max_iters or math.inf, args.epochs * iters_per_epoch)
-    # released model selection: M_J (S4 / MS3), mIoU (AVSS)
+    # model selection as the released train.py: M_J (S4 / MS3), mIoU (AVSS)
     run = dict(iteration=0, epoch=0, best=-math.inf, metric="mj" if binary else "miou", history=[])
     if ckpt:
         run = resume_run(ckpt, args.resume, optimizer, run, rank, world, log_path)
