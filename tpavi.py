@@ -315,8 +315,9 @@ class ASPP(nn.Module):
 
 
 class ResidualConvUnit(nn.Module):
-    """DPT residual conv unit. The released unit applies an in-place ReLU to its input, so the skip
-    carries relu(x): relu(x) + conv(relu(conv(relu(x)))); this is written out here."""
+    """DPT residual conv unit. The released one (ResidualConvUnit, avs_scripts/avs_ms3/model/
+    ResNet_AVSModel.py) applies an in-place ReLU to its input, so the skip carries relu(x):
+    relu(x) + conv(relu(conv(relu(x)))); this is written out here."""
 
     def __init__(self, c):
         super().__init__()
@@ -418,8 +419,8 @@ def load_state(module, path, what, rename=lambda k: k):
 
 
 class ResNetEncoder(nn.Module):
-    """torchvision ResNet, stages 1-4 at strides 4, 8, 16, 32 (the released B2_ResNet is a plain
-    ResNet-50)."""
+    """torchvision ResNet, stages 1-4 at strides 4, 8, 16, 32 (the released B2_ResNet,
+    avs_scripts/avss/model/resnet.py, is a plain ResNet-50)."""
 
     def __init__(self, name, pretrained):
         super().__init__()
