@@ -1,35 +1,17 @@
-"""TPAVI: the AVSBench baseline of "Audio-Visual Segmentation" (Zhou et al., ECCV 2022), in one file.
+"""TPAVI, the baseline of "Audio-Visual Segmentation" (AVSBench), in one file.
 
-Paper: papers/avsbench_tpavi_eccv2022.txt (AVS); facts and choices: SPEC §3. An image encoder
-(ResNet-50, or PVT-v2-b5) gives four stages; each goes through an "ASPP" (sum of four atrous 3x3
-convs) and a TPAVI block (temporal pixel-wise audio-visual attention, AVS Fig. 4); a DPT-style
-decoder fuses the stages into logits at input size. Loss: BCE / CE + lambda * L_AVM (AVS Eq. (1)-(2)).
-Where the authors' released code (OpenNLPLab/AVSBench) departs from the paper or SPEC, the comment at
-that line says which one this file follows.
+Jinxing Zhou, Jianyuan Wang, Jiayi Zhang, Weixuan Sun, Jing Zhang, Stan Birchfield, Dan Guo,
+Lingpeng Kong, Meng Wang, Yiran Zhong. ECCV 2022. https://arxiv.org/abs/2207.05042
+Released code: github.com/OpenNLPLab/AVSBench ("AVS" below: the paper; comments name the released
+file where this one follows the release).
 
-    python tpavi.py --data vpo_msmi                                  # train + evaluate on VPO-MSMI
-    python tpavi.py --data avsbench_ms3 --data-root data/AVSBench
-    python tpavi.py --data avsbench_s4 --backbone pvt_v2_b5 --pretrained pvt_v2_b5.pth
-    torchrun --nproc_per_node=8 tpavi.py --data avss --batch-size 32  # --batch-size is over all ranks
-    python tpavi.py --data vpo_msmi --eval-only --ckpt runs/<run>/best.pt
-
-Defaults are the paper's recipe: Adam, constant lr 1e-4, batch 4, 224x224 frames and 15 / 30 / 60
-epochs for AVSBench S4 / MS3 / AVSS; on VPO the CAVP protocol (CAVP App. B.1: 512 crop with colour
-jitter, flip and 0.5-2.0 scaling, 80 epochs, test at original resolution with batch 1) with the same
-optimiser. Audio: ResNet-18 on the log-mel of one second per frame (VPO: T = 1 frame with the whole
-3 s clip), stereo unless --mono; VGGish (the paper's) from a local weight file with --audio-encoder vggish.
-
-CPU: on the built-in synthetic VPO (`python vpo_make.py --synthetic --out data`) the defaults become
-ResNet-18, no pretrained weights and the built-in image size as crop, e.g.
-    python tpavi.py --data vpo_ss --data-root data --workers 2 --eval-every 5
-On real data add e.g. --backbone resnet18 --crop 256 --limit 200 --workers 2.
-
-AVSBench: the model is selected on the val split during training and best.pt is evaluated on test at
-the end; VPO has no val split (the release's "val" is the test set), so it is evaluated on test.
-Outputs in --out: last.pt, best.pt, metrics.json (args, per-eval history, best, final), log.txt and
-overlays/*.png (image | ground truth | prediction); --eval-only writes eval-<audio>.json instead.
-Audio alignment (README): `--eval-only --eval-audio silence|absent` tests with audio that says nothing in
-the image sounds; fg_pred in eval-<audio>.json is then the share of pixels falsely segmented.
+    python vpo_make.py --synthetic --out data                      # built-in VPO, CPU-sized
+    python tpavi.py --data vpo_ss --data-root data --eval-every 5  # train + evaluate
+    python tpavi.py --data vpo_ss --data-root data --eval-only --ckpt runs/<run>/best.pt
+    torchrun --nproc_per_node=8 tpavi.py --data avss --data-root data/AVSBench --batch-size 32
+    python tpavi.py --data avsbench_ms3 --data-root data/AVSBench     # AVSBench, the paper's recipe
+    python tpavi.py --data avsbench_s4 --data-root data/AVSBench --backbone pvt_v2_b5 \\
+        --pretrained pvt_v2_b5.pth
 """
 import argparse
 import itertools
@@ -55,20 +37,20 @@ import metrics
 
 # ----------------------------------------------------------------------------- arguments
 
-# --data -> loader, subset / task, logits K (1 = binary), default epochs, lambda of L_AVM, frame size
+# --data -> loader, subset / task, logits K (1 = binary), epochs, lambda of L_AVM, frame size.
+# AVSBench: epochs of the released train.sh; avs_scripts/avs_s4/train.sh trains without L_AVM.
+# VPO (CAVP §3): epochs and training crop of the CAVP protocol (CAVP App. B.1).
 DATASETS = {
-    # VPO: CAVP §3; epochs and crop from the CAVP protocol (App. B.1)
+    "avsbench_s4": dict(kind="avs", subset="s4", classes=1, epochs=15, lam=0.0, crop=224),
+    "avsbench_ms3": dict(kind="avs", subset="ms3", classes=1, epochs=30, lam=0.5, crop=224),
+    "avss": dict(kind="avs", subset="avss", classes=data.AVSS_NUM_CLASSES, epochs=60, lam=0.5,
+                 crop=224),
     "vpo_ss": dict(kind="vpo", subset="ss", classes=22, epochs=80, lam=0.5, crop=512),
     "vpo_ms": dict(kind="vpo", subset="ms", classes=22, epochs=80, lam=0.5, crop=512),
     "vpo_msmi": dict(kind="vpo", subset="msmi", classes=22, epochs=80, lam=0.5, crop=512),
-    # AVSBench: epochs of the released train.sh; the released S4 script trains without L_AVM (SPEC §3)
-    "avsbench_s4": dict(kind="avs", subset="s4", classes=1, epochs=15, lam=0.0, crop=224),
-    "avsbench_ms3": dict(kind="avs", subset="ms3", classes=1, epochs=30, lam=0.5, crop=224),
-    "avss": dict(kind="avs", subset="avss", classes=data.AVSS_NUM_CLASSES, epochs=60, lam=0.5, crop=224),
 }
 ENCODER_CHANNELS = {"resnet18": [64, 128, 256, 512], "resnet50": [256, 512, 1024, 2048],
                     "pvt_v2_b5": [64, 128, 320, 512]}
-CKPT_KEYS = ("backbone", "pretrained", "tpavi_stages", "audio_encoder", "mono")  # taken from a checkpoint
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,133 +61,139 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
+    """The flags; the defaults are the paper's (AVS). args.given: the flags on the command line."""
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    # data
+    a = p.add_argument_group("data").add_argument
     a("--data", default="vpo_msmi", choices=list(DATASETS),
-      help="VPO subset (CAVP §3) or AVSBench-Objects S4 / MS3 / AVSBench-Semantics (AVS)")
-    a("--data-root", default="data",
-      help="VPO: folder with VPO-SS/, VPO-MS/, VPO-MSMI/ (and audio/); AVSBench: folder with "
-           "Single-source/, Multi-sources/ or AVSBench-semantic/")
-    a("--audio-root", default=None, help="VPO: folder of {vgg_file}.wav clips (default: DATA_ROOT/audio)")
+      help="AVSBench-Objects S4 / MS3, AVSBench-Semantics (AVS) or a VPO subset (CAVP §3)")
+    a("--data-root", default="data", help="folder with VPO-SS/ VPO-MS/ VPO-MSMI/ (and audio/), "
+      "or AVSBench's Single-source/ Multi-sources/ AVSBench-semantic/")
+    a("--audio-root", default=None, help="VPO: folder of {vgg_file}.wav (default DATA_ROOT/audio)")
     a("--mono", action="store_true", help="mono audio instead of stereo (CAVP Table 8 ablation)")
     a("--pan", default="csv", choices=["csv", "crop"],
-      help="VPO training: pan each source at the CSV audio_pos, mirrored on a flip (csv, the released behaviour and "
-           "the default, README 'Stereo vs mono at 4,096 iterations'), or at its object's centre of mass as "
-           "moved by the flip, scale and crop, clamped to [0, 1] (crop, issue 19)")
-    a("--crop", type=int, default=None,
-      help="VPO training crop (default 512, CAVP App. B.1; built-in VPO: its image size); AVSBench "
-           "frame size (default 224, AVS)")
-    a("--limit", type=int, default=None, help="use only the first N samples of each split (quick checks)")
-    a("--workers", type=int, default=None,
-      help="data loader worker processes per rank (default 7: one worker makes ~49 VPO training samples/s at "
-           "crop 512 on one CPU core, collate included (benchmarks/loader.py); a GPU training at ~300 img/s (an "
-           "H100 at crop 512, issue 20) needs 300 / 49 = 6.1 -> 7; README 'Loader speed'; built-in VPO: 2, as "
-           "the CPU that trains also loads)")
-    # model
-    a("--backbone", default=None, choices=list(ENCODER_CHANNELS),
-      help="image encoder (default resnet50 as AVS; pvt_v2_b5 is AVS's second encoder; built-in VPO: "
-           "resnet18)")
-    a("--pretrained", default=None,
-      help="encoder weights: 'imagenet' (torchvision weights API, ResNets only), 'none', or a local "
-           ".pth state dict (pvt_v2_b5: pvt_v2_b5.pth of the PVT release) (default imagenet; "
-           "built-in VPO: none)")
+      help="VPO training: pan at the CSV audio_pos, mirrored on a flip (%(default)s, as released), "
+           "or at the object's centre of mass after flip, scale and crop (see docs/RESULTS.md)")
+    a("--crop", type=int, default=224, help="frame size (AVS: %(default)s); VPO: training crop "
+      "512 (CAVP App. B.1); built-in VPO: its image size")
+    a("--limit", type=int, default=None, help="the first N samples of each split (quick checks)")
+    a("--workers", type=int, default=7, help="loader processes per rank (%(default)s keep a GPU "
+      "fed at crop 512, benchmarks/loader.py; built-in VPO: 2, the CPU that trains also loads)")
+    a = p.add_argument_group("model (AVS Fig. 3)").add_argument
+    a("--backbone", default="resnet50", choices=list(ENCODER_CHANNELS),
+      help="image encoder (AVS: %(default)s or pvt_v2_b5; built-in VPO: resnet18)")
+    a("--pretrained", default="imagenet", help="encoder weights: imagenet (torchvision, ResNets), "
+      "none, or a local .pth (pvt_v2_b5.pth of the PVT release) (%(default)s; built-in VPO: none)")
     a("--tpavi-stages", type=int, nargs="*", default=[0, 1, 2, 3],
-      help="encoder stages (0-3) with a TPAVI block (released scripts: 0 1 2 3; give none for the "
-           "'without TPAVI' ablation of AVS Table 2)")
+      help="encoder stages with a TPAVI block (released train.sh: 0 1 2 3; none: AVS Table 2's "
+           "'without TPAVI')")
     a("--audio-encoder", default="resnet18", choices=["resnet18", "vggish"],
-      help="resnet18: trained ResNet-18 on the SPEC 1.3 log-mel (CAVP); vggish: frozen VGGish (AVS), "
-           "needs --vggish-weights")
+      help="resnet18 on the log-mel, trained (this project's choice, as CAVP: VGGish weights "
+           "load from a local file only); vggish: frozen (AVS), needs --vggish-weights")
     a("--vggish-weights", default=None,
-      help="local VGGish state dict (torchvggish layout: features.*, embeddings.*) for --audio-encoder vggish")
-    # loss
-    a("--lambda-avm", type=float, default=None,
-      help="weight of L_AVM in Eq. (1); 0 disables (default 0.5 as the released MS3 / AVSS scripts; "
-           "avsbench_s4: 0 as the released S4 script)")
-    # optimisation
-    a("--epochs", type=int, default=None,
-      help="training epochs (default by dataset: avsbench_s4 15, avsbench_ms3 30, avss 60 as AVS; "
-           "VPO 80 as CAVP App. B.1)")
-    a("--batch-size", type=int, default=4, help="clips per step over all ranks (AVS: 4)")
-    a("--lr", type=float, default=1e-4, help="Adam learning rate, constant (AVS: 1e-4)")
-    a("--seed", type=int, default=0, help="random seed (rank r uses seed + r)")
-    a("--max-iters", type=int, default=None, help="stop after this many iterations in total (quick checks)")
-    # run
-    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (auto: cuda when available)")
-    a("--no-amp", action="store_true",
-      help="disable bf16 autocast (default: on for CUDA and for CPUs with native bf16, AVX512-BF16 / AMX; "
-           "other CPUs emulate it about 20x slower, so they run fp32)")
+      help="local VGGish state dict (torchvggish layout: features.*, embeddings.*)")
+    a = p.add_argument_group("loss (AVS Eq. (1)-(2))").add_argument
+    a("--lambda-avm", type=float, default=None, help="weight of L_AVM in Eq. (1), 0 disables "
+      "(default per --data as the released train.sh: avsbench_s4 0, else 0.5; 0 without TPAVI "
+      "stages)")
+    a = p.add_argument_group("optimisation (AVS)").add_argument
+    a("--epochs", type=int, default=None, help="default per --data: avsbench_s4 15, avsbench_ms3 "
+      "30, avss 60 (AVS); VPO 80 (CAVP App. B.1)")
+    a("--batch-size", type=int, default=4, help="clips per step over all ranks (AVS: %(default)s)")
+    a("--lr", type=float, default=1e-4, help="Adam learning rate, constant (AVS: %(default)s)")
+    a("--seed", type=int, default=0, help="random seed (each rank draws its own)")
+    a("--max-iters", type=int, default=None, help="stop after N iterations in all (quick checks)")
+    a = p.add_argument_group("run").add_argument
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
+    a("--no-amp", action="store_true", help="no bf16 autocast (default: on for CUDA and CPUs with "
+      "native bf16, AVX512-BF16 / AMX; elsewhere emulated ~20x slower, so fp32)")
     a("--compile", action="store_true",
-      help="torch.compile the image encoder (off by default: measure it on your GPU first; no gain on CPU)")
-    a("--out", default=None,
-      help="run folder (default: runs/tpavi-<data>-s<seed>-<time>; with --resume the checkpoint's folder)")
-    a("--resume", default=None, help="continue training from this checkpoint (e.g. runs/<run>/last.pt)")
+      help="torch.compile the image encoder (measure it on your GPU first; no gain on CPU)")
+    a("--out", default=None, help="run folder (default runs/tpavi-<data>-s<seed>-<time>; "
+      "with --resume the checkpoint's folder)")
+    a("--resume", default=None, help="continue training from a checkpoint (runs/<run>/last.pt)")
     a("--eval-only", action="store_true", help="only evaluate --ckpt on the test split")
-    a("--ckpt", default=None, help="checkpoint to evaluate with --eval-only or to run with --predict")
+    a("--ckpt", default=None, help="checkpoint for --eval-only or --predict")
     a("--eval-audio", default="real", choices=data.EVAL_AUDIO,
-      help="with --eval-only on VPO: test with the real audio, silence, or a clip of a class absent from the "
-           "image; the last two make the target all background, so fg_pred is the false-detection rate")
-    a("--coco-ann", default=None,
-      help="COCO instances JSON of the test images, for --eval-audio absent (default: the built-in VPO's "
-           "DATA_ROOT/sources/coco/annotations/instances_val2017.json)")
-    a("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last one)")
+      help="--eval-only on VPO: real audio, silence or a class absent from the image; the last "
+           "two make the target all background, so fg_pred is the false-detection rate")
+    a("--coco-ann", default=None, help="COCO instances JSON of the test images for --eval-audio "
+      "absent (default DATA_ROOT/sources/coco/annotations/instances_val2017.json)")
+    a("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     a("--eval-batch-size", type=int, default=1,
       help="clips per evaluation step and rank (CAVP App. B.1: 1, VPO at original resolution)")
-    a("--log-every", type=int, default=20, help="log line every N iterations (AVS release: 20)")
-    a("--overlays", type=int, default=4, help="write PNG overlays for the first N test images")
-    # predict on your own frames and sound
+    a("--log-every", type=int, default=20, help="log every N iterations (as released: %(default)s)")
+    a("--overlays", type=int, default=4, help="write PNG overlays of the first N test images")
+    a = p.add_argument_group("predict on your own frames and sound").add_argument
     a("--predict", default=None, metavar="FRAMES_DIR_OR_IMAGE",
-      help="segment a clip, a folder of frames (image files in name order, one size), or a single image with "
-           "the sound --audio using --ckpt; writes one <frame stem>.png (image | prediction) per frame and "
-           "<stem>.json (classes and pixel shares per frame) to --out (default: the checkpoint's folder/predict)")
-    a("--audio", default=None, metavar="WAV",
-      help="with --predict: the sound, a WAV (mono or stereo, any sample rate); 1 s per frame from its start as "
-           "AVSBench, or 3 s from its middle for a single image on a VPO model as VPO")
-    a("--audio-pos", type=float, default=None, metavar="A",
-      help="with --predict: pan the (downmixed) clip to horizontal position A, 0 = left .. 1 = right, as VPO "
-           "does (CAVP Sec. 3); needed for a mono clip on a stereo model")
-    a("--max-size", type=int, default=None, metavar="PX",
-      help="with --predict: run the model on the frames scaled to a long side of at most PX (aspect kept, never "
-           "enlarged) and resize the predictions to the frames' own size, so phone photos take seconds and little "
-           "memory (default: the crop or frame size the checkpoint was trained at, VPO 512, AVSBench 224, the "
-           "image size for the built-in VPO)")
+      help="segment a folder of frames (name order, one size) or an image with --audio and "
+           "--ckpt; writes <frame>.png and <stem>.json to --out (default CKPT's folder/predict)")
+    a("--audio", default=None, metavar="WAV", help="with --predict: any WAV; 1 s per frame from "
+      "its start (AVSBench), or 3 s from its middle for an image on a VPO model")
+    a("--audio-pos", type=float, default=None, metavar="A", help="with --predict: pan the clip "
+      "to A, 0 = left .. 1 = right, as VPO (CAVP §3); needed for mono on a stereo model")
+    a("--max-size", type=int, default=None, metavar="PX", help="with --predict: run at a long side "
+      "of at most PX, predictions resized back (default the checkpoint's --crop)")
     args = p.parse_args(argv)
-    for flag in ("batch_size", "eval_every", "eval_batch_size", "log_every", "epochs", "max_iters",
-                 "limit", "crop", "max_size"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if (args.workers or 0) < 0 or args.overlays < 0:
-        p.error("--workers and --overlays must be >= 0")
-    if args.predict and not (args.ckpt and args.audio):
-        p.error("--predict needs --ckpt PATH and --audio WAV")
-    if (args.audio or args.audio_pos is not None or args.max_size is not None) and not args.predict:
-        p.error("--audio, --audio-pos and --max-size are for --predict FRAMES_DIR_OR_IMAGE")
-    if args.predict and (args.eval_only or args.resume):
-        p.error("--predict excludes --eval-only and --resume")
-    if (args.eval_only or args.predict is not None) != (args.ckpt is not None):
-        p.error("--eval-only needs --ckpt PATH" if args.eval_only else
-                "--ckpt is for --eval-only or --predict; use --resume PATH to continue training")
-    if args.eval_audio != "real" and not (args.eval_only and args.data.startswith("vpo")):
-        p.error(f"--eval-audio {args.eval_audio} is for --eval-only on a VPO --data")
-    if args.eval_only and args.resume:
-        p.error("--resume and --eval-only exclude each other")
-    if any(s not in range(4) for s in args.tpavi_stages) or len(set(args.tpavi_stages)) != len(args.tpavi_stages):
-        p.error(f"--tpavi-stages {' '.join(map(str, args.tpavi_stages))}: give distinct stages from 0 1 2 3")
-    if args.lambda_avm is not None and args.lambda_avm < 0:
-        p.error("--lambda-avm must be >= 0")
-    if args.lambda_avm and not args.tpavi_stages:
-        p.error("L_AVM needs the audio of a TPAVI block: add --tpavi-stages or set --lambda-avm 0")
-    if (args.audio_encoder == "vggish") != (args.vggish_weights is not None):
-        p.error("--audio-encoder vggish needs --vggish-weights PATH (VGGish weights load from a local file only)"
-                if args.audio_encoder == "vggish" else "--vggish-weights needs --audio-encoder vggish")
+    stages, positive = args.tpavi_stages, ("batch_size", "eval_every", "eval_batch_size",
+                                           "log_every", "epochs", "max_iters", "limit", "crop",
+                                           "max_size")
+    for bad, message in [
+            *[(getattr(args, flag) is not None and getattr(args, flag) < 1,
+               f"--{flag.replace('_', '-')} must be >= 1") for flag in positive],
+            (args.workers < 0 or args.overlays < 0, "--workers and --overlays must be >= 0"),
+            (args.predict and not (args.ckpt and args.audio),
+             "--predict needs --ckpt PATH and --audio WAV"),
+            (not args.predict and (args.audio or args.audio_pos is not None
+                                   or args.max_size is not None),
+             "--audio, --audio-pos and --max-size are for --predict FRAMES_DIR_OR_IMAGE"),
+            (args.predict and (args.eval_only or args.resume),
+             "--predict excludes --eval-only and --resume"),
+            (args.eval_only and args.ckpt is None, "--eval-only needs --ckpt PATH"),
+            (not args.eval_only and (args.predict is None) != (args.ckpt is None),
+             "--ckpt is for --eval-only or --predict; use --resume PATH to continue training"),
+            (args.eval_audio != "real" and not (args.eval_only and args.data.startswith("vpo")),
+             f"--eval-audio {args.eval_audio} is for --eval-only on a VPO --data"),
+            (args.eval_only and args.resume, "--resume and --eval-only exclude each other"),
+            (any(s not in range(4) for s in stages) or len(set(stages)) != len(stages),
+             f"--tpavi-stages {' '.join(map(str, stages))}: give distinct stages from 0 1 2 3"),
+            (args.lambda_avm is not None and args.lambda_avm < 0, "--lambda-avm must be >= 0"),
+            (args.lambda_avm and not stages, "L_AVM needs the audio of a TPAVI block: add "
+             "--tpavi-stages or set --lambda-avm 0"),
+            (args.audio_encoder == "vggish" and args.vggish_weights is None,
+             "--audio-encoder vggish needs --vggish-weights PATH (VGGish weights load from a "
+             "local file only)"),
+            (args.audio_encoder != "vggish" and args.vggish_weights is not None,
+             "--vggish-weights needs --audio-encoder vggish")]:
+        if bad:
+            p.error(message)
+    args.given = given_flags(p, argv)
     return args
 
 
-# ----------------------------------------------------------------------------- defaults
+def given_flags(parser, argv=None):
+    """The flags on the command line (as dests): argv parsed again with every default suppressed."""
+    defaults = [(action, action.default) for action in parser._actions]
+    for action, _ in defaults:
+        action.default = argparse.SUPPRESS
+    try:
+        return sorted(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in defaults:
+            action.default = default
 
 
-def resolve_defaults(args):
-    """Fill flags left at None: the paper's values per dataset, CPU-sized ones on the built-in VPO."""
+# The built-in synthetic VPO (`python vpo_make.py --synthetic`) is CPU-sized; for flags not given:
+BUILTIN = dict(
+    backbone="resnet18",  # a small encoder a CPU trains in minutes
+    pretrained="none",  # no download; the synthetic images are not ImageNet's
+    crop=None,  # the built-in image size, from its vpo_summary.json
+    workers=2,  # the CPU that trains also loads
+)
+
+
+def resolve_defaults(args, given):
+    """The per --data values (crop, epochs, lambda_avm) and, on the built-in VPO, BUILTIN's, for the
+    flags not in `given` (the command line's and, with a checkpoint, CKPT_KEYS)."""
     spec = DATASETS[args.data]
     summary = os.path.join(args.data_root, "vpo_summary.json")
     info = {}
@@ -213,42 +201,226 @@ def resolve_defaults(args):
         with open(summary) as f:
             info = json.load(f)
     args.builtin = bool(info.get("synthetic"))  # written by `vpo_make.py --synthetic`
-    defaults = dict(backbone="resnet50", pretrained="imagenet", crop=spec["crop"], epochs=spec["epochs"],
-                    lambda_avm=spec["lam"] if args.tpavi_stages else 0.0, workers=7)
+    values = dict(crop=spec["crop"], epochs=spec["epochs"],
+                  lambda_avm=spec["lam"] if args.tpavi_stages else 0.0)
     if args.builtin:
-        defaults.update(backbone="resnet18", pretrained="none", crop=int(info["image_size"]), workers=2)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
+        values.update(BUILTIN, crop=int(info["image_size"]))
+    for key, value in values.items():
+        if key not in given:
             setattr(args, key, value)
     if args.backbone == "pvt_v2_b5" and args.pretrained == "imagenet":
-        raise data.DataError("--pretrained imagenet: torchvision has no PVT-v2 weights; pass --pretrained "
-                             "PATH (pvt_v2_b5.pth of the PVT release) or --pretrained none")
+        raise data.DataError("--pretrained imagenet: torchvision has no PVT-v2 weights; pass "
+                             "--pretrained PATH (pvt_v2_b5.pth of the PVT release) or "
+                             "--pretrained none")
     return args
 
 
 # ----------------------------------------------------------------------------- model
 
 
+class TPAVI(nn.Module):
+    """Temporal pixel-wise audio-visual interaction (AVS Fig. 4), the released "dot" mode of
+    TPAVIModule (OpenNLPLab/AVSBench, avs_scripts/avs_s4/model/TPAVI.py).
+
+    theta, g = 1x1 convs 256 -> 128 on the visual map x; phi = 1x1 conv 256 -> 128 on the aligned
+    audio a = Linear(128 -> 256) broadcast over HxW; f = theta^T phi over all N = T*H*W positions of
+    a clip, y = (f / N) g (no softmax); z = LayerNorm_C(x + BN(W_z(y))).
+    A 1x1 conv of the broadcast audio is a Linear on a, so phi is a Linear here.
+    """
+
+    def __init__(self, channels=256, audio_dim=128):
+        super().__init__()
+        inter = channels // 2
+        self.align = nn.Linear(audio_dim, channels)
+        self.theta = nn.Conv2d(channels, inter, 1)
+        self.phi = nn.Linear(channels, inter)
+        self.g = nn.Conv2d(channels, inter, 1)
+        self.w_z = nn.Sequential(nn.Conv2d(inter, channels, 1), nn.BatchNorm2d(channels))
+        nn.init.zeros_(self.w_z[1].weight)  # BN of W_z starts at zero: the block starts as LN(x)
+        nn.init.zeros_(self.w_z[1].bias)
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x, audio, valid=None):
+        """x (B*T, C, H, W), audio (B, T, 128), valid (B, T) bool of real (not padded) frames or
+        None -> z (B*T, C, H, W), aligned audio a (B, T, C)."""
+        b, t = audio.shape[:2]
+        a = self.align(audio)
+        phi = self.phi(a)  # (B, T, C')
+        g = self.g(x).mean((2, 3)).view(b, t, -1)  # mean_HW(g)_t, (B, T, C')
+        w = audio.new_ones(b, t) if valid is None else valid.to(audio.dtype)
+        # phi is constant over HxW, so y_i = (1/N) sum_j (theta_i . phi_j) g_j with N = T*H*W
+        # equals (1/T) sum_t (theta_i . phi_t) mean_HW(g)_t = theta_i^T M,
+        # M = (1/T) sum_t phi_t g_t^T, without the (THW)^2 matrix; padded frames are left out of
+        # the sum and of T (the release zeroes their features instead)
+        m = torch.einsum("bt,btk,btc->bkc", w, phi, g) / w.sum(1).clamp(min=1)[:, None, None]
+        theta = self.theta(x)
+        y = torch.einsum("btkhw,bkc->btchw", theta.view(b, t, *theta.shape[1:]), m).flatten(0, 1)
+        z = x + self.w_z(y)  # residual
+        return self.norm(z.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), a  # LayerNorm over channels
+
+
+class AVSModel(nn.Module):
+    """Encoder -> ASPP -> TPAVI -> DPT decoder -> head (AVS Fig. 3), plus the audio encoder."""
+
+    def __init__(self, backbone, pretrained, num_classes, tpavi_stages, audio_encoder="resnet18",
+                 audio_channels=2, vggish_weights=None, channels=256):
+        super().__init__()
+        self.encoder = (PVTv2(pretrained) if backbone == "pvt_v2_b5"
+                        else ResNetEncoder(backbone, pretrained))
+        self.aspp = nn.ModuleList(ASPP(c, channels) for c in ENCODER_CHANNELS[backbone])
+        self.tpavi = nn.ModuleDict({str(i): TPAVI(channels) for i in sorted(tpavi_stages)})
+        self.fuse = nn.ModuleList(FusionBlock(channels, skip=i < 3) for i in range(4))
+        self.head1 = nn.Conv2d(channels, 128, 3, padding=1)
+        self.head2 = nn.Sequential(nn.Conv2d(128, 32, 3, padding=1), nn.ReLU(),
+                                   nn.Conv2d(32, num_classes, 1))
+        self.audio = (VGGish(vggish_weights) if audio_encoder == "vggish"
+                      else AudioResNet18(audio_channels))
+
+    def forward(self, image, wave, valid=None):
+        """image (B, T, 3, H, W); wave (B, C, N), split into T equal segments; valid (B, T) or None
+        -> logits (B*T, K, H, W), the four stage maps (B*T, 256, h, w), the aligned audio per
+        stage (B, T, 256; None at stages without TPAVI)."""
+        b, t = image.shape[:2]
+        seg = wave.shape[-1] // t
+        segments = wave[..., :seg * t].unflatten(-1, (t, seg)).transpose(1, 2).flatten(0, 1)
+        audio = self.audio(segments).view(b, t, -1)
+        feats = [aspp(f) for aspp, f in zip(self.aspp, self.encoder(image.flatten(0, 1)))]
+        audios = [None] * 4
+        for key, block in self.tpavi.items():
+            feats[int(key)], audios[int(key)] = block(feats[int(key)], audio, valid)
+        # decoder: deepest stage first, each fusion upsamples to the next stage's size (x2 at 224)
+        x = self.fuse[3](feats[3], None, feats[2].shape[-2:])
+        x = self.fuse[2](x, feats[2], feats[1].shape[-2:])
+        x = self.fuse[1](x, feats[1], feats[0].shape[-2:])
+        x = self.fuse[0](x, feats[0], [2 * s for s in feats[0].shape[-2:]])
+        # head: conv 256 -> 128, x2 up (to the input size exactly), conv 128 -> 32, ReLU, 32 -> K
+        x = F.interpolate(self.head1(x), size=image.shape[-2:], mode="bilinear",
+                          align_corners=False)
+        return self.head2(x), feats, audios
+
+
+class ASPP(nn.Module):
+    """The released "ASPP" (Classifier_Module of avs_scripts/avs_ms3/model/ResNet_AVSModel.py): sum
+    of four 3x3 convs C -> 256, dilation = padding = 3, 6, 12, 18, no BN / ReLU."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(cin, cout, 3, padding=r, dilation=r)
+                                   for r in (3, 6, 12, 18))
+        for conv in self.convs:
+            nn.init.normal_(conv.weight, 0, 0.01)  # as released
+
+    def forward(self, x):
+        return sum(conv(x) for conv in self.convs)
+
+
+class ResidualConvUnit(nn.Module):
+    """DPT residual conv unit. The released one (ResidualConvUnit, avs_scripts/avs_ms3/model/
+    ResNet_AVSModel.py) applies an in-place ReLU to its input, so the skip carries relu(x):
+    relu(x) + conv(relu(conv(relu(x)))); this is written out here."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        x = F.relu(x)
+        return x + self.conv2(F.relu(self.conv1(x)))
+
+
+class FusionBlock(nn.Module):
+    """DPT fusion: x (+ RCU(skip)) -> RCU -> bilinear upsampling (x2, to the next stage's size)."""
+
+    def __init__(self, c, skip=True):
+        super().__init__()
+        self.rcu1 = ResidualConvUnit(c) if skip else None
+        self.rcu2 = ResidualConvUnit(c)
+
+    def forward(self, x, skip, size):
+        if skip is not None:
+            x = x + self.rcu1(skip)
+        return F.interpolate(self.rcu2(x), size=size, mode="bilinear", align_corners=True)
+
+
+class AudioResNet18(nn.Module):
+    """ResNet-18 on CAVP's log-mel (data.LogMel): conv1 takes 2 (stereo) / 1 (mono) channels,
+    global max pool, FC 512 -> 128; one embedding per segment (AVSBench: 1 s a frame; VPO: 3 s)."""
+
+    def __init__(self, channels, dim=128):
+        super().__init__()
+        self.logmel = data.LogMel()
+        self.net = torchvision.models.resnet18(weights=None, num_classes=dim)
+        self.net.conv1 = nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
+        self.net.avgpool = nn.AdaptiveMaxPool2d(1)
+
+    def forward(self, segments):
+        """segments (B*T, C, S) -> (B*T, 128)."""
+        mel = self.logmel(segments)[..., :segments.shape[-1] // 160, :]  # 100 frames a second
+        return self.net(mel)
+
+
+class VGGish(nn.Module):
+    """VGGish (Hershey et al., 2017), AVS's audio encoder: 0.96 s log-mel examples (96 x 64) ->
+    128-d; frozen, weights from a local file (path None: they come with a checkpoint). The
+    embeddings of a segment's examples are averaged (VPO: 3 per clip)."""
+
+    def __init__(self, path):
+        super().__init__()
+        layers, cin = [], 1
+        for v in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M"):
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
+                cin = v
+        self.features = nn.Sequential(*layers)
+        self.embeddings = nn.Sequential(nn.Linear(512 * 4 * 6, 4096), nn.ReLU(),
+                                        nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 128),
+                                        nn.ReLU())
+        # VGGish front end: 25 ms Hann window, 10 ms hop, 512-point FFT magnitude, 64 HTK mel
+        # bands 125-7500 Hz, log(mel + 0.01)
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            16000, n_fft=512, win_length=400, hop_length=160, f_min=125.0, f_max=7500.0, n_mels=64,
+            power=1.0, center=False, mel_scale="htk")
+        expected = len(self.state_dict()) - len(self.mel.state_dict())
+        if path and load_state(self, path, "--vggish-weights")[0] != expected:
+            raise data.DataError(f"--vggish-weights {path}: not every VGGish tensor is in it; "
+                                 "expected the torchvggish state dict (features.*, embeddings.*)")
+        self.requires_grad_(False)
+
+    def forward(self, segments):
+        """segments (B*T, C, S) -> (B*T, 128); channels are summed into the mono mix (L + R)."""
+        mel = torch.log(self.mel(segments.float().sum(1)) + 0.01).transpose(1, 2)  # (B*T, n, 64)
+        n = max(mel.shape[1] // 96, 1)
+        x = self.features(mel[:, :96 * n].reshape(-1, 1, 96, 64))
+        x = self.embeddings(x.permute(0, 2, 3, 1).flatten(1))  # channels-last flatten (TF weights)
+        return x.view(mel.shape[0], n, -1).mean(1)
+
+
 def load_state(module, path, what, rename=lambda k: k):
-    """Load the tensors of a local state dict whose names and shapes match; returns (matched, total)."""
+    """Load the tensors of a local state dict whose names and shapes match -> (matched, total)."""
     if not os.path.isfile(path):
         raise data.DataError(f"{what} {path}: no such file (give a local .pth state dict)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise data.DataError(f"{what} {path}: cannot read it as a torch state dict ({type(e).__name__})") from e
+        raise data.DataError(f"{what} {path}: cannot read it as a torch state dict "
+                             f"({type(e).__name__})") from e
     state = state.get("state_dict", state.get("model", state))
     own = module.state_dict()
     state = {rename(k.removeprefix("module.")): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     if not state:
-        raise data.DataError(f"{what} {path}: no tensor matches the {type(module).__name__} it is meant for")
+        raise data.DataError(f"{what} {path}: no tensor matches the {type(module).__name__} it "
+                             "is meant for")
     module.load_state_dict(state, strict=False)
     return len(state), len(own)
 
 
 class ResNetEncoder(nn.Module):
-    """torchvision ResNet, stages 1-4 at strides 4, 8, 16, 32 (the released B2_ResNet is a plain ResNet-50)."""
+    """torchvision ResNet, stages 1-4 at strides 4, 8, 16, 32 (the released B2_ResNet,
+    avs_scripts/avss/model/resnet.py, is a plain ResNet-50)."""
 
     def __init__(self, name, pretrained):
         super().__init__()
@@ -256,14 +428,15 @@ class ResNetEncoder(nn.Module):
         if pretrained == "imagenet":
             weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
         waits = weights is not None and dist.is_initialized() and dist.get_rank() > 0
-        if waits:  # under torchrun rank 0 downloads the weights into the cache while the others wait
+        if waits:  # under torchrun rank 0 downloads the weights into the cache, the others wait
             dist.barrier()
         try:
             self.net = getattr(torchvision.models, name)(weights=weights)
         except Exception as e:
-            raise data.DataError(f"could not download the ImageNet weights of {name} ({type(e).__name__}; offline?): "
-                                 f"fetch {weights.url} elsewhere and pass --pretrained PATH (a local .pth state dict), "
-                                 "or --pretrained none") from e
+            raise data.DataError(f"could not download the ImageNet weights of {name} "
+                                 f"({type(e).__name__}; offline?): fetch {weights.url} elsewhere "
+                                 "and pass --pretrained PATH (a local .pth state dict), or "
+                                 "--pretrained none") from e
         if weights is not None and dist.is_initialized() and not waits:
             dist.barrier()
         self.net.fc = nn.Identity()
@@ -318,9 +491,11 @@ class SRAttention(nn.Module):
         b, n, c = x.shape
         q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)
         if self.sr is not None:
-            x = self.norm(self.sr(x.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2))
+            x = self.sr(x.transpose(1, 2).reshape(b, c, h, w))
+            x = self.norm(x.flatten(2).transpose(1, 2))
         k, v = self.kv(x).view(b, -1, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(b, n, c))
 
 
 class MixFFN(nn.Module):
@@ -334,8 +509,8 @@ class MixFFN(nn.Module):
 
     def forward(self, x, h, w):
         x = self.fc1(x)
-        x = self.dwconv(x.transpose(1, 2).reshape(x.shape[0], -1, h, w)).flatten(2).transpose(1, 2)
-        return self.fc2(F.gelu(x))
+        x = self.dwconv(x.transpose(1, 2).reshape(x.shape[0], -1, h, w))
+        return self.fc2(F.gelu(x.flatten(2).transpose(1, 2)))
 
 
 class PVTBlock(nn.Module):
@@ -351,23 +526,27 @@ class PVTBlock(nn.Module):
 
 
 class PVTv2(nn.Module):
-    """PVT-v2 encoder (Wang et al., 2022); the defaults are b5, AVS's second encoder. Parameter names
-    follow the PVT release so its pvt_v2_b5.pth loads with --pretrained PATH."""
+    """PVT-v2 encoder (Wang et al., 2022); the defaults are b5, AVS's second encoder. Parameter
+    names follow the PVT release so its pvt_v2_b5.pth loads with --pretrained PATH."""
 
-    def __init__(self, pretrained="none", dims=(64, 128, 320, 512), heads=(1, 2, 5, 8), mlp_ratios=(4, 4, 4, 4),
-                 depths=(3, 6, 40, 3), sr_ratios=(8, 4, 2, 1), drop_path_rate=0.1):
+    def __init__(self, pretrained="none", dims=(64, 128, 320, 512), heads=(1, 2, 5, 8),
+                 mlp_ratios=(4, 4, 4, 4), depths=(3, 6, 40, 3), sr_ratios=(8, 4, 2, 1),
+                 drop_path_rate=0.1):
         super().__init__()
         drops = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         cin, k = 3, 0
         for i in range(4):
-            setattr(self, f"patch_embed{i + 1}", PatchEmbed(cin, dims[i], 7 if i == 0 else 3, 4 if i == 0 else 2))
+            setattr(self, f"patch_embed{i + 1}",
+                    PatchEmbed(cin, dims[i], 7 if i == 0 else 3, 4 if i == 0 else 2))
             setattr(self, f"block{i + 1}", nn.ModuleList(
-                PVTBlock(dims[i], heads[i], mlp_ratios[i], sr_ratios[i], drops[k + j]) for j in range(depths[i])))
+                PVTBlock(dims[i], heads[i], mlp_ratios[i], sr_ratios[i], drops[k + j])
+                for j in range(depths[i])))
             setattr(self, f"norm{i + 1}", nn.LayerNorm(dims[i], eps=1e-6))
             cin, k = dims[i], k + depths[i]
         self.apply(self._init)
         if pretrained != "none":
-            load_state(self, pretrained, "--pretrained", lambda k: k.replace("dwconv.dwconv", "dwconv"))
+            load_state(self, pretrained, "--pretrained",
+                       lambda k: k.replace("dwconv.dwconv", "dwconv"))
 
     @staticmethod
     def _init(m):
@@ -390,209 +569,34 @@ class PVTv2(nn.Module):
         return feats
 
 
-class ASPP(nn.Module):
-    """Sum of four 3x3 convs C -> 256, dilation = padding = 3, 6, 12, 18, no BN / ReLU (SPEC §3)."""
-
-    def __init__(self, cin, cout):
-        super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(cin, cout, 3, padding=r, dilation=r) for r in (3, 6, 12, 18))
-        for conv in self.convs:
-            nn.init.normal_(conv.weight, 0, 0.01)  # as released
-
-    def forward(self, x):
-        return sum(conv(x) for conv in self.convs)
-
-
-class TPAVI(nn.Module):
-    """Temporal pixel-wise audio-visual interaction, "dot" mode (AVS Fig. 4; SPEC §3).
-
-    Released TPAVIModule: theta, g = 1x1 convs 256 -> 128 on the visual map; phi = 1x1 conv
-    256 -> 128 on the aligned audio a = Linear(128 -> 256) broadcast over HxW; f = theta^T phi over
-    all N = T*H*W positions of a clip, y = (f / N) g (no softmax); z = LayerNorm_C(x + BN(W_z(y))).
-    A 1x1 conv of the broadcast audio is a Linear on a, so phi is a Linear here.
-    """
-
-    def __init__(self, channels=256, audio_dim=128):
-        super().__init__()
-        inter = channels // 2
-        self.align = nn.Linear(audio_dim, channels)
-        self.theta = nn.Conv2d(channels, inter, 1)
-        self.phi = nn.Linear(channels, inter)
-        self.g = nn.Conv2d(channels, inter, 1)
-        self.w_z = nn.Sequential(nn.Conv2d(inter, channels, 1), nn.BatchNorm2d(channels))
-        nn.init.zeros_(self.w_z[1].weight)  # BN of W_z starts at zero: the block starts as LayerNorm(x)
-        nn.init.zeros_(self.w_z[1].bias)
-        self.norm = nn.LayerNorm(channels)
-
-    def forward(self, x, audio, valid=None):
-        """x (B*T, C, H, W), audio (B, T, 128), valid (B, T) bool of real (not padded) frames or None
-        -> z (B*T, C, H, W), aligned audio a (B, T, C)."""
-        b, t = audio.shape[:2]
-        a = self.align(audio)
-        phi = self.phi(a)  # (B, T, C')
-        g = self.g(x).mean((2, 3)).view(b, t, -1)  # mean_HW(g)_t, (B, T, C')
-        w = audio.new_ones(b, t) if valid is None else valid.to(audio.dtype)
-        # SPEC §3: phi is constant over HxW, so y_i = (1/N) sum_j (theta_i . phi_j) g_j with N = T*H*W
-        # equals (1/T) sum_t (theta_i . phi_t) mean_HW(g)_t = theta_i^T M, M = (1/T) sum_t phi_t g_t^T;
-        # padded frames are left out of the sum and of T (the release zeroes their features instead)
-        m = torch.einsum("bt,btk,btc->bkc", w, phi, g) / w.sum(1).clamp(min=1)[:, None, None]
-        theta = self.theta(x)
-        y = torch.einsum("btkhw,bkc->btchw", theta.view(b, t, *theta.shape[1:]), m).flatten(0, 1)
-        z = x + self.w_z(y)  # residual
-        return self.norm(z.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), a  # LayerNorm over channels
-
-
-class ResidualConvUnit(nn.Module):
-    """DPT residual conv unit. The released unit applies an in-place ReLU to its input, so the skip
-    carries relu(x): relu(x) + conv(relu(conv(relu(x)))); this is written out here."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        x = F.relu(x)
-        return x + self.conv2(F.relu(self.conv1(x)))
-
-
-class FusionBlock(nn.Module):
-    """DPT fusion: x (+ RCU(skip)) -> RCU -> bilinear upsampling (x2, to the next stage's size)."""
-
-    def __init__(self, c, skip=True):
-        super().__init__()
-        self.rcu1 = ResidualConvUnit(c) if skip else None
-        self.rcu2 = ResidualConvUnit(c)
-
-    def forward(self, x, skip, size):
-        if skip is not None:
-            x = x + self.rcu1(skip)
-        return F.interpolate(self.rcu2(x), size=size, mode="bilinear", align_corners=True)
-
-
-class AudioResNet18(nn.Module):
-    """ResNet-18 on the SPEC 1.3 log-mel: conv1 takes 2 (stereo) / 1 (mono) channels, global max
-    pool, FC 512 -> 128; one embedding per segment (AVSBench: 1 s per frame; VPO: the 3 s clip)."""
-
-    def __init__(self, channels, dim=128):
-        super().__init__()
-        self.logmel = data.LogMel()
-        self.net = torchvision.models.resnet18(weights=None, num_classes=dim)
-        self.net.conv1 = nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
-        self.net.avgpool = nn.AdaptiveMaxPool2d(1)
-
-    def forward(self, segments):
-        """segments (B*T, C, S) -> (B*T, 128)."""
-        mel = self.logmel(segments)[..., :segments.shape[-1] // 160, :]  # 100 frames a second (SPEC 1.3)
-        return self.net(mel)
-
-
-class VGGish(nn.Module):
-    """VGGish (Hershey et al., 2017): 0.96 s log-mel examples (96 x 64) -> 128-d; frozen, weights from a
-    local file (AVS; SPEC 1.3; path None: they come with a checkpoint). Embeddings of the examples of
-    a segment are averaged (VPO: 3 per clip)."""
-
-    def __init__(self, path):
-        super().__init__()
-        layers, cin = [], 1
-        for v in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M"):
-            layers += [nn.MaxPool2d(2)] if v == "M" else [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
-            cin = cin if v == "M" else v
-        self.features = nn.Sequential(*layers)
-        self.embeddings = nn.Sequential(nn.Linear(512 * 4 * 6, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(),
-                                        nn.Linear(4096, 128), nn.ReLU())
-        # VGGish front end: 25 ms Hann window, 10 ms hop, 512-point FFT magnitude, 64 HTK mel bands
-        # 125-7500 Hz, log(mel + 0.01)
-        self.mel = torchaudio.transforms.MelSpectrogram(16000, n_fft=512, win_length=400, hop_length=160,
-                                                        f_min=125.0, f_max=7500.0, n_mels=64, power=1.0,
-                                                        center=False, mel_scale="htk")
-        expected = len(self.state_dict()) - len(self.mel.state_dict())
-        if path and load_state(self, path, "--vggish-weights")[0] != expected:
-            raise data.DataError(f"--vggish-weights {path}: not every VGGish tensor is in it; expected the "
-                                 "torchvggish state dict (features.*, embeddings.*)")
-        self.requires_grad_(False)
-
-    def forward(self, segments):
-        """segments (B*T, C, S) -> (B*T, 128); channels are summed into the mono mix (L + R)."""
-        mel = torch.log(self.mel(segments.float().sum(1)) + 0.01).transpose(1, 2)  # (B*T, frames, 64)
-        n = max(mel.shape[1] // 96, 1)
-        x = self.features(mel[:, :96 * n].reshape(-1, 1, 96, 64))
-        x = self.embeddings(x.permute(0, 2, 3, 1).flatten(1))  # channels-last flatten of the TF weights
-        return x.view(mel.shape[0], n, -1).mean(1)
-
-
-class AVSModel(nn.Module):
-    """Encoder -> ASPP -> TPAVI -> DPT decoder -> head (AVS Fig. 3; SPEC §3), plus the audio encoder."""
-
-    def __init__(self, backbone, pretrained, num_classes, tpavi_stages, audio_encoder="resnet18",
-                 audio_channels=2, vggish_weights=None, channels=256):
-        super().__init__()
-        self.encoder = PVTv2(pretrained) if backbone == "pvt_v2_b5" else ResNetEncoder(backbone, pretrained)
-        self.aspp = nn.ModuleList(ASPP(c, channels) for c in ENCODER_CHANNELS[backbone])
-        self.tpavi = nn.ModuleDict({str(i): TPAVI(channels) for i in sorted(tpavi_stages)})
-        self.fuse = nn.ModuleList(FusionBlock(channels, skip=i < 3) for i in range(4))
-        self.head1 = nn.Conv2d(channels, 128, 3, padding=1)
-        self.head2 = nn.Sequential(nn.Conv2d(128, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, num_classes, 1))
-        self.audio = VGGish(vggish_weights) if audio_encoder == "vggish" else AudioResNet18(audio_channels)
-
-    def forward(self, image, wave, valid=None):
-        """image (B, T, 3, H, W); wave (B, C, N), split into T equal segments; valid (B, T) or None
-        -> logits (B*T, K, H, W), the four stage maps (B*T, 256, h, w), the aligned audio per stage
-        (B, T, 256; None at stages without TPAVI)."""
-        b, t = image.shape[:2]
-        seg = wave.shape[-1] // t
-        segments = wave[..., :seg * t].unflatten(-1, (t, seg)).transpose(1, 2).flatten(0, 1)
-        audio = self.audio(segments).view(b, t, -1)
-        feats = [aspp(f) for aspp, f in zip(self.aspp, self.encoder(image.flatten(0, 1)))]
-        audios = [None] * 4
-        for key, block in self.tpavi.items():
-            feats[int(key)], audios[int(key)] = block(feats[int(key)], audio, valid)
-        # decoder: deepest stage first, each fusion upsamples to the next stage's size (x2 for 224 input)
-        x = self.fuse[3](feats[3], None, feats[2].shape[-2:])
-        x = self.fuse[2](x, feats[2], feats[1].shape[-2:])
-        x = self.fuse[1](x, feats[1], feats[0].shape[-2:])
-        x = self.fuse[0](x, feats[0], [2 * s for s in feats[0].shape[-2:]])
-        # head: conv 256 -> 128, x2 up (to the input size exactly), conv 128 -> 32, ReLU, conv 32 -> K
-        x = F.interpolate(self.head1(x), size=image.shape[-2:], mode="bilinear", align_corners=False)
-        return self.head2(x), feats, audios
-
-
 # ----------------------------------------------------------------------------- loss
-
-
-def global_count(x, world):
-    """A count summed over the ranks, on the device (no wait): the denominator of a global-batch mean."""
-    if world > 1:
-        x = x.float().clone()
-        dist.all_reduce(x)
-    return x.clamp(min=1)
 
 
 def seg_loss(logits, target, binary, world=1):
     """First term of Eq. (1): BCE on the single logit (AVSBench-Objects) or CE over K classes (VPO,
-    AVSS), averaged over the labelled pixels of the global batch (255 ignored; S4 train frames 2-5 are
-    all 255); this rank's share times `world`, so that DDP's gradient average is the global mean's."""
+    AVSS), averaged over the labelled pixels (255 ignored; S4 train frames 2-5 are all 255).
+    `world` and global_mean: the global batch under DDP (next section)."""
     valid = target != 255
     if binary:
-        loss = F.binary_cross_entropy_with_logits(logits[:, 0], (target == 1).to(logits.dtype), reduction="none")
+        loss = F.binary_cross_entropy_with_logits(logits[:, 0], (target == 1).to(logits.dtype),
+                                                  reduction="none")
     else:
         loss = F.cross_entropy(logits, target, ignore_index=255, reduction="none")
-    return (loss * valid).sum() * world / global_count(valid.sum(), world)
+    return global_mean(loss, valid, world)
 
 
 def avm_loss(logits, feats, audios, binary, frame_weight=None, world=1):
-    """L_AVM, Eq. (2), as the released A_MaskedV_SimmLoss with the scripts' flags (kl, avg pooling,
-    no feature normalisation), averaged over the given TPAVI stages.
+    """L_AVM, Eq. (2), as the released A_MaskedV_SimmLoss (avs_scripts/avs_ms3/loss.py) with the
+    train.sh flags (kl, avg pooling, no feature normalisation), averaged over the TPAVI stages.
 
     logits (N, K, H, W); feats: stage maps (N, C, h, w); audios: aligned audio (B, T, C), N = B*T.
-    Mask: binary sigmoid(avgpool(logits)); multi-class avgpool(argmax != background), no sigmoid, as
-    the released AVSS loss (which takes the last class as background; class 0 is background here).
-    Visual: mean over all h*w of relu(map) * mask; relu because the released decoder's in-place ReLU
-    has already modified the stage maps when the loss reads them. KL(softmax(a) || softmax(v)):
-    F.kl_div(log q_v, p_a) as released, i.e. audio is the target distribution (SPEC §3 writes it the
-    other way round). Reduction: sum over frames and channels (released MS3); with frame_weight (N,)
-    a weighted mean over the frames of the global batch (released AVSS: labelled frames only). Under DDP
-    this rank's share times `world`, so that DDP's gradient average is the global batch's gradient.
+    Mask: binary sigmoid(avgpool(logits)); multi-class avgpool(argmax != background), no sigmoid,
+    as avs_scripts/avss/loss.py (whose background is the last class; here class 0).
+    Visual: mean over all h*w of relu(map) * mask; relu because the released decoder's in-place
+    ReLU has already modified the stage maps when the loss reads them. KL(softmax(a) ||
+    softmax(v)): F.kl_div(log q_v, p_a) as released, i.e. the audio is the target distribution.
+    Reduction: sum over frames and channels (released MS3); with frame_weight (N,) a weighted mean
+    over the frames (released AVSS: labelled frames only).
     """
     src = logits.float() if binary else (logits.argmax(1, keepdim=True) != 0).float()
     total = 0.0
@@ -600,23 +604,24 @@ def avm_loss(logits, feats, audios, binary, frame_weight=None, world=1):
         m = F.adaptive_avg_pool2d(src, v.shape[-2:])  # M_i at the stage size
         m = torch.sigmoid(m) if binary else m
         v = (F.relu(v.float()) * m).mean((2, 3))  # avg(M_i * Z_i)
-        kl = F.kl_div(F.log_softmax(v, -1), F.log_softmax(a.float().flatten(0, 1), -1), reduction="none",
-                      log_target=True).sum(-1)  # Eq. (2): KL per frame, A_i the target
+        kl = F.kl_div(F.log_softmax(v, -1), F.log_softmax(a.float().flatten(0, 1), -1),
+                      reduction="none", log_target=True).sum(-1)  # Eq. (2), A_i the target
         if frame_weight is None:
-            total = total + kl.sum() * world
+            total = total + global_sum(kl, world)
         else:
-            total = total + (kl * frame_weight).sum() * world / global_count(frame_weight.sum(), world)
+            total = total + global_mean(kl, frame_weight, world)
     return total / len(feats)
 
 
 class Criterion:
-    """Eq. (1) on one training batch: seg_loss + lambda * L_AVM over the TPAVI stages -> loss, parts."""
+    """Eq. (1) on one training batch: seg_loss + lambda * L_AVM over the TPAVI stages."""
 
     def __init__(self, args, binary, device, amp, world):
         self.lam, self.stages, self.binary = args.lambda_avm, sorted(args.tpavi_stages), binary
         self.avss, self.device, self.amp, self.world = args.data == "avss", device, amp, world
 
     def __call__(self, net, batch, epoch):
+        """-> loss, dict(seg, avm)."""
         image, mask, wave, valid = unpack(batch, self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits, feats, audios = net(image, wave, valid)
@@ -625,287 +630,71 @@ class Criterion:
         loss_avm = torch.zeros((), device=self.device)
         if self.lam > 0:
             weight = (target != 255).flatten(1).any(1).float() if self.avss else None
-            loss_avm = avm_loss(logits, [feats[s] for s in self.stages], [audios[s] for s in self.stages],
-                                self.binary, weight, self.world)
+            loss_avm = avm_loss(logits, [feats[s] for s in self.stages],
+                                [audios[s] for s in self.stages], self.binary, weight, self.world)
         return loss_seg + self.lam * loss_avm, dict(seg=loss_seg, avm=loss_avm)  # Eq. (1)
 
 
-# ----------------------------------------------------------------------------- run helpers
+# ------------------------------------------------------------------------- global batch under DDP
+# Each rank holds --batch-size / world clips. A rank's loss is its share of the global batch's loss
+# times `world`: DDP averages the gradients over the ranks, which makes them the global loss's.
 
 
-def exit_on_error(e):
-    """A DataError ends the run with its one line on stderr (exit 2), also written to torchrun's error file
-    so that torchrun's failure report quotes it. A collective broken because another rank ended first waits
-    for torchrun to stop this rank, without a traceback of its own, so the report names the rank that failed.
-    Anything else is a bug: its traceback."""
-    if isinstance(e, data.DataError):
-        print(f"error: {e}", file=sys.stderr)
-        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
-            write_json(os.environ["TORCHELASTIC_ERROR_FILE"], dict(message=dict(
-                message=f"error: {e}", extraInfo=dict(py_callstack=f"error: {e}", timestamp=str(int(time.time()))))))
-        sys.exit(2)
-    if dist.is_initialized() and (isinstance(e, dist.DistError) or "by peer" in str(e)):
-        time.sleep(60)
-        print(f"error: rank {dist.get_rank()}: {str(e).splitlines()[0]} (did another rank fail?)", file=sys.stderr)
-        sys.exit(1)
-    raise e
+def global_count(x, world):
+    """A count summed over the ranks, on the device (no wait): a global-batch mean's denominator."""
+    if world > 1:
+        x = x.float().clone()
+        dist.all_reduce(x)
+    return x.clamp(min=1)
 
 
-def log(msg, path=None):
-    print(msg, flush=True)
-    if path:
-        with open(path, "a") as f:
-            f.write(msg + "\n")
+def global_mean(values, weights, world):
+    """sum(values * weights) / sum(weights) over the global batch: this rank's share x world."""
+    return (values * weights).sum() * world / global_count(weights.sum(), world)
 
 
-def save_atomic(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def global_sum(values, world):
+    """A sum over the global batch: this rank's share, times world."""
+    return values.sum() * world
 
 
-def write_json(path, obj):
-    """Atomic JSON write; NaN (an undefined metric, e.g. FDR of a never-predicted class) becomes null."""
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        return [clean(v) for v in x] if isinstance(x, (list, tuple)) else x
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(clean(obj), f, indent=1)
-    os.replace(tmp, path)
-
-
-def rng_state():
-    """Python, numpy, torch (and CUDA) RNG states as plain containers and tensors (weights_only loads them)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return dict(python=random.getstate(), torch=torch.get_rng_state(),
-                numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=pos, has_gauss=has_gauss, gauss=gauss),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-
-def set_rng_state(s):
-    random.setstate(s["python"])
-    torch.set_rng_state(s["torch"])
-    n = s["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def native_bf16(device):
-    """bf16 autocast pays on CUDA and on CPUs with bf16 instructions; elsewhere it is emulated, ~20x slower."""
+def training_model(model, args, device, world, log_path):
+    """The module to train: channels-last and TF32 on CUDA, --compile; under torchrun
+    SyncBatchNorm on CUDA and the DDP wrapper (`model` stays the module that holds the weights)."""
     if device.type == "cuda":
-        return True
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+        model.to(memory_format=torch.channels_last)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.compile:
+        model.encoder.compile()
+    if world == 1:
+        return model
+    if device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif log_path:
+        log("note: SyncBatchNorm runs on CUDA only; on CPU each rank keeps its own BatchNorm "
+            "statistics", log_path)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=not args.tpavi_stages)
 
 
-def init_distributed(args):
-    """One process per rank under torchrun (nccl on CUDA, gloo on CPU) -> device, rank, world."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise data.DataError("--device cuda: no CUDA device is visible; use --device cpu")
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    rank, world = 0, 1
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if args.batch_size % world:
-        raise data.DataError(f"--batch-size {args.batch_size} is the global batch and does not split over the {world} "
-                             f"ranks: give a multiple of {world}, or start fewer processes")
-    return device, rank, world
+# --------------------------------------------------------------------- train / evaluate / predict
 
 
-def run_folder(args, world):
-    """--out; else the checkpoint's folder with --resume; else runs/tpavi-<data>-s<seed>-<time>, rank 0's on
-    every rank."""
-    if args.out is not None:
-        return args.out
-    if args.resume:
-        return os.path.dirname(os.path.abspath(args.resume))
-    holder = [os.path.join("runs", f"tpavi-{args.data}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")]
-    if world > 1:
-        dist.broadcast_object_list(holder)
-    return holder[0]
-
-
-def write_metrics(main_rank, args, run, split, final, meter):
-    """metrics.json (rank 0): settings, every evaluation, the best one on `split`, the final one, the wall
-    time and the training images/s."""
-    if main_rank:
-        scored = [h for h in run["history"] if h["split"] == split]
-        best = max(scored, key=lambda h: h[run["metric"]]) if scored else None
-        write_json(os.path.join(args.out, "metrics.json"), dict(
-            args=vars(args), history=run["history"], final=final,
-            best=best and dict(best, metric=run["metric"], score=best[run["metric"]]),
-            wall_time_s=round(meter.elapsed(), 1), train_images_per_s=meter.images_per_s()))
-
-
-def rank_seed(seed, rank):
-    """One seed per (--seed, rank): every rank, and each of its loader workers, draws its own augmentation."""
-    return seed * 1000003 + rank
-
-
-def seed_all(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_datasets(args, spec, splits):
-    """split name -> dataset; DataError / ValueError of data.py become one-line errors."""
-    out = {}
-    for split in splits:
-        try:
-            if spec["kind"] == "vpo":
-                out[split] = data.VPODataset(args.data_root, spec["subset"], split, audio_root=args.audio_root,
-                                             stereo=not args.mono, train=split == "train", crop=args.crop,
-                                             limit=args.limit, pan=args.pan)
-            else:
-                out[split] = data.AVSBenchDataset(args.data_root, spec["subset"], split, size=args.crop,
-                                                  stereo=not args.mono, limit=args.limit)
-        except ValueError as e:
-            raise data.DataError(str(e)) from e
-    return out
-
-
-class EpochSampler(torch.utils.data.DistributedSampler):
-    """This rank's share of a permutation seeded from (seed, epoch); set_epoch's `skip` leaves out the
-    samples a resumed run has already trained on in that epoch, so the loader is built once."""
-    skip = 0
-
-    def set_epoch(self, epoch, skip=0):
-        super().set_epoch(epoch)
-        self.skip = skip
-
-    def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
-
-    def __len__(self):
-        return super().__len__() - self.skip
-
-
-def build_loaders(args, sets, twin_idx, rank, world, device):
-    """The loaders, built once with persistent workers: train (EpochSampler, --batch-size split over the
-    ranks, incomplete batches dropped) and one per evaluation split (exact shards; 'swap': the twins of the
-    test split). Every loader has its own generator, seeded per rank, so loading never draws from the
-    training RNG and each rank's workers draw their own augmentation; bit-exact --resume needs --workers 0
-    (worker RNG states are not checkpointed)."""
-    def loader(dataset, batch_size, sampler=None):
-        return torch.utils.data.DataLoader(
-            dataset, batch_size, sampler=sampler, num_workers=args.workers, collate_fn=data.pad_collate,
-            pin_memory=device.type == "cuda", drop_last=sampler is not None, persistent_workers=args.workers > 0,
-            generator=torch.Generator().manual_seed(rank_seed(args.seed, rank)))
-    evals = {split: loader(torch.utils.data.Subset(ds, range(rank, len(ds), world)), args.eval_batch_size)
-             for split, ds in sets.items() if split != "train"}
-    if twin_idx and not args.mono:  # the twin metrics once more with the stereo cue reversed
-        evals["swap"] = loader(torch.utils.data.Subset(sets["test"], twin_idx[rank::world]), args.eval_batch_size)
-    if "train" not in sets:
-        return None, evals
-    # (seed, epoch) -> seed * 100003 + epoch: no two seeds share an epoch's order
-    sampler = EpochSampler(sets["train"], world, rank, shuffle=True, seed=args.seed * 100003, drop_last=True)
-    return loader(sets["train"], args.batch_size // world, sampler), evals
-
-
-def load_checkpoint(path):
-    """A last.pt / best.pt of this script (plain containers, read with weights_only=True); anything else,
-    a missing file included, is a one-line DataError naming the file."""
-    if not os.path.isfile(path):
-        raise data.DataError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise data.DataError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
-                             "pass a last.pt/best.pt written by tpavi.py") from None
-    if not isinstance(ckpt, dict) or ckpt.get("script") != "tpavi":
-        by = f" (written by {ckpt['script']}.py)" if isinstance(ckpt, dict) and "script" in ckpt else ""
-        raise data.DataError(f"{path}: not a tpavi.py checkpoint{by}; pass a last.pt/best.pt written by tpavi.py")
-    return ckpt
-
-
-def use_checkpoint_args(args, ckpt):
-    """The architecture flags come from the checkpoint."""
-    for key in CKPT_KEYS:
-        setattr(args, key, ckpt["args"][key])
-
-
-# run control and paths: they may differ on --resume
-RESUME_FREE = ("out", "resume", "ckpt", "eval_only", "predict", "audio", "audio_pos", "max_size", "workers",
-               "log_every", "eval_every", "eval_batch_size", "overlays", "max_iters", "device", "no_amp", "compile",
-               "data_root", "audio_root", "coco_ann", "pretrained", "vggish_weights", "eval_audio")
-
-
-def check_resume_args(args, ckpt):
-    """--resume continues the run that wrote the checkpoint: a method or data flag that differs from the run's
-    (a default changed since included) is a one-line DataError, not a silently different run."""
-    changed = [k for k, v in ckpt["args"].items() if k not in RESUME_FREE and getattr(args, k, v) != v]
-    if changed:
-        flags = ", ".join(f"--{k.replace('_', '-')} {ckpt['args'][k]} (now {getattr(args, k)})" for k in changed)
-        raise data.DataError(f"{args.resume} was trained with {flags}: pass the run's flags (its log.txt 'settings' "
-                             "line) or start a new run")
-
-
-def save_checkpoint(path, model, optimizer, run, meter, args, extra, world):
-    """Called on every rank (it gathers the per-rank RNG states); rank 0 passes the path and writes the
-    model, optimiser, `run` (iteration, epoch, best, metric, history), the wall time so far (`meter`) and the
-    method's `extra` state."""
-    rngs = [rng_state()] * world
-    if world > 1:
-        dist.all_gather_object(rngs, rngs[0])
-    if path:
-        save_atomic(dict(script="tpavi", args=vars(args), model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         rng=rngs, extra=extra, elapsed_s=meter.elapsed(), **run), path)
-
-
-class Meter:
-    """Loss parts summed on the device between log lines and read back (averaged over the ranks) only by
-    line(), which every rank calls; images/s over training time only, the first step (warm-up) left out;
-    ETA from the wall time since the start, evaluations included."""
-
-    def __init__(self, iteration, total, world, elapsed):
-        self.t0, self.start, self.total, self.world, self.before = time.time(), iteration, total, world, elapsed
-        self.sums, self.n, self.names, self.train_s, self.images = None, 0, [], 0.0, 0
-        self.window_s, self.window_images = 0.0, 0
-
-    def update(self, loss, parts, images, seconds, iteration):
-        values = torch.stack([loss.detach().float()] + [v.detach().float() for v in parts.values()])
-        self.sums, self.n, self.names = values if self.sums is None else self.sums + values, self.n + 1, list(parts)
-        self.window_s, self.window_images = self.window_s + seconds, self.window_images + images * self.world
-        if iteration > self.start + 1:
-            self.train_s, self.images = self.train_s + seconds, self.images + images * self.world
-
-    def line(self, epoch, epochs, iteration, lr):
-        if self.world > 1:  # each rank's loss is its share times the world size (Criterion): the mean is global
-            dist.all_reduce(self.sums)
-            self.sums /= self.world
-        loss, *values = (self.sums / self.n).tolist()  # the one read-back from the device per log line
-        parts = dict(zip(self.names, values))
-        eta = (time.time() - self.t0) / (iteration - self.start) * (self.total - iteration)
-        text = (f"ep {epoch + 1}/{epochs} it {iteration}/{self.total} loss {loss:.4f} "
-                f"({' '.join(f'{k} {v:.4f}' for k, v in parts.items())}) lr {lr:.2e} "
-                f"{self.window_images / max(self.window_s, 1e-9):.1f} img/s "
-                f"eta {eta // 3600:.0f}:{eta % 3600 // 60:02.0f}:{eta % 60:02.0f}")
-        self.sums, self.n, self.window_s, self.window_images = None, 0, 0.0, 0
-        return text
-
-    def elapsed(self):
-        """Wall time of the run: this process's and, after --resume, the earlier processes' (from the checkpoint)."""
-        return self.before + time.time() - self.t0
-
-    def images_per_s(self):
-        return round(self.images / max(self.train_s, 1e-9), 2)
+def unpack(batch, device):
+    """Batch dict -> image (B, T, 3, H, W), mask (B, T, H, W), wave (B, C, N), valid (B, T)/None."""
+    image, mask, valid = batch["image"], batch["mask"], batch.get("valid")
+    if image.dim() == 4:  # VPO: one frame per sample
+        image, mask = image[:, None], mask[:, None]
+    return (image.to(device, non_blocking=True), mask.to(device, non_blocking=True),
+            batch["wave"].to(device, non_blocking=True),
+            None if valid is None else valid.to(device))
 
 
 def train_one_epoch(net, loader, optimizer, criterion, meter, epoch, iteration, args, log_path):
     """One pass over the loader (the rest of it after a resume inside the epoch), ending early at
-    meter.total (--max-iters); returns the iteration count. Fixed crops: cuDNN may pick its fastest kernels."""
+    meter.total (--max-iters) -> the iteration count. Fixed crops: cuDNN may pick its fastest
+    kernels."""
     net.train()
     torch.backends.cudnn.benchmark = True
     tick = time.time()
@@ -927,32 +716,14 @@ def train_one_epoch(net, loader, optimizer, criterion, meter, epoch, iteration, 
     return iteration
 
 
-def unpack(batch, device):
-    """Batch dict -> image (B, T, 3, H, W), mask (B, T, H, W), wave (B, C, N), valid (B, T) or None."""
-    image, mask, valid = batch["image"], batch["mask"], batch.get("valid")
-    if image.dim() == 4:  # VPO: one frame per sample
-        image, mask = image[:, None], mask[:, None]
-    return (image.to(device, non_blocking=True), mask.to(device, non_blocking=True),
-            batch["wave"].to(device, non_blocking=True), None if valid is None else valid.to(device))
-
-
-def save_overlay(path, image, mask, pred, names):
-    """One PNG: image | ground truth | prediction, titled, with a legend of the classes (`names`) in ground
-    truth or prediction."""
-    img, colors = data.to_uint8(image), data.class_colors(len(names))
-    data.save_panels([img, data.label_overlay(img, mask, colors), data.label_overlay(img, pred, colors)],
-                     ["image", "ground truth", "prediction"], data.legend_for([mask, pred], names, colors), path)
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
 def class_names(dataset):
-    """Class names of a --data: VPO's 22, background / sounding object (S4 / MS3, binary), AVSS class ids."""
+    """VPO's 22 classes, background / sounding object (S4 / MS3, binary), AVSS class ids."""
     spec = DATASETS[dataset]
     if spec["kind"] == "vpo":
         return data.VPO_CLASSES
-    return ["background", "sounding object"] if spec["classes"] == 1 else [f"class {i}" for i in range(spec["classes"])]
+    if spec["classes"] == 1:
+        return ["background", "sounding object"]
+    return [f"class {i}" for i in range(spec["classes"])]
 
 
 def to_labels(logits, binary):
@@ -960,14 +731,23 @@ def to_labels(logits, binary):
     return (logits[:, 0] > 0).long() if binary else logits.argmax(1)
 
 
+def save_overlay(path, image, mask, pred, names):
+    """One PNG: image | ground truth | prediction, titled, with a legend of the classes (`names`)
+    in ground truth or prediction."""
+    img, colors = data.to_uint8(image), data.class_colors(len(names))
+    panels = [img, data.label_overlay(img, mask, colors), data.label_overlay(img, pred, colors)]
+    data.save_panels(panels, ["image", "ground truth", "prediction"],
+                     data.legend_for([mask, pred], names, colors), path)
+
+
 @torch.no_grad()
-def evaluate(model, loader, device, amp, binary, num_classes, overlay_dir=None, n_overlays=0, swap=False,
-             names=None):
-    """Dataset-level metrics over this rank's shard, summed over ranks (SPEC §2), and on VPO samples that
-    carry silent twins the twin metrics (metrics.TwinMeter); overlays of the first n_overlays frames
-    (legend: `names`). swap: left and right audio channels exchanged."""
+def evaluate(model, loader, device, amp, binary, num_classes, overlay_dir=None, n_overlays=0,
+             swap=False, names=None):
+    """Dataset-level metrics over this rank's shard, summed over the ranks, and on VPO samples that
+    carry silent twins the twin metrics (metrics.TwinMeter); overlays of the first n_overlays
+    frames (legend: `names`). swap: left and right audio channels exchanged."""
     model.eval()
-    torch.backends.cudnn.benchmark = False  # test images of every size: no per-shape kernel search
+    torch.backends.cudnn.benchmark = False  # test images of every size: no per-shape search
     cm = metrics.ConfusionMatrix(2 if binary else num_classes, device)
     meter = metrics.AVSObjectsMeter(device) if binary else None
     twins = metrics.TwinMeter(num_classes, device)
@@ -987,9 +767,9 @@ def evaluate(model, loader, device, amp, binary, num_classes, overlay_dir=None, 
         for i, name in enumerate(batch["name"]):
             for j in range(t):
                 if written < n_overlays and (valid is None or valid[i, j]):
-                    suffix = f"_{j}" if t > 1 else ""
-                    save_overlay(os.path.join(overlay_dir, f"{str(name).replace(os.sep, '_')}{suffix}.png"),
-                                 image[i, j], mask[i, j], pred[i * t + j], names)
+                    stem = str(name).replace(os.sep, "_") + (f"_{j}" if t > 1 else "")
+                    save_overlay(os.path.join(overlay_dir, f"{stem}.png"), image[i, j], mask[i, j],
+                                 pred[i * t + j], names)
                     written += 1
     cm.all_reduce()
     twins.all_reduce()
@@ -1002,14 +782,14 @@ def evaluate(model, loader, device, amp, binary, num_classes, overlay_dir=None, 
 
 
 def run_eval(model, loaders, split, weights, device, amp, args, log_path):
-    """Metrics of one split (test: overlays and, with stereo twins, the twin metrics with left and right
-    swapped), logged on rank 0 -> dict(split, weights, metrics)."""
+    """Metrics of one split (test: overlays and, with stereo twins, the twin metrics with left and
+    right swapped), logged on rank 0 -> dict(split, weights, metrics)."""
     spec = DATASETS[args.data]
     binary, num_classes = spec["classes"] == 1, spec["classes"]
     n_overlays = args.overlays if log_path and split == "test" else 0
     names = class_names(args.data)
-    res = evaluate(model, loaders[split], device, amp, binary, num_classes, os.path.join(args.out, "overlays"),
-                   n_overlays, names=names)
+    res = evaluate(model, loaders[split], device, amp, binary, num_classes,
+                   os.path.join(args.out, "overlays"), n_overlays, names=names)
     if split == "test" and "swap" in loaders:
         swapped = evaluate(model, loaders["swap"], device, amp, binary, num_classes, swap=True)
         res.update({f"{key}_swap": swapped[key] for key in metrics.TWIN_KEYS})
@@ -1023,13 +803,15 @@ def run_eval(model, loaders, split, weights, device, amp, args, log_path):
 
 
 def read_frames(path, max_size):
-    """--predict input: a folder of frames (image files in natural name order, one size) or a single image ->
-    (paths, normalised (T, 3, h, w) with a long side of at most max_size, display (h', w', 3) uint8 per frame,
-    the frames' (H, W)) as data.read_rgb."""
+    """--predict input: a folder of frames (image files in natural name order, one size) or one
+    image -> (paths, normalised (T, 3, h, w) with a long side of at most max_size, display
+    (h', w', 3) uint8 per frame, the frames' (H, W)) as data.read_rgb."""
     if os.path.isdir(path):
         exts = Image.registered_extensions()
-        paths = sorted((os.path.join(path, n) for n in os.listdir(path) if os.path.splitext(n)[1].lower() in exts),
-                       key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", os.path.basename(p))])
+        paths = sorted((os.path.join(path, n) for n in os.listdir(path)
+                        if os.path.splitext(n)[1].lower() in exts),
+                       key=lambda p: [int(t) if t.isdigit() else t
+                                      for t in re.split(r"(\d+)", os.path.basename(p))])
         if not paths:
             raise data.DataError(f"{path}: no image files in the folder given to --predict")
     else:
@@ -1037,17 +819,18 @@ def read_frames(path, max_size):
     frames = [data.read_rgb(p, max_size) for p in paths]
     sizes = {f[2] for f in frames}
     if len(sizes) > 1:
-        raise data.DataError(f"{path}: frames differ in size ({', '.join(f'{h}x{w}' for h, w in sorted(sizes))}); "
+        raise data.DataError(f"{path}: frames differ in size "
+                             f"({', '.join(f'{h}x{w}' for h, w in sorted(sizes))}); "
                              "resize them to one size")
     return paths, torch.stack([f[0] for f in frames]), [f[1] for f in frames], frames[0][2]
 
 
 @torch.no_grad()
 def predict(args):
-    """--predict: the frames of one clip (or one image, any size) and one WAV through the --ckpt model, the
-    frames scaled to a long side of at most --max-size -> OUT/<frame stem>.png (image | prediction, legend)
-    per frame and OUT/<stem>.json (predicted classes and their pixel shares at the frames' size per frame,
-    the inputs); returns the JSON's content."""
+    """--predict: the frames of one clip (or one image, any size) and one WAV through the --ckpt
+    model, the frames scaled to a long side of at most --max-size -> OUT/<frame stem>.png (image |
+    prediction, legend) per frame and OUT/<stem>.json (predicted classes and their pixel shares at
+    the frames' size per frame, the inputs); returns the JSON's content."""
     ckpt = load_checkpoint(args.ckpt)
     use_checkpoint_args(args, ckpt)
     trained_on = ckpt["args"]["data"]
@@ -1057,8 +840,8 @@ def predict(args):
     max_size = args.max_size or ckpt["args"]["crop"]  # the scale the model was trained at
     paths, image, rgbs, size = read_frames(args.predict, max_size)
     t = len(paths)
-    # the datasets' audio: a single image on a VPO model gets VPO's 3 s from the middle (T = 1), a clip 1 s
-    # per frame from the start (AVSBench)
+    # the datasets' audio: a single image on a VPO model gets VPO's 3 s from the middle (T = 1),
+    # a clip 1 s per frame from the start (AVSBench)
     vpo_image = spec["kind"] == "vpo" and not os.path.isdir(args.predict)
     wave, note = data.load_predict_audio(args.audio, stereo=not args.mono, audio_pos=args.audio_pos,
                                          seconds=3.0 if vpo_image else t, centre=vpo_image)
@@ -1075,17 +858,18 @@ def predict(args):
     os.makedirs(out, exist_ok=True)
     frames = []
     for path, rgb, frame_logits in zip(paths, rgbs, logits):
-        pred = data.upsample_labels(frame_logits, size)  # bilinear on the logits, as cavp.py's predict
+        pred = data.upsample_labels(frame_logits, size)  # bilinear on the logits
         png = os.path.join(out, os.path.splitext(os.path.basename(path))[0] + ".png")
-        data.save_panels([rgb, data.label_overlay(rgb, data.shown_labels(pred, rgb.shape[:2]), colors)],
-                         ["image", "prediction"], data.legend_for([pred], names, colors), png)
+        shown = data.label_overlay(rgb, data.shown_labels(pred, rgb.shape[:2]), colors)
+        data.save_panels([rgb, shown], ["image", "prediction"],
+                         data.legend_for([pred], names, colors), png)
         print(f"wrote {png}")
         shares = data.class_shares(pred, names)
         frames.append(dict(image=path, png=png, classes=list(shares), shares=shares,
                            background=(pred == 0).float().mean().item()))
-    res = dict(input=args.predict, audio=args.audio, audio_pos=args.audio_pos, audio_note=note, checkpoint=args.ckpt,
-               data=trained_on, height=size[0], width=size[1], max_size=max_size,
-               model_size=list(image.shape[-2:]), frames=frames)
+    res = dict(input=args.predict, audio=args.audio, audio_pos=args.audio_pos, audio_note=note,
+               checkpoint=args.ckpt, data=trained_on, height=size[0], width=size[1],
+               max_size=max_size, model_size=list(image.shape[-2:]), frames=frames)
     name = os.path.splitext(os.path.basename(os.path.normpath(args.predict)))[0]
     write_json(os.path.join(out, name + ".json"), res)
     print(f"wrote {os.path.join(out, name + '.json')}")
@@ -1096,17 +880,19 @@ def predict(args):
 
 
 def main(args):
+    given = set(vars(args).pop("given", ()))
     if args.predict:
         return predict(args)
     device, rank, world = init_distributed(args)
     main_rank, amp = rank == 0, not args.no_amp and native_bf16(device)
     ckpt = load_checkpoint(args.resume or args.ckpt) if args.resume or args.eval_only else None
     if ckpt:
-        use_checkpoint_args(args, ckpt)
+        given |= use_checkpoint_args(args, ckpt)
         if DATASETS[ckpt["args"]["data"]]["classes"] != DATASETS[args.data]["classes"]:
-            raise data.DataError(f"{args.resume or args.ckpt} was trained on --data {ckpt['args']['data']}, whose "
-                                 f"classes differ from --data {args.data}")
-    resolve_defaults(args)
+            raise data.DataError(f"{args.resume or args.ckpt} was trained on --data "
+                                 f"{ckpt['args']['data']}, whose classes differ from --data "
+                                 f"{args.data}")
+    resolve_defaults(args, given)
     if args.resume:
         check_resume_args(args, ckpt)
     spec = DATASETS[args.data]
@@ -1114,90 +900,57 @@ def main(args):
     args.out = run_folder(args, world)
     seed_all(rank_seed(args.seed, rank))
 
-    val_split = "val" if spec["kind"] == "avs" else "test"  # VPO has no val split (release "val" = test)
-    sets = build_datasets(args, spec, ["test"] if args.eval_only else sorted({"train", val_split, "test"}))
-    twin_idx = []
-    if spec["kind"] == "vpo" and args.eval_audio == "real" and data.attach_twins(sets["test"], args.coco_ann):
-        twin_idx = sorted(sets["test"].twins)  # VPO-MSMI: images whose sounding object has silent twins
-    if args.eval_only:
-        sets["test"] = data.eval_audio_set(sets["test"], args.eval_audio, args.coco_ann, args.seed)
-    train_loader, eval_loaders = build_loaders(args, sets, twin_idx, rank, world, device)
+    # AVSBench: the model is selected on val and best.pt tested at the end; VPO has no val split
+    # (its release's "val" is the test set), so it is evaluated on test
+    val_split = "val" if spec["kind"] == "avs" else "test"
+    sets, train_loader, eval_loaders = build_data(args, spec, val_split, rank, world, device)
     log_path = os.path.join(args.out, "log.txt") if main_rank else None
     if main_rank:
         os.makedirs(os.path.join(args.out, "overlays"), exist_ok=True)
-        log(f"tpavi: {args.data} (K={num_classes}{', binary' if binary else ''}) | {args.backbone} "
-            f"pretrained={args.pretrained} | TPAVI stages {args.tpavi_stages} | audio {args.audio_encoder} "
-            f"{'mono' if args.mono else 'stereo'} | lambda_avm {args.lambda_avm} | crop {args.crop} | "
-            f"{world} rank(s) on {device} | bf16 {amp}{' | built-in VPO: CPU defaults' if args.builtin else ''}",
-            log_path)
-        log(f"samples: {', '.join(f'{s} {len(d)}' for s, d in sets.items())}; run folder {args.out}", log_path)
+        log_settings(args, num_classes, sets, world, device, amp, log_path)
 
-    model = AVSModel(args.backbone, "none" if ckpt else args.pretrained, num_classes, args.tpavi_stages,
-                     args.audio_encoder, 1 if args.mono else 2, None if ckpt else args.vggish_weights).to(device)
+    model = AVSModel(args.backbone, "none" if ckpt else args.pretrained, num_classes,
+                     args.tpavi_stages, args.audio_encoder, 1 if args.mono else 2,
+                     None if ckpt else args.vggish_weights).to(device)
     if ckpt:
         model.load_state_dict(ckpt["model"])
     if args.eval_only:
-        res = run_eval(model, eval_loaders, "test", args.ckpt, device, amp, args, log_path)
-        if main_rank:
-            if args.eval_audio != "real":
-                log(f"{args.eval_audio} audio: {100 * res['fg_pred']:.2f}% of the pixels segmented as a sounding "
-                    "object (false detections; 0 is right)", log_path)
-            # eval-real.json / eval-silence.json / eval-absent.json: never the training run's metrics.json
-            write_json(os.path.join(args.out, f"eval-{args.eval_audio}.json"), dict(args=vars(args), eval=res))
-        return res
+        return run_eval_only(model, eval_loaders, device, amp, args, log_path)
 
-    if device.type == "cuda":  # channels-last convolutions, TF32 where the GPU has it
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.compile:
-        model.encoder.compile()
-    if world > 1 and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif world > 1 and main_rank:
-        log("note: SyncBatchNorm runs on CUDA only; on CPU each rank keeps its own BatchNorm statistics", log_path)
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                              find_unused_parameters=not args.tpavi_stages) if world > 1 else model
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)  # AVS: Adam 1e-4
+    net = training_model(model, args, device, world, log_path)
+    optimizer = make_optimizer(model, args)
     iters_per_epoch = len(train_loader)
     if iters_per_epoch == 0:
-        raise data.DataError(f"{args.data} train split has {len(sets['train'])} samples, fewer than "
-                             f"--batch-size {args.batch_size}: lower --batch-size or --limit")
+        raise data.DataError(f"{args.data} train split has {len(sets['train'])} samples, fewer "
+                             f"than --batch-size {args.batch_size}: lower --batch-size or --limit")
     total = min(args.max_iters or math.inf, args.epochs * iters_per_epoch)
-    # released model selection: M_J (S4 / MS3), mIoU (AVSS)
+    # model selection as the released train.py: M_J (S4 / MS3), mIoU (AVSS)
     run = dict(iteration=0, epoch=0, best=-math.inf, metric="mj" if binary else "miou", history=[])
     if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        run = {key: ckpt[key] for key in run}
-        if len(ckpt["rng"]) == world:  # per-rank RNG states; with another world size the seeds stay fresh
-            set_rng_state(ckpt["rng"][rank])
-        if main_rank:
-            log(f"resumed from {args.resume} at epoch {run['epoch']}, iteration {run['iteration']}", log_path)
+        run = resume_run(ckpt, args.resume, optimizer, run, rank, world, log_path)
 
     criterion = Criterion(args, binary, device, amp, world)
     meter = Meter(run["iteration"], total, world, ckpt.get("elapsed_s", 0.0) if ckpt else 0.0)
-    res = run["history"][-1] if run["history"] else None  # a resumed finished run keeps its final metrics
+    res = run["history"][-1] if run["history"] else None  # a finished run keeps its final metrics
     for epoch in range(run["iteration"] // iters_per_epoch, args.epochs):
         if run["iteration"] >= total:
             break
-        skip = (run["iteration"] - epoch * iters_per_epoch) * (args.batch_size // world)  # resume inside an epoch
-        train_loader.sampler.set_epoch(epoch, skip)
-        run["iteration"] = train_one_epoch(net, train_loader, optimizer, criterion, meter, epoch, run["iteration"],
-                                           args, log_path)
+        skip = (run["iteration"] - epoch * iters_per_epoch) * (args.batch_size // world)
+        train_loader.sampler.set_epoch(epoch, skip)  # skip: a resume inside the epoch
+        run["iteration"] = train_one_epoch(net, train_loader, optimizer, criterion, meter, epoch,
+                                           run["iteration"], args, log_path)
         run["epoch"] = run["iteration"] // iters_per_epoch
         stop = run["iteration"] >= total
         if stop or (epoch + 1) % args.eval_every == 0:
-            eval_t = time.time()
-            res = run_eval(model, eval_loaders, val_split, "last", device, amp, args, log_path)
-            run["history"].append(dict(epoch=epoch + 1, iteration=run["iteration"], **res))
-            if main_rank:
-                log(f"eval ep {epoch + 1}: mIoU {100 * res['miou']:.2f} F-beta {100 * res['mean_fbeta']:.2f} "
-                    f"FDR {100 * res['mean_fdr']:.2f} ({time.time() - eval_t:.1f} s)", log_path)
+            res = validate(model, eval_loaders, val_split, run, epoch, device, amp, args, log_path)
             if res[run["metric"]] > run["best"]:
                 run["best"] = res[run["metric"]]
-                save_checkpoint(main_rank and os.path.join(args.out, "best.pt"), model, optimizer, run, meter, args, {},
-                                world)
-            write_metrics(main_rank, args, run, val_split, res if val_split == "test" else None, meter)
-        save_checkpoint(main_rank and os.path.join(args.out, "last.pt"), model, optimizer, run, meter, args, {}, world)
+                save_checkpoint(main_rank and os.path.join(args.out, "best.pt"), model, optimizer,
+                                run, meter, args, {}, world)
+            write_metrics(main_rank, args, run, val_split, res if val_split == "test" else None,
+                          meter)
+        save_checkpoint(main_rank and os.path.join(args.out, "last.pt"), model, optimizer, run,
+                        meter, args, {}, world)
         if stop:
             break
     if world > 1:
@@ -1207,9 +960,376 @@ def main(args):
         res = run_eval(model, eval_loaders, "test", "best", device, amp, args, log_path)
     write_metrics(main_rank, args, run, val_split, res, meter)
     if main_rank:
-        log(f"done in {meter.elapsed():.0f} s; best {run['metric']} {run['best']:.4f}; run folder {args.out}",
-            log_path)
+        log(f"done in {meter.elapsed():.0f} s; best {run['metric']} {run['best']:.4f}; "
+            f"run folder {args.out}", log_path)
     return res
+
+
+def build_data(args, spec, val_split, rank, world, device):
+    """The datasets (--eval-only: test, with --eval-audio's audio) and their loaders."""
+    sets = build_datasets(args, spec, ["test"] if args.eval_only else
+                          sorted({"train", val_split, "test"}))
+    twin_idx = []
+    if spec["kind"] == "vpo" and args.eval_audio == "real" and \
+            data.attach_twins(sets["test"], args.coco_ann):
+        twin_idx = sorted(sets["test"].twins)  # VPO-MSMI: images whose sounding object has twins
+    if args.eval_only:
+        sets["test"] = data.eval_audio_set(sets["test"], args.eval_audio, args.coco_ann, args.seed)
+    return (sets, *build_loaders(args, sets, twin_idx, rank, world, device))
+
+
+def validate(model, loaders, split, run, epoch, device, amp, args, log_path):
+    """The evaluation after an epoch, added to run["history"] and logged -> its metrics."""
+    start = time.time()
+    res = run_eval(model, loaders, split, "last", device, amp, args, log_path)
+    run["history"].append(dict(epoch=epoch + 1, iteration=run["iteration"], **res))
+    if log_path:
+        log(f"eval ep {epoch + 1}: mIoU {100 * res['miou']:.2f} F-beta "
+            f"{100 * res['mean_fbeta']:.2f} FDR {100 * res['mean_fdr']:.2f} "
+            f"({time.time() - start:.1f} s)", log_path)
+    return res
+
+
+def log_settings(args, num_classes, sets, world, device, amp, log_path):
+    """The run's first two log lines: the model and data settings, the samples per split."""
+    log(f"tpavi: {args.data} (K={num_classes}{', binary' if num_classes == 1 else ''}) | "
+        f"{args.backbone} pretrained={args.pretrained} | TPAVI stages {args.tpavi_stages} | audio "
+        f"{args.audio_encoder} {'mono' if args.mono else 'stereo'} | lambda_avm {args.lambda_avm} "
+        f"| crop {args.crop} | {world} rank(s) on {device} | bf16 {amp}"
+        f"{' | built-in VPO: CPU defaults' if args.builtin else ''}", log_path)
+    log(f"samples: {', '.join(f'{s} {len(d)}' for s, d in sets.items())}; run folder {args.out}",
+        log_path)
+
+
+def run_eval_only(model, loaders, device, amp, args, log_path):
+    """--eval-only: the test split -> OUT/eval-<audio>.json (real / silence / absent), never the
+    training run's metrics.json."""
+    res = run_eval(model, loaders, "test", args.ckpt, device, amp, args, log_path)
+    if log_path:
+        if args.eval_audio != "real":
+            log(f"{args.eval_audio} audio: {100 * res['fg_pred']:.2f}% of the pixels segmented as "
+                "a sounding object (false detections; 0 is right)", log_path)
+        write_json(os.path.join(args.out, f"eval-{args.eval_audio}.json"),
+                   dict(args=vars(args), eval=res))
+    return res
+
+
+def make_optimizer(model, args):
+    """Adam, constant lr (AVS: 1e-4), over the trained parameters (a VGGish encoder is frozen)."""
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+
+
+def resume_run(ckpt, path, optimizer, run, rank, world, log_path):
+    """--resume: the checkpoint's optimiser and RNG states -> its run state (iteration, epoch,
+    best, metric, history)."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if len(ckpt["rng"]) == world:  # per-rank RNG states; another world size keeps fresh seeds
+        set_rng_state(ckpt["rng"][rank])
+    if log_path:
+        log(f"resumed from {path} at epoch {ckpt['epoch']}, iteration {ckpt['iteration']}",
+            log_path)
+    return {key: ckpt[key] for key in run}
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+
+def exit_on_error(e):
+    """A DataError ends the run with its one line on stderr (exit 2), also written to torchrun's
+    error file so that torchrun's failure report quotes it. A collective broken because another
+    rank ended first waits for torchrun to stop this rank, without a traceback of its own, so the
+    report names the rank that failed. Anything else is a bug: its traceback."""
+    if isinstance(e, data.DataError):
+        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            info = dict(py_callstack=f"error: {e}", timestamp=str(int(time.time())))
+            write_json(os.environ["TORCHELASTIC_ERROR_FILE"],
+                       dict(message=dict(message=f"error: {e}", extraInfo=info)))
+        sys.exit(2)
+    if dist.is_initialized() and (isinstance(e, dist.DistError) or "by peer" in str(e)):
+        time.sleep(60)
+        print(f"error: rank {dist.get_rank()}: {str(e).splitlines()[0]} (did another rank fail?)",
+              file=sys.stderr)
+        sys.exit(1)
+    raise e
+
+
+def log(msg, path=None):
+    print(msg, flush=True)
+    if path:
+        with open(path, "a") as f:
+            f.write(msg + "\n")
+
+
+def save_atomic(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    """Atomic JSON write; NaN (an undefined metric, e.g. FDR of a never-predicted class) -> null."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        return [clean(v) for v in x] if isinstance(x, (list, tuple)) else x
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(clean(obj), f, indent=1)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    """Python, numpy, torch (and CUDA) RNG states as plain containers and tensors (weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(python=random.getstate(), torch=torch.get_rng_state(),
+                numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=pos,
+                           has_gauss=has_gauss, gauss=gauss),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    torch.set_rng_state(s["torch"])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def native_bf16(device):
+    """bf16 autocast pays on CUDA and on CPUs with bf16 instructions; elsewhere it is emulated,
+    ~20x slower."""
+    if device.type == "cuda":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def init_distributed(args):
+    """One process per rank under torchrun (nccl on CUDA, gloo on CPU) -> device, rank, world."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise data.DataError("--device cuda: no CUDA device is visible; use --device cpu")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if args.batch_size % world:
+        raise data.DataError(f"--batch-size {args.batch_size} is the global batch and does not "
+                             f"split over the {world} ranks: give a multiple of {world}, or start "
+                             "fewer processes")
+    return device, rank, world
+
+
+def run_folder(args, world):
+    """--out; else the checkpoint's folder with --resume; else runs/tpavi-<data>-s<seed>-<time>,
+    rank 0's on every rank."""
+    if args.out is not None:
+        return args.out
+    if args.resume:
+        return os.path.dirname(os.path.abspath(args.resume))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    holder = [os.path.join("runs", f"tpavi-{args.data}-s{args.seed}-{stamp}")]
+    if world > 1:
+        dist.broadcast_object_list(holder)
+    return holder[0]
+
+
+def write_metrics(main_rank, args, run, split, final, meter):
+    """metrics.json (rank 0): settings, every evaluation, the best one on `split`, the final one,
+    the wall time and the training images/s."""
+    if main_rank:
+        scored = [h for h in run["history"] if h["split"] == split]
+        best = max(scored, key=lambda h: h[run["metric"]]) if scored else None
+        write_json(os.path.join(args.out, "metrics.json"), dict(
+            args=vars(args), history=run["history"], final=final,
+            best=best and dict(best, metric=run["metric"], score=best[run["metric"]]),
+            wall_time_s=round(meter.elapsed(), 1), train_images_per_s=meter.images_per_s()))
+
+
+def rank_seed(seed, rank):
+    """One seed per (--seed, rank): every rank, and each of its loader workers, draws its own
+    augmentation."""
+    return seed * 1000003 + rank
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_datasets(args, spec, splits):
+    """split name -> dataset; DataError / ValueError of data.py become one-line errors."""
+    out = {}
+    for split in splits:
+        try:
+            if spec["kind"] == "vpo":
+                out[split] = data.VPODataset(
+                    args.data_root, spec["subset"], split, audio_root=args.audio_root,
+                    stereo=not args.mono, train=split == "train", crop=args.crop,
+                    limit=args.limit, pan=args.pan)
+            else:
+                out[split] = data.AVSBenchDataset(args.data_root, spec["subset"], split,
+                                                  size=args.crop, stereo=not args.mono,
+                                                  limit=args.limit)
+        except ValueError as e:
+            raise data.DataError(str(e)) from e
+    return out
+
+
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """This rank's share of a permutation seeded from (seed, epoch); set_epoch's `skip` leaves out
+    the samples a resumed run has already trained on in that epoch, so the loader is built once."""
+    skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+def build_loaders(args, sets, twin_idx, rank, world, device):
+    """The loaders, built once with persistent workers: train (EpochSampler, --batch-size split
+    over the ranks, incomplete batches dropped) and one per evaluation split (exact shards; 'swap':
+    the twins of the test split). Every loader has its own generator, seeded per rank, so loading
+    never draws from the training RNG and each rank's workers draw their own augmentation;
+    bit-exact --resume needs --workers 0 (worker RNG states are not checkpointed)."""
+    def loader(dataset, batch_size, sampler=None):
+        return torch.utils.data.DataLoader(
+            dataset, batch_size, sampler=sampler, num_workers=args.workers,
+            collate_fn=data.pad_collate, pin_memory=device.type == "cuda",
+            drop_last=sampler is not None, persistent_workers=args.workers > 0,
+            generator=torch.Generator().manual_seed(rank_seed(args.seed, rank)))
+    evals = {split: loader(torch.utils.data.Subset(ds, range(rank, len(ds), world)),
+                           args.eval_batch_size) for split, ds in sets.items() if split != "train"}
+    if twin_idx and not args.mono:  # the twin metrics once more with the stereo cue reversed
+        evals["swap"] = loader(torch.utils.data.Subset(sets["test"], twin_idx[rank::world]),
+                               args.eval_batch_size)
+    if "train" not in sets:
+        return None, evals
+    # (seed, epoch) -> seed * 100003 + epoch: no two seeds share an epoch's order
+    sampler = EpochSampler(sets["train"], world, rank, shuffle=True, seed=args.seed * 100003,
+                           drop_last=True)
+    return loader(sets["train"], args.batch_size // world, sampler), evals
+
+
+# the architecture flags, taken from a checkpoint
+CKPT_KEYS = ("backbone", "pretrained", "tpavi_stages", "audio_encoder", "mono")
+
+
+def load_checkpoint(path):
+    """A last.pt / best.pt of this script (plain containers, read with weights_only=True); anything
+    else, a missing file included, is a one-line DataError naming the file."""
+    if not os.path.isfile(path):
+        raise data.DataError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise data.DataError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
+                             "pass a last.pt/best.pt written by tpavi.py") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != "tpavi":
+        by = (f" (written by {ckpt['script']}.py)" if isinstance(ckpt, dict) and "script" in ckpt
+              else "")
+        raise data.DataError(f"{path}: not a tpavi.py checkpoint{by}; pass a last.pt/best.pt "
+                             "written by tpavi.py")
+    return ckpt
+
+
+def use_checkpoint_args(args, ckpt):
+    """The architecture flags come from the checkpoint -> their names."""
+    for key in CKPT_KEYS:
+        setattr(args, key, ckpt["args"][key])
+    return set(CKPT_KEYS)
+
+
+# run control and paths: they may differ on --resume
+RESUME_FREE = ("out", "resume", "ckpt", "eval_only", "predict", "audio", "audio_pos", "max_size",
+               "workers", "log_every", "eval_every", "eval_batch_size", "overlays", "max_iters",
+               "device", "no_amp", "compile", "data_root", "audio_root", "coco_ann", "pretrained",
+               "vggish_weights", "eval_audio")
+
+
+def check_resume_args(args, ckpt):
+    """--resume continues the run that wrote the checkpoint: a method or data flag that differs
+    from the run's (a changed default included) is a one-line DataError, not a silently different
+    run."""
+    changed = [k for k, v in ckpt["args"].items()
+               if k not in RESUME_FREE and getattr(args, k, v) != v]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {ckpt['args'][k]} (now {getattr(args, k)})"
+                          for k in changed)
+        raise data.DataError(f"{args.resume} was trained with {flags}: pass the run's flags (the "
+                             "first line of its log.txt) or start a new run")
+
+
+def save_checkpoint(path, model, optimizer, run, meter, args, extra, world):
+    """Called on every rank (it gathers the per-rank RNG states); rank 0 passes the path and writes
+    the model, optimiser, `run` (iteration, epoch, best, metric, history), the wall time so far
+    (`meter`) and the method's `extra` state."""
+    rngs = [rng_state()] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rngs[0])
+    if path:
+        save_atomic(dict(script="tpavi", args=vars(args), model=model.state_dict(),
+                         optimizer=optimizer.state_dict(), rng=rngs, extra=extra,
+                         elapsed_s=meter.elapsed(), **run), path)
+
+
+class Meter:
+    """Loss parts summed on the device between log lines and read back (averaged over the ranks)
+    only by line(), which every rank calls; images/s over training time only, the first step
+    (warm-up) left out; ETA from the wall time since the start, evaluations included."""
+
+    def __init__(self, iteration, total, world, elapsed):
+        self.t0, self.start, self.total = time.time(), iteration, total
+        self.world, self.before = world, elapsed
+        self.sums, self.n, self.names, self.train_s, self.images = None, 0, [], 0.0, 0
+        self.window_s, self.window_images = 0.0, 0
+
+    def update(self, loss, parts, images, seconds, iteration):
+        values = torch.stack([loss.detach().float()] + [v.detach().float() for v in parts.values()])
+        self.sums = values if self.sums is None else self.sums + values
+        self.n, self.names = self.n + 1, list(parts)
+        self.window_s += seconds
+        self.window_images += images * self.world
+        if iteration > self.start + 1:
+            self.train_s, self.images = self.train_s + seconds, self.images + images * self.world
+
+    def line(self, epoch, epochs, iteration, lr):
+        if self.world > 1:  # each rank's loss is its share times the world size: the mean is global
+            dist.all_reduce(self.sums)
+            self.sums /= self.world
+        loss, *values = (self.sums / self.n).tolist()  # the one read-back from the device per line
+        parts = " ".join(f"{k} {v:.4f}" for k, v in zip(self.names, values))
+        eta = (time.time() - self.t0) / (iteration - self.start) * (self.total - iteration)
+        text = (f"ep {epoch + 1}/{epochs} it {iteration}/{self.total} loss {loss:.4f} ({parts}) "
+                f"lr {lr:.2e} {self.window_images / max(self.window_s, 1e-9):.1f} img/s "
+                f"eta {eta // 3600:.0f}:{eta % 3600 // 60:02.0f}:{eta % 60:02.0f}")
+        self.sums, self.n, self.window_s, self.window_images = None, 0, 0.0, 0
+        return text
+
+    def elapsed(self):
+        """Wall time of the run: this process's and, after --resume, the earlier processes' (from
+        the checkpoint)."""
+        return self.before + time.time() - self.t0
+
+    def images_per_s(self):
+        return round(self.images / max(self.train_s, 1e-9), 2)
 
 
 if __name__ == "__main__":
