@@ -1,15 +1,15 @@
 """CAVP: audio-visual segmentation with contrastive audio-visual pairing, in one file.
 
-Chen et al., "Unraveling Instance Associations: A Closer Look for Audio-Visual Segmentation", CVPR
-2024, https://arxiv.org/abs/2304.02970; released code: github.com/cyh-0/CAVP. Equation, section and
-table numbers are the paper's; where the released code departs from the paper, this file follows the
-paper and says so.
+Chen et al., "Unraveling Instance Associations: A Closer Look for Audio-Visual Segmentation",
+CVPR 2024, https://arxiv.org/abs/2304.02970; released code: github.com/cyh-0/CAVP. Equation,
+section and table numbers are the paper's; where the released code departs from the paper, this
+file follows the paper and says so.
 
     python vpo_make.py --synthetic --out data                       # the built-in VPO (CPU-sized)
     python cavp.py --data vpo_msmi --epochs 80                      # train, then test
     python cavp.py --eval-only --ckpt runs/<run>/best.pt [--eval-audio silence]
     torchrun --nproc_per_node=8 cavp.py --data vpo_msmi --data-root /path/to/VPO
-    python cavp.py --data avsbench_s4 --data-root /path/to/AVSBench # Tables 1-2 (also avss: Table 3)
+    python cavp.py --data avsbench_s4 --data-root /path/to/AVSBench # Tables 1-2; avss: Table 3
     python cavp.py --predict photo.jpg --audio sound.wav --ckpt runs/<run>/best.pt
 """
 import argparse
@@ -60,25 +60,25 @@ def parse_args(argv=None):
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data").add_argument
     g("--data", default="vpo_msmi", choices=list(DATASETS),
-      help="VPO subset (Sec. 3), AVSBench-Objects S4 / MS3 (Tables 1-2), AVSBench-Semantics (Table 3)")
+      help="VPO subset (Sec. 3), AVSBench-Objects S4 / MS3 (Tables 1-2) or AVSBench-Semantics")
     g("--data-root", default="data",
       help="folder with VPO-SS/, VPO-MS/, VPO-MSMI/ (VPO) or Single-source/, Multi-sources/, "
            "AVSBench-semantic/ (AVSBench)")
-    g("--audio-root", default=None, help="VPO: folder of {vgg_file}.wav clips (default: DATA_ROOT/audio)")
+    g("--audio-root", default=None, help="VPO: folder of the .wav clips (default: DATA_ROOT/audio)")
     g("--mono", dest="mono", action="store_true", default=None,
       help="average the audio channels (Fig. 7, Table 8); the default on AVSBench (mono clips)")
     g("--stereo", dest="mono", action="store_false",
       help="stereo audio, the default on VPO (AVSBench: a WAV's first two channels)")
     g("--resize", type=int, default=None,
-      help="AVSBench frame size, 0 = original (default: 224 for S4 / MS3 as Tables 1-2, 0 for avss)")
+      help="AVSBench frame size, 0 = original (default: 224 for S4 / MS3, Tables 1-2; avss: 0)")
     g("--pan", default="csv", choices=["csv", "crop"],
       help="VPO: pan a source at the CSV audio_pos, mirrored on flips (csv, as cyh-0/CAVP), or at "
            "its object's centre after flip, scale and crop (crop)")
     g("--crop", type=int, default=512,
-      help="training crop (App. B.1: %(default)s; AVSBench resized: the frame; built-in VPO: the image)")
+      help="training crop (App. B.1: %(default)s; AVSBench resized: the frame; built-in VPO: all)")
     g("--s4-labels", default=None, choices=["category", "binary"],
-      help="avsbench_s4 training classes: the CSV category (default; other categories are negatives "
-           "in Eq. (1)-(3)) or binary (as cyh-0/CAVP); tested binary either way")
+      help="avsbench_s4 training classes: the CSV category (default; other categories are "
+           "negatives in Eq. (1)-(3)) or binary (as cyh-0/CAVP); tested binary either way")
     g("--avss-part", default="all", choices=list(data.AVSS_PARTS),
       help="avss: test on part v1s or v1m only (Table 3's SS / MS columns) or v2; trains on all")
     g("--limit", type=int, default=None, help="use only the first N samples of each split")
@@ -102,8 +102,8 @@ def parse_args(argv=None):
       help="position code on f_CA's queries: none (the paper) or 2-D sine (ref. [55]); "
            "see docs/RESULTS.md")
     g("--audio-conv1", default="split", choices=["split", "mean"],
-      help="stereo audio conv1 at init: an L + R filter and a fresh L - R one (split; this project's "
-           "choice: the encoder sees the side from the start, docs/RESULTS.md) or one for both (mean)")
+      help="stereo audio conv1 at init: an L + R filter and a fresh L - R one (split; this "
+           "project's choice: it sees the side from the start, docs/RESULTS.md) or one (mean)")
 
     g = p.add_argument_group("loss (Eq. (1)-(5), App. B)").add_argument
     g("--contrast", default="cavp", choices=["none", "supcon", "cavp"],
@@ -116,7 +116,7 @@ def parse_args(argv=None):
       help="share of mismatched re-pairs given bank audio of the image's classes (App. B, Table 6)")
     g("--bank-size", type=int, default=8, help="waveforms per class in the memory bank (FIFO)")
     g("--bank-sources", default="single", choices=["single", "all"],
-      help="App. B bank audio for single-source images only, or for every image, one clip per class")
+      help="App. B bank audio for single-source images only, or every image (one clip per class)")
 
     g = p.add_argument_group("readings of Eq. (1)-(3)").add_argument
     g("--match", default="class", choices=["class", "side"],
@@ -136,10 +136,10 @@ def parse_args(argv=None):
     g("--epochs", type=int, default=80, help="training epochs (%(default)s)")
     g("--batch-size", type=int, default=16, help="images per step over all ranks (%(default)s)")
     g("--lr", type=float, default=1e-3,
-      help="SGD lr at batch 16, scaled linearly with --batch-size (%(default)s; built-in VPO: 1e-2)")
+      help="SGD lr at batch 16, scaled linearly to --batch-size (%(default)s; built-in VPO: 1e-2)")
     g("--momentum", type=float, default=0.9, help="SGD momentum (%(default)s)")
     g("--weight-decay", type=float, default=5e-4, help="SGD weight decay (%(default)s)")
-    g("--poly-power", type=float, default=0.9, help="poly lr decay power, per iteration (%(default)s)")
+    g("--poly-power", type=float, default=0.9, help="poly lr decay power, per step (%(default)s)")
     g("--head-lr-mult", type=float, default=1.0,
       help="lr multiplier of the segmentation head (%(default)s; cyh-0/CAVP: 10)")
     g("--seed", type=int, default=0, help="random seed")
@@ -148,7 +148,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("run").add_argument
     g("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     g("--no-amp", action="store_true",
-      help="no bf16 autocast (used on CUDA and on CPUs with native bf16; emulated bf16 is ~20x slower)")
+      help="no bf16 autocast (on for CUDA and CPUs with native bf16; emulated it is ~20x slower)")
     g("--compile", action="store_true", help="torch.compile the image encoder (measure it first)")
     g("--out", default=None, help="run folder (default: runs/cavp-<data>-s<seed>-<time>)")
     g("--resume", default=None, help="continue training from this checkpoint (e.g. runs/x/last.pt)")
@@ -170,7 +170,7 @@ def parse_args(argv=None):
 
     g = p.add_argument_group("predict on your own image and sound").add_argument
     g("--predict", default=None, metavar="IMAGE",
-      help="segment IMAGE with the sound --audio using --ckpt -> <stem>.png and <stem>.json in --out "
+      help="segment IMAGE with the sound --audio using --ckpt -> <stem>.png, <stem>.json in --out "
            "(default: the checkpoint's folder/predict)")
     g("--audio", default=None, metavar="WAV", help="the sound (any WAV; 3 s from its middle)")
     g("--audio-pos", type=float, default=None, metavar="A",
@@ -183,10 +183,13 @@ def parse_args(argv=None):
     positive = ("epochs", "batch_size", "eval_every", "log_every", "bank_size", "anchors_per_group",
                 "eval_batch_size", "max_size")
     for bad, message in [
-            (args.predict and not (args.ckpt and args.audio), "--predict needs --ckpt PATH and --audio WAV"),
-            ((args.audio or args.audio_pos is not None or args.max_size is not None) and not args.predict,
+            (args.predict and not (args.ckpt and args.audio),
+             "--predict needs --ckpt PATH and --audio WAV"),
+            (not args.predict and (args.audio or args.audio_pos is not None
+                                   or args.max_size is not None),
              "--audio, --audio-pos and --max-size are for --predict IMAGE"),
-            (args.predict and (args.eval_only or args.resume), "--predict excludes --eval-only and --resume"),
+            (args.predict and (args.eval_only or args.resume),
+             "--predict excludes --eval-only and --resume"),
             (args.eval_only and not args.ckpt, "--eval-only needs --ckpt PATH"),
             (args.eval_audio != "real" and not args.eval_only,
              f"--eval-audio {args.eval_audio} is for --eval-only"),
@@ -195,14 +198,15 @@ def parse_args(argv=None):
             (args.match == "side" and not vpo,
              "--match side compares VPO's source positions; AVSBench has none: use --match class"),
             (args.resize is not None and (vpo or args.resize < 0),
-             "--resize is for AVSBench --data (>= 0, 0 = original resolution); VPO trains on --crop"),
-            (args.s4_labels and args.data != "avsbench_s4", "--s4-labels is for --data avsbench_s4"),
+             "--resize is for AVSBench --data (>= 0, 0 = original resolution); VPO uses --crop"),
+            (args.s4_labels and args.data != "avsbench_s4",
+             "--s4-labels is for --data avsbench_s4"),
             (args.avss_part != "all" and args.data != "avss", "--avss-part is for --data avss"),
             *[(getattr(args, flag) is not None and getattr(args, flag) < 1,
                f"--{flag.replace('_', '-')} must be >= 1") for flag in positive],
             (not 0 <= args.pos_share <= 1, "--pos-share must be in [0, 1]"),
             (args.pos_enc != "none" and args.fusion != "ca",
-             f"--pos-enc {args.pos_enc} codes f_CA's visual queries: use --fusion ca or --pos-enc none"),
+             f"--pos-enc {args.pos_enc} codes f_CA's queries: use --fusion ca or --pos-enc none"),
             (args.match == "side" and args.mono,
              "--match side compares stereo positions: drop --mono or use --match class")]:
         if bad:
@@ -266,7 +270,8 @@ def class_names(dataset, s4_labels=None):
     spec = DATASETS[dataset]
     if spec["kind"] == "vpo":
         return data.VPO_CLASSES
-    return data.avs_classes(spec["task"], (s4_labels or "binary") if spec["task"] == "s4" else "binary")
+    labels = (s4_labels or "binary") if spec["task"] == "s4" else "binary"
+    return data.avs_classes(spec["task"], labels)
 
 
 # ----------------------------------------------------------------------------- model
@@ -287,7 +292,8 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.heads, self.attn, self.pos_enc = heads, attn, pos_enc
         # per-pixel MLP before f_CA: cyh-0/CAVP, models/cavp_model.py (visual_projector)
-        self.visual_mlp = nn.Sequential(nn.Linear(dim, 256), nn.ReLU(inplace=True), nn.Linear(256, dim))
+        self.visual_mlp = nn.Sequential(nn.Linear(dim, 256), nn.ReLU(inplace=True),
+                                        nn.Linear(256, dim))
         self.norm = nn.LayerNorm(dim)  # shared by both modalities
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         # the ratio-4 MLP block and the final LayerNorm: cyh-0/CAVP, models/attn.py (Block, norm)
@@ -325,13 +331,13 @@ def sine_position_code(h, w, dim, temperature=10000.0, device=None):
 
     Token (r, c) sits at y = 2 pi (r + 1/2) / h, x = 2 pi (c + 1/2) / w: pixel centres normalised to
     the image, so a map of any size gets the same code at the same relative place, and a horizontal
-    flip maps x to 2 pi - x. With F = dim / 4 frequencies w_i = T^(-i/F), i = 0..F-1, T = temperature:
+    flip maps x to 2 pi - x. With F = dim / 4 frequencies w_i = T^(-i/F), i < F, T = temperature:
         p[2i] = sin(w_i y),          p[2i + 1] = cos(w_i y),           (first dim/2 channels: y)
         p[dim/2 + 2i] = sin(w_i x),  p[dim/2 + 2i + 1] = cos(w_i x)    (last dim/2 channels: x)
-    dim must be a multiple of 4: f_CA's 304 = 4 x 76 gives 152 channels per axis, 76 frequencies each.
+    dim must be a multiple of 4: f_CA's 304 = 4 x 76 gives 152 channels per axis, 76 frequencies.
     """
     if dim % 4:
-        raise ValueError(f"sine position code: dim {dim} is not a multiple of 4 (sin/cos pairs for y, x)")
+        raise ValueError(f"sine position code: dim {dim} is not a multiple of 4 (sin/cos of y, x)")
     f = dim // 4
     freq = temperature ** (-torch.arange(f, device=device) / f)
 
@@ -352,7 +358,7 @@ class AudioQueryFusion(nn.Module):
 
     def forward(self, u_v, u_a, size=None):
         """As CrossAttention.forward; size is not used (no position code)."""
-        out, w = self.mha(u_a[:, None], u_v, u_v)                        # audio query, softmax over pixels
+        out, w = self.mha(u_a[:, None], u_v, u_v)  # audio query, softmax over the pixels
         return u_v + u_v * out, w[:, 0]
 
 
@@ -366,8 +372,8 @@ class CAVPModel(nn.Module):
         self.fusion = AudioQueryFusion(dim, args.heads) if args.fusion == "tpavi" else \
             CrossAttention(dim, args.heads, args.attn, args.pos_enc)
         self.classifier = nn.Sequential(
-            nn.Conv2d(dim, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
-            nn.Conv2d(256, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
+            nn.Conv2d(dim, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(True),
+            nn.Conv2d(256, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(True),
             nn.Conv2d(256, num_classes, 1))
 
     def forward(self, image, mel, pairing=None):
@@ -407,7 +413,8 @@ class DeepLabV3Plus(nn.Module):
         else:
             dilate(net.layer4, 2)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.layer1, self.layer2 = net.layer1, net.layer2
+        self.layer3, self.layer4 = net.layer3, net.layer4
         low, high = net.layer1[-1].conv1.in_channels, net.fc.in_features
         self.aspp = ASPP(high)
         self.low_proj = nn.Sequential(nn.Conv2d(low, 48, 1, bias=False), nn.BatchNorm2d(48),
@@ -426,8 +433,8 @@ class ASPP(nn.Module):
     def __init__(self, cin, cout=256, rates=(6, 12, 18)):
         super().__init__()
         def branch(k, r):
-            return nn.Sequential(nn.Conv2d(cin, cout, k, padding=0 if k == 1 else r, dilation=r, bias=False),
-                                 nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+            conv = nn.Conv2d(cin, cout, k, padding=0 if k == 1 else r, dilation=r, bias=False)
+            return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
         self.branches = nn.ModuleList([branch(1, 1)] + [branch(3, r) for r in rates])
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1, bias=False),
                                   nn.ReLU(inplace=True))
@@ -477,7 +484,8 @@ class AudioEncoder(nn.Module):
             # layer1 were trained after, and the fresh d, scaled per filter to the norm of
             # ImageNet's, adds the side at the same strength.
             s = rgb.mean(1, keepdim=True)
-            d = d * s.norm(dim=(2, 3), keepdim=True) / d.norm(dim=(2, 3), keepdim=True).clamp(min=1e-12)
+            d = d * s.norm(dim=(2, 3), keepdim=True) / d.norm(dim=(2, 3), keepdim=True).clamp(
+                min=1e-12)
         net.conv1.weight.data = (s + d if conv1 == "split" else s.expand_as(fresh)).contiguous()
         net.fc = nn.Linear(512, dim)
         self.net = net
@@ -503,22 +511,22 @@ def load_backbone_weights(net, name, pretrained):
             state = weights.get_state_dict(progress=False)
         except Exception as e:
             raise data.DataError(
-                f"could not download ImageNet weights for {name} ({type(e).__name__}; offline?): fetch "
-                f"{weights.url} elsewhere and pass --pretrained PATH, or train from scratch with "
-                "--pretrained none")
+                f"could not download ImageNet weights for {name} ({type(e).__name__}; offline?): "
+                f"fetch {weights.url} elsewhere and pass --pretrained PATH, or train from scratch "
+                "with --pretrained none")
         if dist.is_initialized() and not waits:
             dist.barrier()
     else:
         if not os.path.isfile(pretrained):
-            raise data.DataError(f"--pretrained {pretrained}: no such file (give 'imagenet', 'none' or a "
-                                 ".pth path)")
+            raise data.DataError(f"--pretrained {pretrained}: no such file (give 'imagenet', "
+                                 "'none' or a .pth path)")
         state = torch.load(pretrained, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state.get("model", state))
     own = net.state_dict()
     state = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     if not state:
-        raise data.DataError(f"--pretrained {pretrained}: no tensor matches a {name}; is it a {name} "
-                             "state dict?")
+        raise data.DataError(f"--pretrained {pretrained}: no tensor matches a {name}; is it a "
+                             f"{name} state dict?")
     net.load_state_dict(state, strict=False)
 
 
@@ -541,7 +549,7 @@ class Labels(NamedTuple):
 class RePairs(NamedTuple):
     """Eq. (1) for a batch of B images (see re_pair)."""
     perm: torch.Tensor           # (B,) image i takes the audio of image perm[i]
-    choice: torch.Tensor         # (B, K) the bank row per class of a re-pair given bank audio, else -1
+    choice: torch.Tensor         # (B, K) bank row per class of a re-pair given bank audio, else -1
     audio_classes: torch.Tensor  # (B, K) the classes of each re-pair's audio
     match: torch.Tensor          # (B,) whether the re-pair's audio matches its image
     wrong_side: torch.Tensor     # (B, K) shared classes sounding from the wrong side (--match side)
@@ -571,7 +579,8 @@ def re_pair(labels, bank, pos_share, use_bank, gen=None, bank_sources="single", 
     b = t.shape[0]
     perm = derangement(b, gen)
     t_re = t[perm].clone()
-    wrong_side = (t > 0) & (t_re > 0) & ((src >= 0.5) != (src[perm] >= 0.5)) if match_side else t_re < 0
+    wrong_side = (t > 0) & (t_re > 0) & ((src >= 0.5) != (src[perm] >= 0.5)) if match_side \
+        else t_re < 0
     match = (t_re == t).all(1) & ~wrong_side.any(1)
     choice = torch.full(t.shape, -1, dtype=torch.long)
     if use_bank:
@@ -604,10 +613,11 @@ class WaveBank:
         rows = {}
         for i in torch.nonzero(audio_pos >= 0).flatten().tolist():
             c = int(audio_classes[i].argmax())
-            rows[c * self.size + int(self.count[c]) % self.size] = i  # FIFO: a later clip overwrites
+            rows[c * self.size + int(self.count[c]) % self.size] = i  # FIFO: later clips overwrite
             self.count[c] += 1
         if rows:
-            dst, src = (to_device(torch.tensor(list(v)), wave.device) for v in (rows, rows.values()))
+            dst, src = (to_device(torch.tensor(list(v)), wave.device)
+                        for v in (rows, rows.values()))
             self.waves[dst] = wave[src].sum(1).to(self.waves.dtype)
 
     def draw(self, c, gen=None):
@@ -644,7 +654,8 @@ def pair_embeddings(u_a, pairing):
     re-pairs `pairing.banked` -> (2b, D): the b pairs, then the b re-pairs."""
     b = pairing.perm.shape[0]
     every = GatherWithGrad.apply(u_a[:b].float()) if pairing.world > 1 else u_a[:b]  # global batch
-    return torch.cat([u_a[:b], every[pairing.perm].to(u_a.dtype).index_copy(0, pairing.banked, u_a[b:])])
+    re_paired = every[pairing.perm].to(u_a.dtype).index_copy(0, pairing.banked, u_a[b:])
+    return torch.cat([u_a[:b], re_paired])
 
 
 def anchor_sets(y, t, match, unknown="mismatched", wrong_side=None):
@@ -657,9 +668,11 @@ def anchor_sets(y, t, match, unknown="mismatched", wrong_side=None):
     valid = y != 255
     y0 = torch.where(valid, y, 0)
     obj, bg_px = valid & (y0 != 0), valid & (y0 == 0)
-    off_side = obj & torch.gather(wrong_side, 1, y0) if wrong_side is not None else torch.zeros_like(obj)
+    off_side = obj & torch.gather(wrong_side, 1, y0) if wrong_side is not None else \
+        torch.zeros_like(obj)
     fg = obj & (torch.gather(t, 1, y0) > 0) & ~off_side
-    unknown = off_side | dict(mismatched=bg_px & ~match[:, None], literal=bg_px, none=off_side)[unknown]
+    unknown = off_side | dict(mismatched=bg_px & ~match[:, None], literal=bg_px,
+                              none=off_side)[unknown]
     return fg, unknown, valid & ~fg & ~unknown
 
 
@@ -695,22 +708,23 @@ def plan_anchors(y, t, match, mode, cap, gen=None, positives="set", unknown="mis
         fg, _, bg = (m.flatten() for m in anchor_sets(y, t, match, unknown, wrong_side))  # Eq. (2)
         audio_id = torch.unique(t, dim=0, return_inverse=True)[1][:, None].expand_as(y).flatten()
         label = y.flatten()
-        group = torch.where(fg, audio_id * t.shape[1] + label, -1 - label if bg_groups == "label" else -1)
+        bg_group = -1 - label if bg_groups == "label" else -1
+        group = torch.where(fg, audio_id * t.shape[1] + label, bg_group)
         idx = sample_groups(torch.where(fg | bg, group, torch.iinfo(group.dtype).min), cap, gen)
         idx = idx[(fg | bg)[idx]]
         fg, key = fg[idx], (group if positives == "set" else label)[idx]
     counts = torch.unique(torch.where(fg, key, -1), return_inverse=True, return_counts=True)
-    kept = int((counts[2][counts[1]] > 1).sum())  # anchors with another member of their positive set
+    kept = int((counts[2][counts[1]] > 1).sum())  # anchors with another member of their key
     return idx, fg, key, kept
 
 
 def positives_negatives(fg, key, rows):
     """Eq. (3) for the anchors `rows` against all A anchors (fg, key (A,) of plan_anchors) -> pos,
     neg (R, A) masks; no anchor is its own positive."""
-    same = fg[None, :] & (key[rows, None] == key[None, :])                   # P^fg: same t, same y
+    same = fg[None, :] & (key[rows, None] == key[None, :])          # P^fg: same t, same y
     eye = rows[:, None] == torch.arange(fg.numel(), device=fg.device)[None, :]
-    pos = torch.where(fg[rows, None], same, ~fg[None, :]) & ~eye             # P^bg = E_bg
-    neg = torch.where(fg[rows, None], ~same, fg[None, :])                    # N_hard + N_easy; N^bg = E_fg
+    pos = torch.where(fg[rows, None], same, ~fg[None, :]) & ~eye    # P^bg = E_bg
+    neg = torch.where(fg[rows, None], ~same, fg[None, :])           # N_hard + N_easy; N^bg = E_fg
     return pos, neg
 
 
@@ -737,7 +751,7 @@ def contrastive_loss(z, y, t, match, mode, tau, cap, positives="set", unknown="m
     y = F.interpolate(y[:, None].float(), size=(h, w), mode="nearest")[:, 0].long().flatten(1)
     idx, fg, key, kept = plan_anchors(y, t, match, mode, cap, gen, positives, unknown, bg_groups,
                                       wrong_side)
-    feats, rows = anchor_features(z, idx, y.shape[0] // 2, rank, world)  # normalised z of the anchors
+    feats, rows = anchor_features(z, idx, y.shape[0] // 2, rank, world)  # normalised z at idx
     if kept == 0:
         return z.sum() * 0
     pos, neg = positives_negatives(*(to_device(x, z.device) for x in (fg, key)), rows)  # Eq. (3)
@@ -758,7 +772,8 @@ class Criterion:
         self.gen = torch.Generator().manual_seed(args.seed)
         # labels travel between ranks on the host: the default group where it is gloo, else a gloo
         # group beside nccl
-        self.host_group = dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
+        self.host_group = dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" \
+            else None
 
     def state_dict(self):
         return dict(bank=self.bank.state_dict(), generator=self.gen.get_state())
@@ -783,11 +798,11 @@ class Criterion:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits, z, _ = net(image, self.mel_fn(waves), pairing)
         # Eq. (5), CE on the original pairs: the sum over the pixels / the labelled pixels
-        loss_ce = F.cross_entropy(logits.float(), mask, ignore_index=255, reduction="sum") * self.world \
-            / max(float(labels.labelled.sum()), 1.0)
+        loss_ce = F.cross_entropy(logits.float(), mask, ignore_index=255, reduction="sum") \
+            * self.world / max(float(labels.labelled.sum()), 1.0)
         loss_cp = torch.zeros((), device=device)
         if args.contrast != "none":
-            y = F.interpolate(batch["mask"][:, None].float(), size=z.shape[2:], mode="nearest")[:, 0]
+            y = F.interpolate(batch["mask"][:, None].float(), z.shape[2:], mode="nearest")[:, 0]
             y = gather(y.long(), self.host_group)
             t = torch.cat([labels.audio_classes, re.audio_classes]).long()
             match = torch.cat([torch.ones(len(re.perm), dtype=torch.bool), re.match])
@@ -798,7 +813,7 @@ class Criterion:
         return loss_ce + loss_cp, dict(ce=loss_ce, cp=loss_cp)  # Eq. (5)
 
 
-# ----------------------------------------------------------------------------- global batch under DDP
+# --------------------------------------------------------------------------- global batch under DDP
 #
 # --batch-size 16 is the same method on 1 or 8 ranks: every rank gathers the labels of the global
 # batch (host) and makes the same re-pairs and anchor choices with the same generator; the ranks
@@ -842,8 +857,8 @@ def gather_labels(batch, group=None):
     """The Labels of the global batch, ranks in order, in one exchange on the host."""
     k = batch["audio_classes"].shape[1]
     labelled = (batch["mask"] != 255).flatten(1).sum(1, keepdim=True).float()
-    columns = gather(torch.cat([batch["audio_classes"], batch["audio_pos"][:, None], batch["source_pos"],
-                                labelled], 1), group)
+    columns = gather(torch.cat([batch["audio_classes"], batch["audio_pos"][:, None],
+                                batch["source_pos"], labelled], 1), group)
     return Labels(columns[:, :k], columns[:, k], columns[:, k + 1:2 * k + 1], columns[:, -1])
 
 
@@ -853,9 +868,11 @@ def rank_share(re, labels, bank, waves, rank, world):
     b = waves.shape[0]
     own = slice(rank * b, (rank + 1) * b)
     banked = torch.nonzero((re.choice[own] >= 0).any(1)).flatten()
-    clips = bank.clips(re.choice[own][banked], labels.source_pos[own][banked], waves.shape[1] == 2) \
-        if banked.numel() else None
-    return AudioPairing(to_device(re.perm[own], waves.device), to_device(banked, waves.device), world), clips
+    clips = bank.clips(re.choice[own][banked], labels.source_pos[own][banked],
+                       waves.shape[1] == 2) if banked.numel() else None
+    pairing = AudioPairing(to_device(re.perm[own], waves.device), to_device(banked, waves.device),
+                           world)
+    return pairing, clips
 
 
 def anchor_features(z, idx, pairs, rank, world):
@@ -871,20 +888,21 @@ def anchor_features(z, idx, pairs, rank, world):
     local = (pair // pairs * b + pair % pairs % b) * h * w + pixel  # index in the owner's z
     mine = torch.nonzero(owner == rank).flatten()
     width = int(torch.bincount(owner, minlength=world).max()) if idx.numel() else 0
-    slot = (F.one_hot(owner, world).cumsum(0) - 1).gather(1, owner[:, None])[:, 0]  # among its rank's
+    slot = (F.one_hot(owner, world).cumsum(0) - 1).gather(1, owner[:, None])[:, 0]  # in its rank
     take = torch.zeros(width, dtype=torch.long)
     take[:mine.numel()] = local[mine]
-    feats = F.normalize(z.float().flatten(2).transpose(1, 2).reshape(-1, d)[to_device(take, z.device)],
-                        dim=-1)
+    flat = z.float().flatten(2).transpose(1, 2).reshape(-1, d)
+    feats = F.normalize(flat[to_device(take, z.device)], dim=-1)
     if world > 1:
         feats = GatherWithGrad.apply(feats)
     return feats[to_device(owner * width + slot, z.device)], to_device(mine, z.device)
 
 
-# ----------------------------------------------------------------------------- train / evaluate / predict
+# ----------------------------------------------------------------------- train / evaluate / predict
 
 
-def train_one_epoch(net, loader, optimizer, scheduler, criterion, meter, epoch, iteration, args, log_path):
+def train_one_epoch(net, loader, optimizer, scheduler, criterion, meter, epoch, iteration, args,
+                    log_path):
     """One pass over the loader (the rest of it after a resume inside the epoch), ending early at
     meter.total (--max-iters); returns the iteration count. Fixed crops: cuDNN may pick its fastest
     kernels."""
@@ -921,12 +939,13 @@ def save_overlay(path, image, mask, pred, attn, names):
 
 
 @torch.no_grad()
-def evaluate(model, loader, mel_fn, device, amp, names, binary=False, overlay_dir=None, n_overlays=0, swap=False):
-    """Dataset-level mIoU / F-beta / FDR from one confusion matrix over the classes `names` (SPEC 2)
-    and, where the samples carry silent twins, the twin metrics (metrics.TwinMeter), all-reduced
-    over ranks; overlays of the first n_overlays images. binary (AVSBench-Objects, Tables 1-2):
-    sounding object = 1 - p(background) > 0.5 against the mask's foreground, plus M_J / M_F
-    (metrics.AVSObjectsMeter). swap: left and right audio channels exchanged."""
+def evaluate(model, loader, mel_fn, device, amp, names, binary=False, overlay_dir=None,
+             n_overlays=0, swap=False):
+    """Dataset-level mIoU / F-beta / FDR from one confusion matrix over the classes `names` (Sec.
+    5.1) and, where the samples carry silent twins, the twin metrics (metrics.TwinMeter),
+    all-reduced over ranks; overlays of the first n_overlays images. binary (AVSBench-Objects,
+    Tables 1-2): sounding object = 1 - p(background) > 0.5 against the mask's foreground, plus M_J /
+    M_F (metrics.AVSObjectsMeter). swap: left and right audio channels exchanged."""
     model.eval()
     torch.backends.cudnn.benchmark = False  # test images of every size: no per-shape kernel search
     cm = metrics.ConfusionMatrix(len(names), device=device)
@@ -934,7 +953,7 @@ def evaluate(model, loader, mel_fn, device, amp, names, binary=False, overlay_di
     objects = metrics.AVSObjectsMeter(device) if binary else None
     written = 0
     for batch in loader:
-        image, mask, wave = batch["image"].to(device), batch["mask"].to(device), batch["wave"].to(device)
+        image, mask, wave = (batch[key].to(device) for key in ("image", "mask", "wave"))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits, _, attn = model(image, mel_fn(wave.flip(1) if swap else wave))
         if binary:  # an S4 model trained on categories is tested on the binary masks too
@@ -948,7 +967,8 @@ def evaluate(model, loader, mel_fn, device, amp, names, binary=False, overlay_di
             twins.update(pred, mask, batch["twin"].to(device))
         for i, name in enumerate(batch["name"]):
             if written < n_overlays:
-                save_overlay(os.path.join(overlay_dir, f"{name}.png"), image[i], mask[i], pred[i], attn[i], names)
+                save_overlay(os.path.join(overlay_dir, f"{name}.png"), image[i], mask[i], pred[i],
+                             attn[i], names)
                 written += 1
     cm.all_reduce()
     twins.all_reduce()
@@ -960,24 +980,30 @@ def evaluate(model, loader, mel_fn, device, amp, names, binary=False, overlay_di
     return res
 
 
-def run_eval(model, loaders, split, weights, mel_fn, device, amp, args, log_path):
+def run_eval(model, loaders, split, weights, mel_fn, device, amp, args, log_path, epoch=None):
     """Metrics of one split (test: overlays and, with stereo twins, the twin metrics with left and
-    right swapped), logged on rank 0 -> dict(split, weights, metrics)."""
-    binary = DATASETS[args.data]["binary"]
+    right swapped), logged on rank 0 (with a summary line after `epoch`) -> dict(split, weights,
+    metrics)."""
+    start, binary = time.time(), DATASETS[args.data]["binary"]
     names = data.AVS_BINARY if binary else class_names(args.data, args.s4_labels)
     n_overlays = args.overlays if log_path and split == "test" else 0
-    res = evaluate(model, loaders[split], mel_fn, device, amp, names, binary, os.path.join(args.out, "overlays"),
-                   n_overlays)
+    res = evaluate(model, loaders[split], mel_fn, device, amp, names, binary,
+                   os.path.join(args.out, "overlays"), n_overlays)
     if split == "test" and "swap" in loaders:
         swapped = evaluate(model, loaders["swap"], mel_fn, device, amp, names, swap=True)
         res.update({f"{key}_swap": swapped[key] for key in metrics.TWIN_KEYS})
     part = f", part {args.avss_part}" if args.data == "avss" else ""
     if log_path:
-        log(f"eval {split}{part} ({weights} weights):\n{metrics.format_table(names, res)}", log_path)
+        log(f"eval {split}{part} ({weights} weights):\n{metrics.format_table(names, res)}",
+            log_path)
         if binary:
             log(f"M_J {res['mj']:.4f} | M_F {res['mf']:.4f}", log_path)
         if res["twin_images"]:
             log(metrics.format_twins(res), log_path)
+        if epoch:
+            log(f"eval ep {epoch}: mIoU {100 * res['miou']:.2f} F-beta "
+                f"{100 * res['mean_fbeta']:.2f} FDR {100 * res['mean_fdr']:.2f} "
+                f"({time.time() - start:.1f} s)", log_path)
     return dict(split=split, weights=weights, **({"part": args.avss_part} if part else {}), **res)
 
 
@@ -1013,12 +1039,14 @@ def predict(args):
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "predict")
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, os.path.splitext(os.path.basename(args.predict))[0])
-    data.save_panels([rgb, data.label_overlay(rgb, shown, colors), data.heatmap_overlay(rgb, attn[0].float())],
-                     ["image", "prediction", "attention"], data.legend_for([pred], names, colors),
-                     stem + ".png")
+    panels = [rgb, data.label_overlay(rgb, shown, colors),
+              data.heatmap_overlay(rgb, attn[0].float())]
+    data.save_panels(panels, ["image", "prediction", "attention"],
+                     data.legend_for([pred], names, colors), stem + ".png")
     shares = data.class_shares(pred, names)
-    res = dict(image=args.predict, audio=args.audio, audio_pos=args.audio_pos, audio_note=note, checkpoint=args.ckpt,
-               height=size[0], width=size[1], max_size=max_size, model_size=list(image.shape[1:]),
+    res = dict(image=args.predict, audio=args.audio, audio_pos=args.audio_pos, audio_note=note,
+               checkpoint=args.ckpt, height=size[0], width=size[1], max_size=max_size,
+               model_size=list(image.shape[1:]),
                classes=list(shares), shares=shares, background=(pred == 0).float().mean().item())
     write_json(stem + ".json", res)
     for ext in (".png", ".json"):
@@ -1039,8 +1067,9 @@ def main(args):
     ckpt = load_checkpoint(args.resume or args.ckpt) if args.resume or args.eval_only else None
     if ckpt:
         given |= use_checkpoint_args(args, ckpt)
-        if class_names(ckpt["args"]["data"], args.s4_labels) != class_names(args.data, args.s4_labels):
-            raise data.DataError(f"{args.resume or args.ckpt} was trained on --data {ckpt['args']['data']}, "
+        trained = ckpt["args"]["data"]
+        if class_names(trained, args.s4_labels) != class_names(args.data, args.s4_labels):
+            raise data.DataError(f"{args.resume or args.ckpt} was trained on --data {trained}, "
                                  f"whose classes differ from --data {args.data}")
     resolve_defaults(args, given)
     if args.resume:
@@ -1048,13 +1077,13 @@ def main(args):
     args.out = run_folder(args, world)
     seed_all(rank_seed(args.seed, rank))
     spec = DATASETS[args.data]
-    # AVSBench: the model is selected on val and best.pt tested at the end; VPO has no val split
-    # (its release's "val" is the test set), so it is evaluated on test
+    # AVSBench: selected on val, best.pt tested at the end; VPO has no val split (release "val" = test)
     val_split = "val" if spec["kind"] == "avs" else "test"
-    sets = build_datasets(args, ["test"] if args.eval_only else sorted({"train", val_split, "test"}))
-    twin_idx = []
-    if spec["kind"] == "vpo" and args.eval_audio == "real" and data.attach_twins(sets["test"], args.coco_ann):
-        twin_idx = sorted(sets["test"].twins)  # VPO-MSMI: images whose sounding object has silent twins
+    splits = ["test"] if args.eval_only else sorted({"train", val_split, "test"})
+    sets = build_datasets(args, splits)
+    twins = spec["kind"] == "vpo" and args.eval_audio == "real" and data.attach_twins(sets["test"],
+                                                                                      args.coco_ann)
+    twin_idx = sorted(sets["test"].twins) if twins else []  # VPO-MSMI: sounding objects' twins
     if args.eval_only:
         sets["test"] = data.eval_audio_set(sets["test"], args.eval_audio, args.coco_ann, args.seed)
     train_loader, eval_loaders = build_loaders(args, sets, twin_idx, rank, world, device)
@@ -1065,64 +1094,48 @@ def main(args):
         log(f"settings: {json.dumps(vars(args), sort_keys=True)}", log_path)
         log(f"{world} rank(s) on {device}, bf16 autocast {amp}", log_path)
     num_classes = len(class_names(args.data, args.s4_labels))
-    # 3 s -> 300 frames x 64 mel bins (App. B.1); an AVSBench frame's 1 s comes repeat-padded to 3
-    # s, so the audio encoder, the memory bank and --predict take one clip length
+    # 3 s -> 300 frames x 64 mel bins (App. B.1); AVSBench's 1 s comes repeat-padded to 3 s
     mel_fn = data.LogMel(frames=300).to(device)
     model = CAVPModel(args, num_classes).to(device)
     if ckpt:
         model.load_state_dict(ckpt["model"])
     if args.eval_only:
         return run_eval_only(model, eval_loaders, mel_fn, device, amp, args, log_path)
-
-    if device.type == "cuda":  # channels-last convolutions, TF32 where the GPU has it
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.compile:
-        model.visual.compile()
-    if world > 1 and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif world > 1 and main_rank:
-        log("note: SyncBatchNorm needs CUDA; on CPU each rank keeps its own BatchNorm statistics", log_path)
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
+    model, net = wrap_model(model, args, device, world, log_path)
     iters_per_epoch = len(train_loader)
-    if iters_per_epoch == 0:
-        raise data.DataError(f"{args.data} train split has {len(sets['train'])} samples, fewer than "
-                             f"--batch-size {args.batch_size}: lower --batch-size or --limit")
     total = min(args.max_iters or math.inf, args.epochs * iters_per_epoch)
     optimizer, scheduler = make_optimizer(model, args, iters_per_epoch)
     criterion = Criterion(args, num_classes, mel_fn, device, amp, rank, world)
     # model selection: M_J on AVSBench-Objects (as the released AVSBench-Objects trainer), else mIoU
-    run = dict(iteration=0, epoch=0, best=-math.inf, metric="mj" if spec["binary"] else "miou", history=[])
+    run = dict(iteration=0, epoch=0, best=-math.inf, metric="mj" if spec["binary"] else "miou",
+               history=[])
     if ckpt:
-        run = resume_run(ckpt, args.resume, optimizer, scheduler, criterion, run, rank, world, log_path)
-
+        run = resume_run(ckpt, args.resume, optimizer, scheduler, criterion, run, rank, world,
+                         log_path)
     meter = Meter(run["iteration"], total, world, ckpt.get("elapsed_s", 0.0) if ckpt else 0.0)
     res = run["history"][-1] if run["history"] else None  # a resumed finished run keeps its metrics
     for epoch in range(run["iteration"] // iters_per_epoch, args.epochs):
         if run["iteration"] >= total:
             break
-        skip = (run["iteration"] - epoch * iters_per_epoch) * (args.batch_size // world)  # inside an epoch
+        skip = (run["iteration"] - epoch * iters_per_epoch) * (args.batch_size // world)  # resumed
         train_loader.sampler.set_epoch(epoch, skip)
-        run["iteration"] = train_one_epoch(net, train_loader, optimizer, scheduler, criterion, meter, epoch,
-                                           run["iteration"], args, log_path)
+        run["iteration"] = train_one_epoch(net, train_loader, optimizer, scheduler, criterion,
+                                           meter, epoch, run["iteration"], args, log_path)
         run["epoch"] = run["iteration"] // iters_per_epoch
         stop = run["iteration"] >= total
         extra = dict(scheduler=scheduler.state_dict(), criterion=criterion.state_dict())
         if stop or (epoch + 1) % args.eval_every == 0:
-            eval_t = time.time()
-            res = run_eval(model, eval_loaders, val_split, "last", mel_fn, device, amp, args, log_path)
+            res = run_eval(model, eval_loaders, val_split, "last", mel_fn, device, amp, args,
+                           log_path, epoch + 1)
             run["history"].append(dict(epoch=epoch + 1, iteration=run["iteration"], **res))
-            if main_rank:
-                log(f"eval ep {epoch + 1}: mIoU {100 * res['miou']:.2f} F-beta {100 * res['mean_fbeta']:.2f} "
-                    f"FDR {100 * res['mean_fdr']:.2f} ({time.time() - eval_t:.1f} s)", log_path)
             if res[run["metric"]] > run["best"]:
                 run["best"] = res[run["metric"]]
-                save_checkpoint(main_rank and os.path.join(args.out, "best.pt"), model, optimizer, run, meter,
-                                args, extra, world)
-            write_metrics(main_rank, args, run, val_split, res if val_split == "test" else None, meter)
-        save_checkpoint(main_rank and os.path.join(args.out, "last.pt"), model, optimizer, run, meter, args,
-                        extra, world)
+                save_checkpoint(main_rank and os.path.join(args.out, "best.pt"), model, optimizer,
+                                run, meter, args, extra, world)
+            write_metrics(main_rank, args, run, val_split, res if val_split == "test" else None,
+                          meter)
+        save_checkpoint(main_rank and os.path.join(args.out, "last.pt"), model, optimizer, run,
+                        meter, args, extra, world)
         if stop:
             break
     if world > 1:
@@ -1137,16 +1150,34 @@ def main(args):
     return res
 
 
+def wrap_model(model, args, device, world, log_path):
+    """The model for training -> (model, net): channels-last and TF32 on CUDA, --compile,
+    SyncBatchNorm (CUDA) and DistributedDataParallel under torchrun."""
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.compile:
+        model.visual.compile()
+    if world > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif world > 1 and log_path:
+        log("note: SyncBatchNorm needs CUDA; on CPU each rank keeps its own BatchNorm statistics",
+            log_path)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return model, nn.parallel.DistributedDataParallel(model, device_ids) if world > 1 else model
+
+
 def run_eval_only(model, loaders, mel_fn, device, amp, args, log_path):
     """--eval-only: test --ckpt -> eval-<audio>.json (avss: eval-real-v1s.json for --avss-part v1s),
     never the training run's metrics.json; log_path is rank 0's."""
     res = run_eval(model, loaders, "test", args.ckpt, mel_fn, device, amp, args, log_path)
     if log_path:
         if args.eval_audio != "real":
-            log(f"{args.eval_audio} audio: {100 * res['fg_pred']:.2f}% of the pixels segmented as a "
-                "sounding object (false detections; 0 is right)", log_path)
+            log(f"{args.eval_audio} audio: {100 * res['fg_pred']:.2f}% of the pixels segmented as "
+                "a sounding object (false detections; 0 is right)", log_path)
         part = "" if args.avss_part == "all" else f"-{args.avss_part}"
-        write_json(os.path.join(args.out, f"eval-{args.eval_audio}{part}.json"), dict(args=vars(args), eval=res))
+        write_json(os.path.join(args.out, f"eval-{args.eval_audio}{part}.json"),
+                   dict(args=vars(args), eval=res))
     return res
 
 
@@ -1157,8 +1188,9 @@ def make_optimizer(model, args, iters_per_epoch):
     head_ids = {id(p) for p in head}
     rest = [p for p in model.parameters() if id(p) not in head_ids]
     lr = args.lr * args.batch_size / 16
-    optimizer = torch.optim.SGD([dict(params=rest, lr=lr), dict(params=head, lr=lr * args.head_lr_mult)],
-                                lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    groups = [dict(params=rest, lr=lr), dict(params=head, lr=lr * args.head_lr_mult)]
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
     schedule = args.epochs * iters_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: (1 - min(it, schedule - 1) / schedule) ** args.poly_power)
@@ -1171,10 +1203,11 @@ def resume_run(ckpt, path, optimizer, scheduler, criterion, run, rank, world, lo
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["extra"]["scheduler"])
     criterion.load_state_dict(ckpt["extra"]["criterion"])
-    if len(ckpt["rng"]) == world:  # per-rank RNG states; with another world size the seeds stay fresh
+    if len(ckpt["rng"]) == world:  # per-rank RNG states; another world size keeps fresh seeds
         set_rng_state(ckpt["rng"][rank])
     if log_path:
-        log(f"resumed from {path} at epoch {ckpt['epoch']}, iteration {ckpt['iteration']}", log_path)
+        log(f"resumed from {path} at epoch {ckpt['epoch']}, iteration {ckpt['iteration']}",
+            log_path)
     return {key: ckpt[key] for key in run}
 
 
@@ -1189,12 +1222,14 @@ def exit_on_error(e):
     if isinstance(e, data.DataError):
         print(f"error: {e}", file=sys.stderr)
         if os.environ.get("TORCHELASTIC_ERROR_FILE"):
-            write_json(os.environ["TORCHELASTIC_ERROR_FILE"], dict(message=dict(
-                message=f"error: {e}", extraInfo=dict(py_callstack=f"error: {e}", timestamp=str(int(time.time()))))))
+            info = dict(py_callstack=f"error: {e}", timestamp=str(int(time.time())))
+            write_json(os.environ["TORCHELASTIC_ERROR_FILE"],
+                       dict(message=dict(message=f"error: {e}", extraInfo=info)))
         sys.exit(2)
     if dist.is_initialized() and (isinstance(e, dist.DistError) or "by peer" in str(e)):
         time.sleep(60)
-        print(f"error: rank {dist.get_rank()}: {str(e).splitlines()[0]} (did another rank fail?)", file=sys.stderr)
+        print(f"error: rank {dist.get_rank()}: {str(e).splitlines()[0]} (did another rank fail?)",
+              file=sys.stderr)
         sys.exit(1)
     raise e
 
@@ -1232,7 +1267,8 @@ def rng_state():
     loads them)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return dict(python=random.getstate(), torch=torch.get_rng_state(),
-                numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=pos, has_gauss=has_gauss, gauss=gauss),
+                numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=pos,
+                           has_gauss=has_gauss, gauss=gauss),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
 
 
@@ -1240,7 +1276,8 @@ def set_rng_state(s):
     random.setstate(s["python"])
     torch.set_rng_state(s["torch"])
     n = s["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["gauss"]))
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
@@ -1269,8 +1306,9 @@ def init_distributed(args):
     if use_cuda:
         torch.cuda.set_device(device)
     if args.batch_size % world:
-        raise data.DataError(f"--batch-size {args.batch_size} is the global batch and does not split over the {world} "
-                             f"ranks: give a multiple of {world}, or start fewer processes")
+        raise data.DataError(f"--batch-size {args.batch_size} is the global batch and does not "
+                             f"split over the {world} ranks: give a multiple of {world}, or start "
+                             "fewer processes")
     return device, rank, world
 
 
@@ -1281,7 +1319,8 @@ def run_folder(args, world):
         return args.out
     if args.resume:
         return os.path.dirname(os.path.abspath(args.resume))
-    holder = [os.path.join("runs", f"cavp-{args.data}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    holder = [os.path.join("runs", f"cavp-{args.data}-s{args.seed}-{stamp}")]
     if world > 1:
         dist.broadcast_object_list(holder)
     return holder[0]
@@ -1318,14 +1357,16 @@ def build_datasets(args, splits):
     spec, out = DATASETS[args.data], {}
     for split in splits:
         if spec["kind"] == "vpo":
-            out[split] = data.VPODataset(args.data_root, spec["task"], split, audio_root=args.audio_root,
-                                         stereo=not args.mono, train=split == "train", crop=args.crop, limit=args.limit,
-                                         pan=args.pan)
+            out[split] = data.VPODataset(
+                args.data_root, spec["task"], split, audio_root=args.audio_root,
+                stereo=not args.mono, train=split == "train", crop=args.crop, limit=args.limit,
+                pan=args.pan)
         else:
-            out[split] = data.AVSBenchFrames(args.data_root, spec["task"], split, size=args.resize or None,
-                                             stereo=not args.mono, train=split == "train", crop=args.crop,
-                                             labels=args.s4_labels if spec["task"] == "s4" else "binary",
-                                             part="all" if split == "train" else args.avss_part, limit=args.limit)
+            out[split] = data.AVSBenchFrames(
+                args.data_root, spec["task"], split, size=args.resize or None, stereo=not args.mono,
+                train=split == "train", crop=args.crop,
+                labels=args.s4_labels if spec["task"] == "s4" else "binary",
+                part="all" if split == "train" else args.avss_part, limit=args.limit)
     return out
 
 
@@ -1353,23 +1394,30 @@ def build_loaders(args, sets, twin_idx, rank, world, device):
     --workers 0 (worker RNG states are not checkpointed)."""
     def loader(dataset, batch_size, sampler=None):
         return torch.utils.data.DataLoader(
-            dataset, batch_size, sampler=sampler, num_workers=args.workers, collate_fn=data.pad_collate,
-            pin_memory=device.type == "cuda", drop_last=sampler is not None, persistent_workers=args.workers > 0,
+            dataset, batch_size, sampler=sampler, num_workers=args.workers,
+            collate_fn=data.pad_collate, pin_memory=device.type == "cuda",
+            drop_last=sampler is not None, persistent_workers=args.workers > 0,
             generator=torch.Generator().manual_seed(rank_seed(args.seed, rank)))
-    evals = {split: loader(torch.utils.data.Subset(ds, range(rank, len(ds), world)), args.eval_batch_size)
+    subset = torch.utils.data.Subset
+    evals = {split: loader(subset(ds, range(rank, len(ds), world)), args.eval_batch_size)
              for split, ds in sets.items() if split != "train"}
     if twin_idx and not args.mono:  # the twin metrics once more with the stereo cue reversed
-        evals["swap"] = loader(torch.utils.data.Subset(sets["test"], twin_idx[rank::world]), args.eval_batch_size)
+        evals["swap"] = loader(subset(sets["test"], twin_idx[rank::world]), args.eval_batch_size)
     if "train" not in sets:
         return None, evals
     # (seed, epoch) -> seed * 100003 + epoch: no two seeds share an epoch's order
-    sampler = EpochSampler(sets["train"], world, rank, shuffle=True, seed=args.seed * 100003, drop_last=True)
-    return loader(sets["train"], args.batch_size // world, sampler), evals
+    sampler = EpochSampler(sets["train"], world, rank, shuffle=True, seed=args.seed * 100003,
+                           drop_last=True)
+    train = loader(sets["train"], args.batch_size // world, sampler)
+    if len(train) == 0:
+        raise data.DataError(f"{args.data} train split has {len(sets['train'])} samples, fewer "
+                             f"than --batch-size {args.batch_size}: lower --batch-size or --limit")
+    return train, evals
 
 
 # taken from a checkpoint
-CKPT_KEYS = ("backbone", "output_stride", "fusion", "attn", "heads", "pos_enc", "audio_conv1", "mono",
-             "s4_labels")
+CKPT_KEYS = ("backbone", "output_stride", "fusion", "attn", "heads", "pos_enc", "audio_conv1",
+             "mono", "s4_labels")
 
 
 def load_checkpoint(path):
@@ -1383,12 +1431,15 @@ def load_checkpoint(path):
         raise data.DataError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
                              "pass a last.pt/best.pt written by cavp.py") from None
     if not isinstance(ckpt, dict) or ckpt.get("script") != "cavp":
-        by = f" (written by {ckpt['script']}.py)" if isinstance(ckpt, dict) and "script" in ckpt else ""
-        raise data.DataError(f"{path}: not a cavp.py checkpoint{by}; pass a last.pt/best.pt written by cavp.py")
-    missing = [k for k in CKPT_KEYS if k not in ckpt["args"]] + [k for k in ("criterion",) if k not in ckpt["extra"]]
+        by = f" (written by {ckpt['script']}.py)" if isinstance(ckpt, dict) and "script" in ckpt \
+            else ""
+        raise data.DataError(f"{path}: not a cavp.py checkpoint{by}; pass a last.pt/best.pt "
+                             "written by cavp.py")
+    missing = [k for k in CKPT_KEYS if k not in ckpt["args"]] + \
+        [k for k in ("criterion",) if k not in ckpt["extra"]]
     if missing:
-        raise data.DataError(f"{path}: written by an older cavp.py (no {', '.join(missing)}); train again, or use "
-                             "the cavp.py version that wrote it")
+        raise data.DataError(f"{path}: written by an older cavp.py (no {', '.join(missing)}); "
+                             "train again, or use the cavp.py version that wrote it")
     return ckpt
 
 
@@ -1405,20 +1456,23 @@ def use_checkpoint_args(args, ckpt):
 
 
 # run control and paths: they may differ on --resume
-RESUME_FREE = ("out", "resume", "ckpt", "eval_only", "predict", "audio", "audio_pos", "max_size", "workers",
-               "log_every", "eval_every", "eval_batch_size", "overlays", "max_iters", "device", "no_amp", "compile",
-               "data_root", "audio_root", "coco_ann", "pretrained", "eval_audio")
+RESUME_FREE = ("out", "resume", "ckpt", "eval_only", "predict", "audio", "audio_pos", "max_size",
+               "workers", "log_every", "eval_every", "eval_batch_size", "overlays", "max_iters",
+               "device", "no_amp", "compile", "data_root", "audio_root", "coco_ann", "pretrained",
+               "eval_audio")
 
 
 def check_resume_args(args, ckpt):
     """--resume continues the run that wrote the checkpoint: a method or data flag that differs from
     the run's (a default changed since included) is a one-line DataError, not a silently different
     run."""
-    changed = [k for k, v in ckpt["args"].items() if k not in RESUME_FREE and getattr(args, k, v) != v]
+    changed = [k for k, v in ckpt["args"].items()
+               if k not in RESUME_FREE and getattr(args, k, v) != v]
     if changed:
-        flags = ", ".join(f"--{k.replace('_', '-')} {ckpt['args'][k]} (now {getattr(args, k)})" for k in changed)
-        raise data.DataError(f"{args.resume} was trained with {flags}: pass the run's flags (its log.txt 'settings' "
-                             "line) or start a new run")
+        flags = ", ".join(f"--{k.replace('_', '-')} {ckpt['args'][k]} (now {getattr(args, k)})"
+                          for k in changed)
+        raise data.DataError(f"{args.resume} was trained with {flags}: pass the run's flags (its "
+                             "log.txt 'settings' line) or start a new run")
 
 
 def save_checkpoint(path, model, optimizer, run, meter, args, extra, world):
@@ -1429,8 +1483,9 @@ def save_checkpoint(path, model, optimizer, run, meter, args, extra, world):
     if world > 1:
         dist.all_gather_object(rngs, rngs[0])
     if path:
-        save_atomic(dict(script="cavp", args=vars(args), model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         rng=rngs, extra=extra, elapsed_s=meter.elapsed(), **run), path)
+        save_atomic(dict(script="cavp", args=vars(args), model=model.state_dict(),
+                         optimizer=optimizer.state_dict(), rng=rngs, extra=extra,
+                         elapsed_s=meter.elapsed(), **run), path)
 
 
 class Meter:
@@ -1439,22 +1494,25 @@ class Meter:
     (warm-up) left out; ETA from the wall time since the start, evaluations included."""
 
     def __init__(self, iteration, total, world, elapsed):
-        self.t0, self.start, self.total, self.world, self.before = time.time(), iteration, total, world, elapsed
+        self.t0, self.start, self.total, self.world = time.time(), iteration, total, world
+        self.before = elapsed
         self.sums, self.n, self.names, self.train_s, self.images = None, 0, [], 0.0, 0
         self.window_s, self.window_images = 0.0, 0
 
     def update(self, loss, parts, images, seconds, iteration):
         values = torch.stack([loss.detach().float()] + [v.detach().float() for v in parts.values()])
-        self.sums, self.n, self.names = values if self.sums is None else self.sums + values, self.n + 1, list(parts)
-        self.window_s, self.window_images = self.window_s + seconds, self.window_images + images * self.world
+        self.sums = values if self.sums is None else self.sums + values
+        self.n, self.names = self.n + 1, list(parts)
+        self.window_s += seconds
+        self.window_images += images * self.world
         if iteration > self.start + 1:
             self.train_s, self.images = self.train_s + seconds, self.images + images * self.world
 
     def line(self, epoch, epochs, iteration, lr):
-        if self.world > 1:  # each rank's loss is its share times the world size (Criterion): the mean is global
+        if self.world > 1:  # a rank's loss is its share x the world size (Criterion): global mean
             dist.all_reduce(self.sums)
             self.sums /= self.world
-        loss, *values = (self.sums / self.n).tolist()  # the one read-back from the device per log line
+        loss, *values = (self.sums / self.n).tolist()  # the one read-back from the device per line
         parts = dict(zip(self.names, values))
         eta = (time.time() - self.t0) / (iteration - self.start) * (self.total - iteration)
         text = (f"ep {epoch + 1}/{epochs} it {iteration}/{self.total} loss {loss:.4f} "
