@@ -75,7 +75,8 @@ def parse_args(argv=None):
       help="VPO: pan a source at the CSV audio_pos, mirrored on flips (csv, as cyh-0/CAVP), or at "
            "its object's centre after flip, scale and crop (crop)")
     g("--crop", type=int, default=512,
-      help="training crop (App. B.1: %(default)s; AVSBench resized: the frame; built-in VPO: all)")
+      help="training crop (App. B.1: %(default)s; AVSBench resized: the frame size; built-in VPO: "
+           "its image size)")
     g("--s4-labels", default=None, choices=["category", "binary"],
       help="avsbench_s4 training classes: the CSV category (default; other categories are "
            "negatives in Eq. (1)-(3)) or binary (as cyh-0/CAVP); tested binary either way")
@@ -99,8 +100,7 @@ def parse_args(argv=None):
       help="f_CA attention activation (Sec. 4.1, Fig. 6)")
     g("--heads", type=int, default=4, help="f_CA attention heads (%(default)s)")
     g("--pos-enc", default="none", choices=["none", "sine"],
-      help="position code on f_CA's queries: none (the paper) or 2-D sine (ref. [55]); "
-           "see docs/RESULTS.md")
+      help="f_CA query position code: none (the paper) or 2-D sine (ref. [55]); docs/RESULTS.md")
     g("--audio-conv1", default="split", choices=["split", "mean"],
       help="stereo audio conv1 at init: an L + R filter and a fresh L - R one (split; this "
            "project's choice: it sees the side from the start, docs/RESULTS.md) or one (mean)")
@@ -198,7 +198,8 @@ def parse_args(argv=None):
             (args.match == "side" and not vpo,
              "--match side compares VPO's source positions; AVSBench has none: use --match class"),
             (args.resize is not None and (vpo or args.resize < 0),
-             "--resize is for AVSBench --data (>= 0, 0 = original resolution); VPO uses --crop"),
+             "--resize is for AVSBench --data (>= 0, 0 = original resolution); VPO trains on "
+             "--crop"),
             (args.s4_labels and args.data != "avsbench_s4",
              "--s4-labels is for --data avsbench_s4"),
             (args.avss_part != "all" and args.data != "avss", "--avss-part is for --data avss"),
@@ -206,7 +207,8 @@ def parse_args(argv=None):
                f"--{flag.replace('_', '-')} must be >= 1") for flag in positive],
             (not 0 <= args.pos_share <= 1, "--pos-share must be in [0, 1]"),
             (args.pos_enc != "none" and args.fusion != "ca",
-             f"--pos-enc {args.pos_enc} codes f_CA's queries: use --fusion ca or --pos-enc none"),
+             f"--pos-enc {args.pos_enc} codes f_CA's visual queries: use --fusion ca or "
+             "--pos-enc none"),
             (args.match == "side" and args.mono,
              "--match side compares stereo positions: drop --mono or use --match class")]:
         if bad:
@@ -232,11 +234,11 @@ def given_flags(parser, argv=None):
 BUILTIN = dict(
     backbone="resnet18",     # a CPU-sized encoder
     pretrained="none",       # trained from scratch
-    output_stride=16,        # a quarter of stride 8's decoder cost
+    output_stride=16,        # layer3-4 and ASPP at a quarter of stride 8's cost
     lr=1e-2,                 # from scratch, a higher lr
     anchors_per_group=128,   # 64 px images: 1/64 of the paper's crop area
     eval_batch_size=16,      # one image size: the batch does not change the result
-    eval_every=20,           # one evaluation (450 images with the L/R-swapped twins) ~ 1.3 epochs
+    eval_every=20,           # an evaluation (450 images, L/R-swapped twins) ~ 1.3 epochs: 4 in 80
     workers=2,               # the CPU that trains also loads
 )
 
@@ -754,7 +756,7 @@ def contrastive_loss(z, y, t, match, mode, tau, cap, positives="set", unknown="m
     feats, rows = anchor_features(z, idx, y.shape[0] // 2, rank, world)  # normalised z at idx
     if kept == 0:
         return z.sum() * 0
-    pos, neg = positives_negatives(*(to_device(x, z.device) for x in (fg, key)), rows)  # Eq. (3)
+    pos, neg = positives_negatives(to_device(fg, z.device), to_device(key, z.device), rows)  # (3)
     return info_nce(feats[rows], feats, pos, neg, tau) * world / kept                  # Eq. (4)
 
 
@@ -1077,7 +1079,7 @@ def main(args):
     args.out = run_folder(args, world)
     seed_all(rank_seed(args.seed, rank))
     spec = DATASETS[args.data]
-    # AVSBench: selected on val, best.pt tested at the end; VPO has no val split (release "val" = test)
+    # AVSBench: selected on val, best.pt tested at the end; VPO has no val split (its "val" = test)
     val_split = "val" if spec["kind"] == "avs" else "test"
     splits = ["test"] if args.eval_only else sorted({"train", val_split, "test"})
     sets = build_datasets(args, splits)
