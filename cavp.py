@@ -245,7 +245,7 @@ BUILTIN = dict(
 
 def resolve_defaults(args, given):
     """The values of the flags not in `given` where the data asks for others than the paper's:
-    AVSBench (the released loaders' mono, S4 trained on its categories; resized frames: crop =
+    AVSBench (mono, as cyh-0/CAVP reads it; S4 trained on its categories; resized frames: crop =
     frame, eval batch 16) or the built-in VPO (BUILTIN)."""
     spec, args.builtin, values = DATASETS[args.data], False, {}
     if spec["kind"] == "avs":
@@ -351,8 +351,7 @@ def sine_position_code(h, w, dim, temperature=10000.0, device=None):
 
 
 class AudioQueryFusion(nn.Module):
-    """TPAVI-like fusion of earlier AVS methods: u_v (+) u_v (.) f_MHA(u_a, u_v, u_v) (Sec. 4.1,
-    Table 5 row 1)."""
+    """TPAVI-like fusion: u_v (+) u_v (.) f_MHA(u_a, u_v, u_v) (Sec. 4.1, Table 5 row 1)."""
 
     def __init__(self, dim, heads):
         super().__init__()
@@ -601,8 +600,8 @@ def re_pair(labels, bank, pos_share, use_bank, gen=None, bank_sources="single", 
 
 class WaveBank:
     """Per-class FIFO of raw mono waveforms from single-source samples (App. B.1). The counts live
-    on the host and the waveforms on the device, alike on every rank (it stores the global
-    batch's)."""
+    on the host and the waveforms on the device, alike on every rank: it stores the clips of the
+    global batch."""
 
     def __init__(self, num_classes, size, length, device):
         self.size = size
@@ -623,8 +622,7 @@ class WaveBank:
             self.waves[dst] = wave[src].sum(1).to(self.waves.dtype)
 
     def draw(self, c, gen=None):
-        """The bank row of a random stored waveform of class c, or None when the class has none
-        yet."""
+        """The bank row of a random stored waveform of class c, or None while it has none."""
         n = min(int(self.count[c]), self.size)
         return c * self.size + int(torch.randint(n, (), generator=gen)) if n else None
 
@@ -756,8 +754,9 @@ def contrastive_loss(z, y, t, match, mode, tau, cap, positives="set", unknown="m
     feats, rows = anchor_features(z, idx, y.shape[0] // 2, rank, world)  # normalised z at idx
     if kept == 0:
         return z.sum() * 0
-    pos, neg = positives_negatives(to_device(fg, z.device), to_device(key, z.device), rows)  # (3)
-    return info_nce(feats[rows], feats, pos, neg, tau) * world / kept                  # Eq. (4)
+    fg, key = to_device(fg, z.device), to_device(key, z.device)
+    pos, neg = positives_negatives(fg, key, rows)                      # Eq. (3)
+    return info_nce(feats[rows], feats, pos, neg, tau) * world / kept  # Eq. (4)
 
 
 class Criterion:
@@ -829,8 +828,7 @@ def to_device(x, device):
 
 
 def gather(x, group=None):
-    """x of every rank concatenated along dim 0, in rank order (x itself on one rank); no
-    gradient."""
+    """x of every rank concatenated along dim 0 in rank order (x on one rank); no gradient."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return x
     out = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
@@ -906,8 +904,7 @@ def anchor_features(z, idx, pairs, rank, world):
 def train_one_epoch(net, loader, optimizer, scheduler, criterion, meter, epoch, iteration, args,
                     log_path):
     """One pass over the loader (the rest of it after a resume inside the epoch), ending early at
-    meter.total (--max-iters); returns the iteration count. Fixed crops: cuDNN may pick its fastest
-    kernels."""
+    meter.total (--max-iters) -> the iteration count. Fixed crops: cuDNN picks fast kernels."""
     net.train()
     torch.backends.cudnn.benchmark = True
     tick = time.time()
@@ -984,8 +981,7 @@ def evaluate(model, loader, mel_fn, device, amp, names, binary=False, overlay_di
 
 def run_eval(model, loaders, split, weights, mel_fn, device, amp, args, log_path, epoch=None):
     """Metrics of one split (test: overlays and, with stereo twins, the twin metrics with left and
-    right swapped), logged on rank 0 (with a summary line after `epoch`) -> dict(split, weights,
-    metrics)."""
+    right swapped), logged on rank 0 (a summary line after `epoch`) -> dict(split, weights, ...)."""
     start, binary = time.time(), DATASETS[args.data]["binary"]
     names = data.AVS_BINARY if binary else class_names(args.data, args.s4_labels)
     n_overlays = args.overlays if log_path and split == "test" else 0
@@ -1108,7 +1104,7 @@ def main(args):
     total = min(args.max_iters or math.inf, args.epochs * iters_per_epoch)
     optimizer, scheduler = make_optimizer(model, args, iters_per_epoch)
     criterion = Criterion(args, num_classes, mel_fn, device, amp, rank, world)
-    # model selection: M_J on AVSBench-Objects (as the released AVSBench-Objects trainer), else mIoU
+    # selected by M_J on AVSBench-Objects (as OpenNLPLab/AVSBench's S4 / MS3 trainers), else mIoU
     run = dict(iteration=0, epoch=0, best=-math.inf, metric="mj" if spec["binary"] else "miou",
                history=[])
     if ckpt:
@@ -1250,8 +1246,7 @@ def save_atomic(obj, path):
 
 
 def write_json(path, obj):
-    """Atomic JSON write; NaN (an undefined metric, e.g. FDR of a never-predicted class) becomes
-    null."""
+    """Atomic JSON write; NaN (an undefined metric, e.g. FDR of a never-predicted class) -> null."""
     def clean(x):
         if isinstance(x, float) and not math.isfinite(x):
             return None
@@ -1265,8 +1260,7 @@ def write_json(path, obj):
 
 
 def rng_state():
-    """Python, numpy, torch (and CUDA) RNG states as plain containers and tensors (weights_only
-    loads them)."""
+    """Python, numpy, torch (and CUDA) RNG states as containers and tensors weights_only loads."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return dict(python=random.getstate(), torch=torch.get_rng_state(),
                 numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=pos,
@@ -1285,8 +1279,7 @@ def set_rng_state(s):
 
 
 def native_bf16(device):
-    """bf16 autocast pays on CUDA and on CPUs with bf16 instructions; elsewhere it is emulated, ~20x
-    slower."""
+    """bf16 autocast pays on CUDA and CPUs with bf16 instructions; emulated, it is ~20x slower."""
     if device.type == "cuda":
         return True
     try:
@@ -1341,8 +1334,7 @@ def write_metrics(main_rank, args, run, split, final, meter):
 
 
 def rank_seed(seed, rank):
-    """One seed per (--seed, rank): every rank, and each of its loader workers, draws its own
-    augmentation."""
+    """One seed per (--seed, rank): each rank and its loader workers draw their own augmentation."""
     return seed * 1000003 + rank
 
 
@@ -1525,8 +1517,7 @@ class Meter:
         return text
 
     def elapsed(self):
-        """Wall time of the run: this process's and, after --resume, the earlier processes' (from
-        the checkpoint)."""
+        """Wall time of the run: this process's and, after --resume, the earlier processes'."""
         return self.before + time.time() - self.t0
 
     def images_per_s(self):

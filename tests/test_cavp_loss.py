@@ -406,7 +406,7 @@ def test_sample_groups_cap():
     assert Counter(int(keys[i]) for i in cavp.sample_groups(keys, 1).tolist()) == {k: 1 for k in sizes}
 
 
-# ----------------------------------------------------------------------------- (6) repair / WaveBank
+# ----------------------------------------------------------------------------- (6) re_pair / WaveBank
 
 # six images: four single-source (two share class 1), two multi-source {1, 2} with the sources on
 # opposite sides
@@ -484,7 +484,8 @@ def test_re_pair_match_rule_without_replacement(use_bank, pos_share):
     n_mismatch = n_match_other = 0
     for seed in range(30):
         torch.manual_seed(seed)
-        perm, choice, t2, match, wrong_side = cavp.re_pair(labels_of(batch), bank, pos_share, use_bank=use_bank)
+        perm, choice, t2, match, wrong_side = cavp.re_pair(labels_of(batch), bank, pos_share,
+                                                           use_bank=use_bank)
         assert not wrong_side.any()
         wave2 = repaired_waves(batch, bank, perm, choice)
         srcs = [source_of(wave2[i], batch["wave"]) for i in range(len(POS))]
@@ -542,7 +543,8 @@ def test_re_pair_side_matching():
     seen_wrong = seen_equal_sets_mismatch = 0
     for seed in range(30):
         torch.manual_seed(seed)
-        perm, choice, t2, match, wrong_side = cavp.re_pair(labels_of(batch), bank, 0.0, use_bank=False, match_side=True)
+        perm, choice, t2, match, wrong_side = cavp.re_pair(labels_of(batch), bank, 0.0, use_bank=False,
+                                                           match_side=True)
         for i, j in enumerate(perm.tolist()):
             for c in range(K):
                 shared = c in SOURCE_POS[i] and c in SOURCE_POS[j]
@@ -564,7 +566,8 @@ def test_re_pair_bank_for_multi_source(match_side):
     multi = 0
     for seed in range(20):
         torch.manual_seed(seed)
-        perm, choice, t2, match, wrong_side = cavp.re_pair(labels_of(batch), bank, 1.0, True, None, "all", match_side)
+        perm, choice, t2, match, wrong_side = cavp.re_pair(labels_of(batch), bank, 1.0, True, None, "all",
+                                                           match_side)
         idx = torch.nonzero((choice >= 0).any(1)).flatten()
         wave2 = repaired_waves(batch, bank, perm, choice)
         assert all(bool(match[i]) for i in range(len(POS)))  # every class of every image is in the bank
