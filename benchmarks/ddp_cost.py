@@ -5,7 +5,7 @@
 
 Prints, per step: the wall time, the time inside the exchanges between ranks (labels on the host, clips and
 sampled anchor features on the device; cavp.gather and its backward), and the host plan (re-pairs, bank,
-anchor sets and sampling: cavp.repair + cavp.plan_anchors) at the paper's batch 16 and 512 px crops.
+anchor sets and sampling: cavp.re_pair + cavp.plan_anchors) at the paper's batch 16 and 512 px crops.
 """
 import argparse
 import os
@@ -78,15 +78,15 @@ def paper_plan(repeats=5):
         for c in torch.nonzero(t[i]).flatten().tolist():
             y0, x0 = torch.randint(0, side // 2, (2,), generator=g).tolist()
             y[i, y0:y0 + side // 3, x0:x0 + side // 3] = c
-    labels = dict(audio_classes=t, audio_pos=torch.full((b,), -1.0), source_pos=torch.where(t > 0, 0.5, -1.0))
+    labels = cavp.Labels(t, torch.full((b,), -1.0), torch.where(t > 0, 0.5, -1.0), None)
     bank = cavp.WaveBank(k, 8, 16, "cpu")
     out = []
     for _ in range(repeats):
         start = time.perf_counter()
-        perm, choice, t2, match, side2 = cavp.repair(labels, bank, 0.5, True, g)
-        cavp.plan_anchors(torch.cat([y, y]).flatten(1), torch.cat([t, t2]).long(),
+        perm, choice, t_re, match, wrong_side = cavp.re_pair(labels, bank, 0.5, True, g)
+        cavp.plan_anchors(torch.cat([y, y]).flatten(1), torch.cat([t, t_re]).long(),
                           torch.cat([torch.ones(b, dtype=torch.bool), match]), "cavp", 512, g, "label",
-                          "mismatched", "one", torch.cat([torch.zeros_like(side2), side2]))
+                          "mismatched", "one", torch.cat([torch.zeros_like(wrong_side), wrong_side]))
         out.append(time.perf_counter() - start)
     return sorted(out)[len(out) // 2]
 

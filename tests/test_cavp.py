@@ -171,5 +171,6 @@ def test_builtin_demo_evaluates_four_times(tiny_vpo, tmp_path):
     """Issue 20: on the built-in VPO an 80-epoch run evaluates at epochs 20, 40, 60, 80 (evaluation costs about
     an epoch there); elsewhere every 5 epochs; a given --eval-every wins."""
     def eval_every(root, *argv):
-        return cavp.resolve_defaults(cavp.parse_args(["--data-root", str(root), *argv])).eval_every
+        args = cavp.parse_args(["--data-root", str(root), *argv])
+        return cavp.resolve_defaults(args, args.given).eval_every
     assert eval_every(tiny_vpo) == 20 and eval_every(tmp_path) == 5 and eval_every(tiny_vpo, "--eval-every", "1") == 1

@@ -406,7 +406,7 @@ def test_sample_groups_cap():
     assert Counter(int(keys[i]) for i in cavp.sample_groups(keys, 1).tolist()) == {k: 1 for k in sizes}
 
 
-# ----------------------------------------------------------------------------- (6) repair / WaveBank
+# ----------------------------------------------------------------------------- (6) re_pair / WaveBank
 
 # six images: four single-source (two share class 1), two multi-source {1, 2} with the sources on
 # opposite sides
@@ -427,6 +427,10 @@ def make_batch(channels=2):
                 audio_pos=torch.tensor(POS), source_pos=src)
 
 
+def labels_of(batch):
+    return cavp.Labels(batch["audio_classes"], batch["audio_pos"], batch["source_pos"], None)
+
+
 def audio_set(row):
     return frozenset(i for i, v in enumerate(row.tolist()) if v != 0)
 
@@ -438,7 +442,7 @@ def source_of(wave2_i, wave):
 
 
 def repaired_waves(batch, bank, perm, choice):
-    """The B re-paired waveforms that cavp.repair describes (as cavp.Criterion builds them): the batch
+    """The B re-paired waveforms that cavp.re_pair describes (as cavp.Criterion builds them): the batch
     permuted, bank clips where `choice` has a bank row."""
     clips = bank.clips(choice, batch["source_pos"], batch["wave"].shape[1] == 2)
     return torch.where((choice >= 0).any(1)[:, None, None], clips, batch["wave"][perm])
@@ -474,13 +478,14 @@ def test_wavebank_push_keeps_single_source_mono():
 
 
 @pytest.mark.parametrize("use_bank,pos_share", [(False, 1.0), (True, 0.0)])
-def test_repair_match_rule_without_replacement(use_bank, pos_share):
+def test_re_pair_match_rule_without_replacement(use_bank, pos_share):
     batch = make_batch()
     bank, _ = filled_bank()
     n_mismatch = n_match_other = 0
     for seed in range(30):
         torch.manual_seed(seed)
-        perm, choice, t2, match, wrong_side = cavp.repair(batch, bank, pos_share, use_bank=use_bank)
+        perm, choice, t2, match, wrong_side = cavp.re_pair(labels_of(batch), bank, pos_share,
+                                                           use_bank=use_bank)
         assert not wrong_side.any()
         wave2 = repaired_waves(batch, bank, perm, choice)
         srcs = [source_of(wave2[i], batch["wave"]) for i in range(len(POS))]
@@ -497,13 +502,13 @@ def test_repair_match_rule_without_replacement(use_bank, pos_share):
 
 
 @pytest.mark.parametrize("channels", [2, 1])
-def test_repair_bank_replacement(channels):
+def test_re_pair_bank_replacement(channels):
     batch = make_batch(channels)
     bank, mono = filled_bank(channels)
     replaced = 0
     for seed in range(30):
         torch.manual_seed(seed)
-        perm, choice, t2, match, _ = cavp.repair(batch, bank, 1.0, use_bank=True)
+        perm, choice, t2, match, _ = cavp.re_pair(labels_of(batch), bank, 1.0, use_bank=True)
         wave2 = repaired_waves(batch, bank, perm, choice)
         for i, a in enumerate(POS):
             own = batch["audio_classes"][i]
@@ -530,7 +535,7 @@ def test_repair_bank_replacement(channels):
     assert replaced > 0
 
 
-def test_repair_side_matching():
+def test_re_pair_side_matching():
     """--match side: a shared class is on the wrong side when the audio's source and the image's object lie
     on different halves; the re-pair then is no match, even with equal class sets."""
     batch = make_batch()
@@ -538,7 +543,8 @@ def test_repair_side_matching():
     seen_wrong = seen_equal_sets_mismatch = 0
     for seed in range(30):
         torch.manual_seed(seed)
-        perm, choice, t2, match, wrong_side = cavp.repair(batch, bank, 0.0, use_bank=False, match_side=True)
+        perm, choice, t2, match, wrong_side = cavp.re_pair(labels_of(batch), bank, 0.0, use_bank=False,
+                                                           match_side=True)
         for i, j in enumerate(perm.tolist()):
             for c in range(K):
                 shared = c in SOURCE_POS[i] and c in SOURCE_POS[j]
@@ -552,7 +558,7 @@ def test_repair_side_matching():
 
 
 @pytest.mark.parametrize("match_side", [False, True])
-def test_repair_bank_for_multi_source(match_side):
+def test_re_pair_bank_for_multi_source(match_side):
     """--bank-sources all: a mismatched multi-source re-pair gets one bank clip per class of the image,
     each panned at that source's position, summed; it then matches and has no wrong side."""
     batch = make_batch()
@@ -560,7 +566,8 @@ def test_repair_bank_for_multi_source(match_side):
     multi = 0
     for seed in range(20):
         torch.manual_seed(seed)
-        perm, choice, t2, match, wrong_side = cavp.repair(batch, bank, 1.0, True, None, "all", match_side)
+        perm, choice, t2, match, wrong_side = cavp.re_pair(labels_of(batch), bank, 1.0, True, None, "all",
+                                                           match_side)
         idx = torch.nonzero((choice >= 0).any(1)).flatten()
         wave2 = repaired_waves(batch, bank, perm, choice)
         assert all(bool(match[i]) for i in range(len(POS)))  # every class of every image is in the bank
