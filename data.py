@@ -829,10 +829,17 @@ def _check_label2idx(path):
 
 
 _AVSS_CODES = {int(r) << 16 | int(g) << 8 | int(b): j for j, (r, g, b) in enumerate(avss_palette())}
-# the 71 colours use only the top 3 bits of each channel: (R >> 5, G >> 5, B >> 5) -> class, -1 none
-_AVSS_TOP = np.full(512, -1, dtype=np.int16)
-for _j, (_r, _g, _b) in enumerate(avss_palette().astype(np.int64)):
-    _AVSS_TOP[(_r >> 5) << 6 | (_g >> 5) << 3 | _b >> 5] = _j
+
+
+def _top_bits(rgb):
+    """uint8 (..., 3) colours -> the top 3 bits of R, G and B as one number in 0..511 (the 71 AVSS
+    colours use no other bit)."""
+    top = (rgb >> 5).astype(np.intp)
+    return top[..., 0] << 6 | top[..., 1] << 3 | top[..., 2]
+
+
+_AVSS_TOP = np.full(512, -1, dtype=np.int16)  # _top_bits -> class, -1: no AVSS colour
+_AVSS_TOP[_top_bits(avss_palette())] = np.arange(AVSS_NUM_CLASSES)
 
 
 def decode_avss(rgb, path="mask"):
@@ -841,8 +848,7 @@ def decode_avss(rgb, path="mask"):
     sorted colours, which name the first unknown one."""
     rgb = np.asarray(rgb)
     if rgb.dtype == np.uint8 and not (rgb & 31).any():
-        top = (rgb >> 5).astype(np.intp)
-        labels = _AVSS_TOP[top[..., 0] << 6 | top[..., 1] << 3 | top[..., 2]]
+        labels = _AVSS_TOP[_top_bits(rgb)]
         if labels.min(initial=0) >= 0:
             return labels.astype(np.uint8)
     rgb = rgb.astype(np.int64)
@@ -925,10 +931,10 @@ class AVSBenchDataset(torch.utils.data.Dataset):
         columns = dict(s4=["category", "split"], ms3=["split"], avss=["uid", "label", "split"])
         rows, header = _read_csv(self.csv, columns[task],
                                  f"download AVSBench ({folder}/{csv_name}) and pass --data-root")
-        name = "uid" if task == "avss" else header[0]
+        key = "uid" if task == "avss" else header[0]  # the clip's name
         bad = [r for r in rows if r["split"] not in ("train", "val", "test")]
         if bad:
-            raise DataError(f"{self.csv}: split {bad[0]['split']!r} of clip {bad[0][name]} is not "
+            raise DataError(f"{self.csv}: split {bad[0]['split']!r} of clip {bad[0][key]} is not "
                             "train, val or test; fix the CSV")
         base = os.path.join(self.dir, data)
         clips, seen = [self._clip(base, r, header) for r in rows], {}
