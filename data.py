@@ -252,8 +252,8 @@ def _read_csv(path, required, fix):
         raise DataError(f"{path}: cannot read CSV ({e}); re-download it") from e
     absent = [c for c in required if c not in header]
     if absent:
-        raise DataError(f"{path}: missing column(s) {', '.join(absent)}; "
-                        f"expected {', '.join(required)}")
+        raise DataError(f"{path}: missing column(s) {', '.join(absent)}; expected "
+                        f"{', '.join(required)} in its header row: fix the header or re-download it")
     return rows, header
 
 
