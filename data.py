@@ -253,7 +253,7 @@ def _read_csv(path, required, fix):
     absent = [c for c in required if c not in header]
     if absent:
         raise DataError(f"{path}: missing column(s) {', '.join(absent)}; expected "
-                        f"{', '.join(required)} in its header row: fix the header or re-download it")
+                        f"{', '.join(required)} in its header row: fix it or re-download the file")
     return rows, header
 
 
