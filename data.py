@@ -908,10 +908,12 @@ class AVSBenchDataset(torch.utils.data.Dataset):
 
     Checked before training, as DataError naming the file: the CSV (columns, split names, a clip
     listed twice), AVSS's label2idx.json against AVSS_CLASSES, every listed file's presence and
-    every WAV's header (a WAV shorter than its header says is truncated); val / test clips are also
-    scanned (frame sizes from the headers, masks decoded), as a fault there would otherwise surface
-    only after training. Every read checks that a clip's frames share one size, that each mask has
-    its frame's size and that mask values are labels (binary_mask, decode_avss).
+    every WAV's header (a WAV shorter than its header says is truncated). The clips are scanned too
+    (frame sizes from the headers, masks decoded): S4 / MS3 (224 x 224 files) all, AVSS (original
+    resolution) val / test only, which would otherwise be read only after training; its train clips
+    are checked on their first read, in the first epoch. Every read checks that a clip's frames
+    share one size, that each mask has its frame's size and that mask values are labels
+    (binary_mask, decode_avss).
     """
 
     def __init__(self, root, task, split, size=224, stereo=False, limit=None, frames=None):
@@ -953,7 +955,7 @@ class AVSBenchDataset(torch.utils.data.Dataset):
                   for p in s["frames"] + [m for m in s["masks"] if m] + [s["wav"]]],
                  self.csv, "re-download AVSBench or fix --data-root")
         _check_wavs(s["wav"] for s in self.samples)
-        if split != "train":
+        if split != "train" or task != "avss":
             for s in self.samples:
                 self._labels(s, [_open_image(p, None, size_only=True) for p in s["frames"]])
 

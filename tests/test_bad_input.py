@@ -112,9 +112,9 @@ def test_2_wav_cut_to_half_its_data(s4, tmp_path):
 
 # ----------------------------------------------------------------------------- 3: frame size != mask size
 def test_3_frame_size_differs_from_its_mask(s4, avss, tmp_path):
-    """A frame larger than its mask: S4 resized to 224 (both scripts) and AVSS at 224 (tpavi.py) or original
-    size (cavp.py) stop at start-up for val / test, on the first read for train, naming both files, with no
-    Python argument in the message; the VPO reader likewise."""
+    """A mask or frame of another size: S4 resized to 224 (both scripts) and AVSS at 224 (tpavi.py) or original
+    size (cavp.py) stop at start-up (AVSS train: on the first read), naming the files, with no Python argument
+    in the message; the VPO reader likewise."""
     root, base = s4
     mask = s4_file(base, "gt_masks", "t", 2, "test", "dog_barking")
     Image.new("L", (40, 30)).save(mask)
@@ -125,16 +125,18 @@ def test_3_frame_size_differs_from_its_mask(s4, avss, tmp_path):
         assert str(frame) in one_line(e) and "size=" not in str(e.value)
     frame = s4_file(base, "visual_frames", "a", 3, "train", "dog_barking")  # S4 train: frame 3 has no mask
     Image.new("RGB", (40, 30)).save(frame)
-    train = data.AVSBenchDataset(root, "s4", "train", size=224)
     with raises_naming(frame, ": frame size 40x30 differs from the 30x20 of "):
-        train[0]
+        data.AVSBenchDataset(root, "s4", "train", size=224)
     root, base = avss
-    frame = base / "v1m/mt/frames/3.jpg"
-    Image.new("RGB", (20, 12)).save(frame)
-    with raises_naming(frame, ": frame size 20x12 differs from the 18x12 of "):
+    for frame in (base / "v1m/mt/frames/3.jpg", base / "v2/w1/frames/7.jpg"):  # a test and a train frame
+        Image.new("RGB", (20, 12)).save(frame)
+    with raises_naming(base / "v1m/mt/frames/3.jpg", ": frame size 20x12 differs from the 18x12 of "):
         data.AVSBenchDataset(root, "avss", "test", size=224)
-    with raises_naming(frame):
+    with raises_naming(base / "v1m/mt/frames/3.jpg"):
         data.AVSBenchFrames(root, "avss", "test", size=None)
+    train = data.AVSBenchDataset(root, "avss", "train", size=224)
+    with raises_naming(frame, ": frame size 20x12 differs from the 18x12 of "):
+        train[1]
     vpo = tmp_path / "vpo"
     vpo_ss(vpo)
     mask = vpo / "VPO-SS/mask/dog/000000000003_000000000012.png"
@@ -146,7 +148,7 @@ def test_3_frame_size_differs_from_its_mask(s4, avss, tmp_path):
 # ----------------------------------------------------------------------------- 4: mask values outside the labels
 def test_4_mask_values_outside_the_label_set(s4, ms3, tmp_path):
     """A 7 in a grey binary S4 mask, palette index 7 in an MS3 mask (palette entries 0 and 1): one line at
-    start-up for a test mask, on the first read for a train mask; a VPO test mask likewise."""
+    start-up, in any split; a VPO test mask likewise."""
     root, base = s4
     mask = s4_file(base, "gt_masks", "t", 1, "test", "dog_barking")  # grey 'L', 0 / 255
     m = np.asarray(Image.open(mask)).copy()
@@ -166,9 +168,8 @@ def test_4_mask_values_outside_the_label_set(s4, ms3, tmp_path):
         out.save(mask)
     with raises_naming(mask.parents[2] / "test/mt/mt_2.png", ": palette index 7 is not an AVSBench-Objects label"):
         data.AVSBenchDataset(root, "ms3", "test")
-    train = data.AVSBenchDataset(root, "ms3", "train")
     with raises_naming(mask, ": palette index 7"):
-        train[0]
+        data.AVSBenchFrames(root, "ms3", "train")
     vpo = tmp_path / "vpo"
     vpo_ss(vpo)
     mask = vpo / "VPO-SS/mask/dog/000000000003_000000000012.png"
