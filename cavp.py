@@ -152,6 +152,8 @@ def parse_args(argv=None):
     g("--compile", action="store_true", help="torch.compile the image encoder (measure it first)")
     g("--out", default=None, help="run folder (default: runs/cavp-<data>-s<seed>-<time>)")
     g("--resume", default=None, help="continue training from this checkpoint (e.g. runs/x/last.pt)")
+    g("--overwrite", action="store_true",
+      help="let a new training run replace the run in --out (last.pt, best.pt, metrics.json)")
     g("--eval-only", action="store_true", help="only test --ckpt")
     g("--ckpt", default=None, help="checkpoint for --eval-only or --predict")
     g("--eval-audio", default="real", choices=data.EVAL_AUDIO,
@@ -1311,6 +1313,8 @@ def run_folder(args, world):
     """--out; else the checkpoint's folder with --resume; else runs/cavp-<data>-s<seed>-<time>, rank
     0's on every rank."""
     if args.out is not None:
+        if not (args.resume or args.eval_only or args.overwrite):
+            data.check_new_run(args.out)
         return args.out
     if args.resume:
         return os.path.dirname(os.path.abspath(args.resume))
@@ -1453,7 +1457,7 @@ def use_checkpoint_args(args, ckpt):
 RESUME_FREE = ("out", "resume", "ckpt", "eval_only", "predict", "audio", "audio_pos", "max_size",
                "workers", "log_every", "eval_every", "eval_batch_size", "overlays", "max_iters",
                "device", "no_amp", "compile", "data_root", "audio_root", "coco_ann", "pretrained",
-               "eval_audio")
+               "eval_audio", "overwrite")
 
 
 def check_resume_args(args, ckpt):

@@ -3,7 +3,8 @@ travels through them:
 
   label sets      VPO's 21 classes + background (CAVP Sec. 3, App. A, Table 7); AVSBench-Objects
                   S4's 23 categories and AVSBench-Semantics' 71 classes (AVS Sec. 3)
-  files           WAV read / write (standard library `wave` + numpy), images, CSVs, COCO JSON
+  files           WAV read / write (standard library `wave` + numpy), images, CSVs, run folders,
+                  COCO JSON
   audio           clip crop / repeat-pad and resampling to 16 kHz, stereo panning (CAVP Fig. 3),
                   the log-mel front end of the released cyh-0/CAVP code
   images          resize, ImageNet normalisation
@@ -136,6 +137,9 @@ def _read_riff(path):
             fmt = body
         elif cid == b"data":
             raw = body
+            if len(body) < size:
+                raise DataError(f"{path}: WAV truncated: it holds {len(body)} of the {size} data "
+                                "bytes its header claims; re-download or re-encode the file")
         pos += 8 + size + (size & 1)
     if fmt is None or raw is None or len(fmt) < 16:
         raise DataError(f"{path}: WAV without fmt/data chunk; re-encode it as 16-bit PCM .wav")
@@ -154,19 +158,38 @@ def _wav_open(path):
     if not os.path.isfile(path):
         raise DataError(f"{path}: audio file not found; check --audio-root / --data-root")
     try:
-        with wave.open(path, "rb") as w:
+        with open(path, "rb") as f, wave.open(f) as w:
             c, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
+            # `wave` stops at the data chunk's header: the samples start here
+            held = (os.fstat(f.fileno()).st_size - f.tell()) // (c * width)
     except (wave.Error, EOFError):
         x, rate = _read_riff(path)
         return rate, x.shape[1], lambda start, stop: x[:, start:stop]
     except OSError as e:
         raise DataError(f"{path}: cannot read WAV ({e}); re-encode it as 16-bit PCM .wav") from e
+    if held < n:
+        raise DataError(f"{path}: WAV truncated: it holds {held} of the {n} samples its header "
+                        "claims; re-download or re-encode the file")
 
     def read(start, stop):
         with wave.open(path, "rb") as w:
             w.setpos(start)
             return _decode_pcm(w.readframes(stop - start), width, c, False, path)
     return rate, n, read
+
+
+def _wav_samples(path):
+    """_wav_open of a WAV that holds at least one sample."""
+    rate, length, read = _wav_open(path)
+    if length == 0:
+        raise DataError(f"{os.fspath(path)}: WAV has no samples; replace the file")
+    return rate, length, read
+
+
+def _check_wavs(paths):
+    """Header check (a few hundredths of a millisecond per PCM file) of every listed WAV."""
+    for path in dict.fromkeys(paths):
+        _wav_samples(path)
 
 
 def read_wav(path):
@@ -195,9 +218,13 @@ def write_wav(path, wave_, sample_rate=SAMPLE_RATE):
         raise
 
 
-def _open_image(path, mode):
+def _open_image(path, mode, size_only=False):
+    """PIL image of `path` in `mode` (None: as stored); size_only: its (width, height) from the
+    header alone."""
     try:
         with Image.open(path) as im:
+            if size_only:
+                return im.size
             im.load()
             return im.convert(mode) if mode and im.mode != mode else im
     except (OSError, ValueError, Image.DecompressionBombError) as e:
@@ -225,8 +252,8 @@ def _read_csv(path, required, fix):
         raise DataError(f"{path}: cannot read CSV ({e}); re-download it") from e
     absent = [c for c in required if c not in header]
     if absent:
-        raise DataError(f"{path}: missing column(s) {', '.join(absent)}; "
-                        f"expected {', '.join(required)}")
+        raise DataError(f"{path}: missing column(s) {', '.join(absent)}; expected "
+                        f"{', '.join(required)} in its header row: fix it or re-download the file")
     return rows, header
 
 
@@ -239,6 +266,18 @@ def _int_field(value, path, column):
     if not ids:
         raise DataError(f"{path}: column {column} has no integer in {value!r}; fix the CSV row")
     return int(ids[0])
+
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.json")  # what a training run writes to its folder
+
+
+def check_new_run(out):
+    """DataError when the folder `out` holds a run that a new training run would replace."""
+    found = [f for f in RUN_FILES if os.path.isfile(os.path.join(out, f))]
+    if found:
+        raise DataError(f"--out {out} holds another run ({', '.join(found)}); pass a new --out, "
+                        f"--resume {os.path.join(out, 'last.pt')} to continue it, or --overwrite "
+                        "to replace it")
 
 
 def read_coco(ann_file):
@@ -302,9 +341,7 @@ def load_clip(path, sample_rate=SAMPLE_RATE, seconds=3.0, centre=True, mono=Fals
     channels averaged, (1, N). The crop is cut in source samples before resampling, with a
     margin of whole resampling blocks beyond the sinc filter's reach, so the result is that of
     resampling the whole clip."""
-    rate, length, read = _wav_open(path)
-    if length == 0:
-        raise DataError(f"{os.fspath(path)}: WAV has no samples; replace the file")
+    rate, length, read = _wav_samples(path)
     n = int(round(seconds * sample_rate))
     g = math.gcd(rate, sample_rate)
     # resampling maps each block_in samples to block_out
@@ -506,6 +543,11 @@ class VPODataset(torch.utils.data.Dataset):
     pan: where a training sample's sources are panned: "csv", at the CSV audio_pos, mirrored on a
     flip (the release); "crop", at their object's centre of mass (the CSV audio_pos) moved by the
     flip, scale and crop and clamped to [0, 1]. source_pos / audio_pos carry the positions used.
+
+    Checked before training, as DataError naming the file: the CSV (columns, split names, classes,
+    positions, a row repeated), every listed file's presence, every WAV's header (a WAV shorter
+    than its header says is truncated) and, for the test split, every mask's values and size
+    against its image's header. Every read checks a mask's values and size.
     """
 
     def __init__(self, root, subset, split, audio_root=None, stereo=True, train=False, crop=512,
@@ -536,6 +578,13 @@ class VPODataset(torch.utils.data.Dataset):
         if bad:
             raise DataError(f"{self.csv}: split value {bad[0]!r} is not train/val/test; "
                             "fix the CSV")
+        seen = {}
+        for k, r in enumerate(rows):
+            first = seen.setdefault(tuple(r.items()), k)
+            if first != k:
+                raise DataError(f"{self.csv}: rows {first + 1} and {k + 1} under the header are "
+                                f"the same (img_Id {r['img_Id']}, ann_Ids {r['ann_Ids']}); "
+                                "remove one of them")
         rows = [r for r in rows if _VPO_SPLITS[r["split"]] == _VPO_SPLITS[split]]
         self.samples = _limit(self._group([self._parse(r) for r in rows]), limit)
         if not self.samples:
@@ -545,6 +594,10 @@ class VPODataset(torch.utils.data.Dataset):
                  "re-download the VPO release or rebuild with vpo_make.py")
         _missing([src[1] for s in self.samples for src in s["sources"]], self.csv,
                  "pass --audio-root pointing at the VGGSound wav folder")
+        _check_wavs(src[1] for s in self.samples for src in s["sources"])
+        if split != "train":
+            for s in self.samples:
+                self._mask(s, _open_image(s["image"], None, size_only=True))
 
     def _parse(self, r):
         img = _int_field(r["img_Id"], self.csv, "img_Id")
@@ -609,12 +662,20 @@ class VPODataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
+    @staticmethod
+    def _mask(s, size):
+        """The VPO label map of sample s whose image has `size` (W, H); DataError unless it has
+        that size."""
+        mask = read_vpo_mask(s["mask"])
+        if mask.size != size:
+            raise DataError(f"{s['mask']}: mask size {mask.size[::-1]} != image size "
+                            f"{size[::-1]} of {s['image']}")
+        return mask
+
     def __getitem__(self, i):
         s = self.samples[i]
-        im, mask = _open_image(s["image"], "RGB"), read_vpo_mask(s["mask"])
-        if mask.size != im.size:
-            raise DataError(f"{s['mask']}: mask size {mask.size[::-1]} != image size "
-                            f"{im.size[::-1]} of {s['image']}")
+        im = _open_image(s["image"], "RGB")
+        mask = self._mask(s, im.size)
         if self.train:
             img, mask, _, pos = augment(im, mask, self.crop, self.pan)
         else:
@@ -747,12 +808,50 @@ def avss_palette(num_classes=AVSS_NUM_CLASSES):
     return pal.astype(np.uint8)
 
 
+def _check_label2idx(path):
+    """The release's label2idx.json ({name: 1-based index}), where present, must list AVSS_CLASSES
+    in order: the palette and the class names follow that order."""
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = sorted((int(v), k) for k, v in json.load(f).items())
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise DataError(f"{path}: not a label2idx.json ({type(e).__name__}); re-download it from "
+                        "the AVSBench-Semantics release") from None
+    got = [k for _, k in names] + [None] * (len(AVSS_CLASSES) - len(names))
+    expected = AVSS_CLASSES + [None] * (len(names) - len(AVSS_CLASSES))
+    diff = next((j for j, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+    if diff is not None:
+        raise DataError(f"{path}: class {diff + 1} of {len(names)} is {got[diff]!r} where the "
+                        f"{len(AVSS_CLASSES)} AVSBench-Semantics classes have {expected[diff]!r}; "
+                        "use the released label2idx.json")
+
+
 _AVSS_CODES = {int(r) << 16 | int(g) << 8 | int(b): j for j, (r, g, b) in enumerate(avss_palette())}
 
 
+def _top_bits(rgb):
+    """uint8 (..., 3) colours -> the top 3 bits of R, G and B as one number in 0..511 (the 71 AVSS
+    colours use no other bit)."""
+    top = (rgb >> 5).astype(np.intp)
+    return top[..., 0] << 6 | top[..., 1] << 3 | top[..., 2]
+
+
+_AVSS_TOP = np.full(512, -1, dtype=np.int16)  # _top_bits -> class, -1: no AVSS colour
+_AVSS_TOP[_top_bits(avss_palette())] = np.arange(AVSS_NUM_CLASSES)
+
+
 def decode_avss(rgb, path="mask"):
-    """Colour mask (H, W, 3) -> class ids (H, W) in 0..70; an unknown colour raises DataError."""
-    rgb = np.asarray(rgb).astype(np.int64)
+    """Colour mask (H, W, 3) -> class ids (H, W) in 0..70; an unknown colour raises DataError. A
+    uint8 mask of palette colours is one table look-up (no sort); any other goes through the
+    sorted colours, which name the first unknown one."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype == np.uint8 and not (rgb & 31).any():
+        labels = _AVSS_TOP[_top_bits(rgb)]
+        if labels.min(initial=0) >= 0:
+            return labels.astype(np.uint8)
+    rgb = rgb.astype(np.int64)
     codes = rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]
     uniq, inv = np.unique(codes, return_inverse=True)
     lut = np.array([_AVSS_CODES.get(int(c), -1) for c in uniq])
@@ -763,11 +862,25 @@ def decode_avss(rgb, path="mask"):
     return lut[inv.reshape(codes.shape)].astype(np.uint8)
 
 
-def binary_mask(im):
-    """AVSBench-Objects gt PNG (grey, palette or RGB) -> uint8 {0,1}:
-    foreground = any channel > 0."""
-    arr = np.asarray(im.convert("RGB") if im.mode == "P" else im)
-    return ((arr[..., :3].max(-1) if arr.ndim == 3 else arr) > 0).astype(np.uint8)
+def binary_mask(im, path="mask"):
+    """AVSBench-Objects gt PNG -> uint8 {0,1}: a palette PNG's indices 0 (background) and 1
+    (sounding object); a grey or RGB PNG's levels 0 and 255 (each channel), foreground = any channel
+    > 0. Any other value raises DataError."""
+    if im.mode == "P":
+        index = np.asarray(im)
+        if index.max() > 1:
+            raise DataError(f"{path}: palette index {int(index.max())} is not an AVSBench-Objects "
+                            "label (0 background, 1 sounding object); replace the mask with the "
+                            "released gt_masks PNG")
+        return index.astype(np.uint8)
+    arr = np.asarray(im if im.mode in ("L", "RGB") else im.convert("RGB"))
+    levels = np.flatnonzero(np.bincount(arr.ravel(), minlength=256))
+    bad = levels[(levels != 0) & (levels != 255)]
+    if bad.size:
+        raise DataError(f"{path}: mask value {int(bad[0])} is not an AVSBench-Objects level (0 "
+                        "background, 255 sounding object); replace the mask with the released "
+                        "gt_masks PNG")
+    return ((arr.max(-1) if arr.ndim == 3 else arr) > 0).astype(np.uint8)
 
 
 _AVS_TASKS = {  # task -> (release folder, CSV, data folder)
@@ -792,6 +905,15 @@ class AVSBenchDataset(torch.utils.data.Dataset):
     AVSS v1s train frames 1..4) are 255. size: frames resized to size x size (masks nearest),
     None keeps the original size. Audio: 1 s per frame from the clip start at 16 kHz,
     wave (C, T*16000), mono (channels averaged) unless stereo=True (then 2 channels).
+
+    Checked before training, as DataError naming the file: the CSV (columns, split names, a clip
+    listed twice), AVSS's label2idx.json against AVSS_CLASSES, every listed file's presence and
+    every WAV's header (a WAV shorter than its header says is truncated). The clips are scanned too
+    (frame sizes from the headers, masks decoded): S4 / MS3 (224 x 224 files) all, AVSS (original
+    resolution) val / test only, which would otherwise be read only after training; its train clips
+    are checked on their first read, in the first epoch. Every read checks that a clip's frames
+    share one size, that each mask has its frame's size and that mask values are labels
+    (binary_mask, decode_avss).
     """
 
     def __init__(self, root, task, split, size=224, stereo=False, limit=None, frames=None):
@@ -808,23 +930,38 @@ class AVSBenchDataset(torch.utils.data.Dataset):
         self.csv = os.path.join(self.dir, csv_name)
         self.task, self.split, self.size, self.stereo = task, split, size, stereo
         self.frames = frames or (10 if task == "avss" else 5)
-        rows, header = _read_csv(self.csv,
-                                 ["uid", "label", "split"] if task == "avss" else ["split"],
+        columns = dict(s4=["category", "split"], ms3=["split"], avss=["uid", "label", "split"])
+        rows, header = _read_csv(self.csv, columns[task],
                                  f"download AVSBench ({folder}/{csv_name}) and pass --data-root")
-        if task == "s4" and len(header) < 3:
-            raise DataError(f"{self.csv}: expected name, start, category, split columns")
+        key = "uid" if task == "avss" else header[0]  # the clip's name
+        bad = [r for r in rows if r["split"] not in ("train", "val", "test")]
+        if bad:
+            raise DataError(f"{self.csv}: split {bad[0]['split']!r} of clip {bad[0][key]} is not "
+                            "train, val or test; fix the CSV")
         base = os.path.join(self.dir, data)
-        self.samples = _limit([self._clip(base, r, header) for r in rows
-                               if r["split"] == split], limit)
+        clips, seen = [self._clip(base, r, header) for r in rows], {}
+        for k, c in enumerate(clips):  # rows naming the same files
+            first = seen.setdefault(c["frames"][0], k)
+            if first != k:
+                raise DataError(f"{self.csv}: clip {c['name']} is listed twice (rows {first + 1} "
+                                f"and {k + 1} under the header); remove one of them")
+        if task == "avss":
+            _check_label2idx(os.path.join(self.dir, "label2idx.json"))
+        self.samples = _limit([c for c, r in zip(clips, rows) if r["split"] == split], limit)
         if not self.samples:
             raise DataError(f"{self.csv}: no clips with split {split!r}; "
                             "check the CSV or --data-root")
         _missing([p for s in self.samples
                   for p in s["frames"] + [m for m in s["masks"] if m] + [s["wav"]]],
                  self.csv, "re-download AVSBench or fix --data-root")
+        _check_wavs(s["wav"] for s in self.samples)
+        if split != "train" or task != "avss":
+            for s in self.samples:
+                self._labels(s, [_open_image(p, None, size_only=True) for p in s["frames"]])
 
     def _clip(self, base, r, header):
-        name = r[header[0]]
+        """The files of the clip of CSV row r (in r's split)."""
+        name, split = r[header[0]], r["split"]
         if self.task == "avss":
             name, label = r["uid"], r["label"]
             if label not in _AVSS_FRAMES:
@@ -837,44 +974,55 @@ class AVSBenchDataset(torch.utils.data.Dataset):
             wav, semi = os.path.join(clip, "audio.wav"), label == "v1s"
         else:  # S4 folders add split/category levels to visual_frames and category to the rest
             s4, n = self.task == "s4", min(5, self.frames)
-            cat = (r[header[2]],) if s4 else ()
-            frame_dir = os.path.join(base, "visual_frames",
-                                     *((self.split, *cat) if s4 else ()), name)
+            cat = (r["category"],) if s4 else ()
+            frame_dir = os.path.join(base, "visual_frames", *((split, *cat) if s4 else ()), name)
             frame_name = "{}_{}.png" if s4 else "{}.mp4_{}.png"
             frames = [os.path.join(frame_dir, frame_name.format(name, i)) for i in range(1, n + 1)]
-            masks = [os.path.join(base, "gt_masks", self.split, *cat, name, f"{name}_{i}.png")
+            masks = [os.path.join(base, "gt_masks", split, *cat, name, f"{name}_{i}.png")
                      for i in range(1, n + 1)]
-            wav, semi = os.path.join(base, "audio_wav", self.split, *cat, f"{name}.wav"), s4
-        if semi and self.split == "train":  # semi-supervised: only the first frame is labelled
+            wav, semi = os.path.join(base, "audio_wav", split, *cat, f"{name}.wav"), s4
+        if semi and split == "train":  # semi-supervised: only the first frame is labelled
             masks = masks[:1] + [None] * (n - 1)
         return dict(name=name, frames=frames, masks=masks, wav=wav)
 
     def __len__(self):
         return len(self.samples)
 
-    def _label(self, path):
-        im = _open_image(path, None)
-        if self.task == "avss":
-            return decode_avss(np.asarray(im.convert("RGB")), path)
-        return binary_mask(im)
+    def _labels(self, s, sizes):
+        """The label maps (None: unlabelled frame) of clip s whose frames have `sizes` (W, H);
+        DataError unless the frames share one size and each mask has its frame's."""
+        labels = []
+        for frame, size, m in zip(s["frames"], sizes, s["masks"]):
+            if size != sizes[0]:
+                raise DataError(f"{frame}: frame size {size[0]}x{size[1]} differs from the "
+                                f"{sizes[0][0]}x{sizes[0][1]} of {s['frames'][0]} in the same "
+                                "clip; replace the frame with the released file")
+            label = None
+            if m:
+                im = _open_image(m, None)
+                label = (decode_avss(np.asarray(im.convert("RGB")), m) if self.task == "avss"
+                         else binary_mask(im, m))
+                if im.size != size:
+                    raise DataError(f"{m}: mask size {im.size[0]}x{im.size[1]} differs from the "
+                                    f"{size[0]}x{size[1]} of its frame {frame}; replace the "
+                                    "mask or frame with the released file")
+            labels.append(label)
+        return labels
 
     def __getitem__(self, i):
         s, t = self.samples[i], self.frames
         frames = [_open_image(p, "RGB") for p in s["frames"]]
+        labels = self._labels(s, [im.size for im in frames])
         if self.size is not None:
             frames = [im.resize((self.size, self.size), Image.BILINEAR) for im in frames]
         w, h = frames[0].size
         n = len(frames)
         image = torch.zeros(t, 3, h, w)
         mask = torch.full((t, h, w), 255, dtype=torch.long)
-        try:
-            for k, (im, m) in enumerate(zip(frames, s["masks"])):
-                _normalize255(_rgb_float(im, image[k]))
-                if m:
-                    mask[k] = torch.from_numpy(_resize_mask(self._label(m), self.size).copy())
-        except RuntimeError as e:
-            raise DataError(f"{s['frames'][0]}: frames/masks of clip {s['name']} differ in size "
-                            f"({e}); pass size=224") from e
+        for k, (im, label) in enumerate(zip(frames, labels)):
+            _normalize255(_rgb_float(im, image[k]))
+            if label is not None:
+                mask[k] = torch.from_numpy(_resize_mask(label, self.size).copy())
         x = load_clip(s["wav"], seconds=n, centre=False, mono=not self.stereo)
         x = (x[:2] if x.shape[0] >= 2 else x.repeat(2, 1)) if self.stereo else x
         wave_ = torch.zeros(x.shape[0], t * SAMPLE_RATE)
@@ -928,7 +1076,7 @@ class AVSBenchFrames(torch.utils.data.Dataset):
         csv_path, meta = self.clips.csv, {}  # S4: each clip's category; AVSS: its release part
         if task != "ms3":
             rows, header = _read_csv(csv_path, [], "")
-            key, column = ("uid", "label") if task == "avss" else (header[0], header[2])
+            key, column = ("uid", "label") if task == "avss" else (header[0], "category")
             meta = {r[key]: r[column] for r in rows}
         self.fg = [1] * len(self.clips)  # the class of each clip's foreground pixels (S4)
         if labels == "category":

@@ -111,6 +111,8 @@ def parse_args(argv=None):
     a("--out", default=None, help="run folder (default runs/tpavi-<data>-s<seed>-<time>; "
       "with --resume the checkpoint's folder)")
     a("--resume", default=None, help="continue training from a checkpoint (runs/<run>/last.pt)")
+    a("--overwrite", action="store_true",
+      help="let a new training run replace the run in --out (last.pt, best.pt, metrics.json)")
     a("--eval-only", action="store_true", help="only evaluate --ckpt on the test split")
     a("--ckpt", default=None, help="checkpoint for --eval-only or --predict")
     a("--eval-audio", default="real", choices=data.EVAL_AUDIO,
@@ -1134,6 +1136,8 @@ def run_folder(args, world):
     """--out; else the checkpoint's folder with --resume; else runs/tpavi-<data>-s<seed>-<time>,
     rank 0's on every rank."""
     if args.out is not None:
+        if not (args.resume or args.eval_only or args.overwrite):
+            data.check_new_run(args.out)
         return args.out
     if args.resume:
         return os.path.dirname(os.path.abspath(args.resume))
@@ -1261,7 +1265,7 @@ def use_checkpoint_args(args, ckpt):
 RESUME_FREE = ("out", "resume", "ckpt", "eval_only", "predict", "audio", "audio_pos", "max_size",
                "workers", "log_every", "eval_every", "eval_batch_size", "overlays", "max_iters",
                "device", "no_amp", "compile", "data_root", "audio_root", "coco_ann", "pretrained",
-               "vggish_weights", "eval_audio")
+               "vggish_weights", "eval_audio", "overwrite")
 
 
 def check_resume_args(args, ckpt):

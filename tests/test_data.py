@@ -415,6 +415,21 @@ def test_avss_palette_matches_release_rule():
         assert tuple(pal[cls]) == colour
 
 
+def test_avss_decode_is_the_palette_lookup():
+    """decode_avss = the class of each pixel's colour in avss_palette(); the first unknown colour (in RGB
+    order) named, also where it is one bit off a palette colour."""
+    pal = avss_palette()
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 71, (37, 53))
+    assert np.array_equal(data.decode_avss(pal[labels]), labels)
+    assert np.array_equal(data.decode_avss(pal[labels].astype(np.int32)), labels)
+    for bad in ((255, 255, 255), (129, 0, 0), (0, 0, 32)):  # (0, 0, 32): top bits of no class
+        rgb = pal[labels]
+        rgb[5, 7], rgb[9, 1] = bad, (255, 255, 255)
+        with pytest.raises(DataError, match=re.escape(f"m.png: colour {bad} is not in the AVSS")):
+            data.decode_avss(rgb, "m.png")
+
+
 def test_avss_decode_and_padding(tmp_path):
     write_avss(tmp_path, [("u1", "v1s", "train", 3), ("u2", "v2", "train", 70), ("u3", "v1m", "train", 15),
                           ("u4", "v1m", "test", 1)])
