@@ -297,10 +297,11 @@ def _resampler(orig, new):
     return torchaudio.transforms.Resample(orig, new)
 
 
-def load_clip(path, sample_rate=SAMPLE_RATE, seconds=3.0, centre=True, mono=False, length=False):
+def load_clip(path, sample_rate=SAMPLE_RATE, seconds=3.0, centre=True, mono=False,
+              with_length=False):
     """Read a WAV, resample to `sample_rate`, `seconds` crop (centred) / repeat-pad -> (C, N); mono:
-    channels averaged, (1, N); length: -> ((C, N), the samples of the clip's own audio in it, the
-    rest repeat-padding). The crop is cut in source samples before resampling, with a
+    channels averaged, (1, N); with_length: -> ((C, N), the samples of the clip's own audio in
+    it, the rest repeat-padding). The crop is cut in source samples before resampling, with a
     margin of whole resampling blocks beyond the sinc filter's reach, so the result is that of
     resampling the whole clip."""
     rate, length, read = _wav_open(path)
@@ -326,7 +327,7 @@ def load_clip(path, sample_rate=SAMPLE_RATE, seconds=3.0, centre=True, mono=Fals
         x = _resampler(rate, sample_rate)(x)
     # the crop starts at skip; a short clip is repeat-padded
     x = fit_length(x[:, skip:], n, centre=False)
-    return (x, min(full, n)) if length else x
+    return (x, min(full, n)) if with_length else x
 
 
 class LogMel(torch.nn.Module):
@@ -954,7 +955,7 @@ class AVSBenchDataset(torch.utils.data.Dataset):
             raise DataError(f"{s['frames'][0]}: frames/masks of clip {s['name']} differ in size "
                             f"({e}); pass size=224") from e
         x, audio_len = load_clip(s["wav"], seconds=n, centre=False, mono=not self.stereo,
-                                 length=True)
+                                 with_length=True)
         x = (x[:2] if x.shape[0] >= 2 else x.repeat(2, 1)) if self.stereo else x
         wave_ = torch.zeros(x.shape[0], t * SAMPLE_RATE)
         wave_[:, :x.shape[1]] = x
