@@ -347,7 +347,7 @@ def test_eval_only_on_released_layout(path, vggish_file, tmp_path):
     proc = run_script("tpavi.py", "--data", "avss" if avss else "avsbench_s4", "--data-root", root, "--eval-only",
                       "--ckpt", tmp_path / "release.pth", "--audio-encoder", "vggish", "--vggish-weights",
                       vggish_file[1], "--crop", "64", "--workers", "0", "--out", out, "--overlays", "1",
-                      "--eval-batch-size", "2")
+                      "--eval-batch-size", "2", *(["--backbone", "pvt_v2_b5"] if "pvt" in path else []))
     assert "a released AVSBench model" in proc.stdout and "dropped its unused" in proc.stdout
     res = json.loads((out / "eval-real.json").read_text())
     assert res["args"]["tpavi_window"] == 5 and res["args"]["mono"]
