@@ -12,6 +12,8 @@ file where this one follows the release).
     python tpavi.py --data avsbench_ms3 --data-root data/AVSBench     # AVSBench, the paper's recipe
     python tpavi.py --data avsbench_s4 --data-root data/AVSBench --backbone pvt_v2_b5 \\
         --pretrained pvt_v2_b5.pth
+    python tpavi.py --data avss --data-root data/AVSBench --eval-only \\
+        --ckpt V2_pvt_miou_best.pth --audio-encoder vggish --vggish-weights vggish-10086976.pth
 """
 import argparse
 import itertools
@@ -93,7 +95,8 @@ def parse_args(argv=None):
       help="resnet18 on the log-mel, trained (this project's choice, as CAVP: VGGish weights "
            "load from a local file only); vggish: frozen (AVS), needs --vggish-weights")
     a("--vggish-weights", default=None,
-      help="local VGGish state dict (torchvggish layout: features.*, embeddings.*)")
+      help="local VGGish state dict (torchvggish layout: features.*, embeddings.*; the "
+           "release's vggish-10086976.pth)")
     a = p.add_argument_group("loss (AVS Eq. (1)-(2))").add_argument
     a("--lambda-avm", type=float, default=None, help="weight of L_AVM in Eq. (1), 0 disables "
       "(default per --data as the released train.sh: avsbench_s4 0, else 0.5; 0 without TPAVI "
@@ -115,7 +118,8 @@ def parse_args(argv=None):
       "with --resume the checkpoint's folder)")
     a("--resume", default=None, help="continue training from a checkpoint (runs/<run>/last.pt)")
     a("--eval-only", action="store_true", help="only evaluate --ckpt on the test split")
-    a("--ckpt", default=None, help="checkpoint for --eval-only or --predict")
+    a("--ckpt", default=None, help="checkpoint for --eval-only or --predict: a last.pt / best.pt "
+      "or a released AVSBench model (OpenNLPLab/AVSBench, e.g. V2_pvt_miou_best.pth)")
     a("--eval-audio", default="real", choices=data.EVAL_AUDIO,
       help="--eval-only on VPO: real audio, silence or a class absent from the image; the last "
            "two make the target all background, so fg_pred is the false-detection rate")
@@ -376,7 +380,7 @@ class AudioResNet18(nn.Module):
         self.net.conv1 = nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
         self.net.avgpool = nn.AdaptiveMaxPool2d(1)
 
-    def forward(self, wave, t, audio_len=None):
+    def forward(self, wave, t=1, audio_len=None):
         """wave (B, C, N), split into T equal segments -> (B, T, 128); audio_len is not used."""
         seg = wave.shape[-1] // t
         segments = wave[..., :seg * t].unflatten(-1, (t, seg)).transpose(1, 2).flatten(0, 1)
@@ -413,7 +417,7 @@ class VGGish(nn.Module):
                                  "expected the torchvggish state dict (features.*, embeddings.*)")
         self.requires_grad_(False)
 
-    def forward(self, wave, t, audio_len=None):
+    def forward(self, wave, t=1, audio_len=None):
         """wave (B, C, N) of T frames, audio_len (B,) samples of each clip's own audio or None ->
         (B, T, 128)."""
         logmel = self.logmel(wave)
