@@ -336,9 +336,11 @@ def _resampler(orig, new):
     return torchaudio.transforms.Resample(orig, new)
 
 
-def load_clip(path, sample_rate=SAMPLE_RATE, seconds=3.0, centre=True, mono=False):
+def load_clip(path, sample_rate=SAMPLE_RATE, seconds=3.0, centre=True, mono=False,
+              with_length=False):
     """Read a WAV, resample to `sample_rate`, `seconds` crop (centred) / repeat-pad -> (C, N); mono:
-    channels averaged, (1, N). The crop is cut in source samples before resampling, with a
+    channels averaged, (1, N); with_length: -> ((C, N), the samples of the clip's own audio in
+    it, the rest repeat-padding). The crop is cut in source samples before resampling, with a
     margin of whole resampling blocks beyond the sinc filter's reach, so the result is that of
     resampling the whole clip."""
     rate, length, read = _wav_samples(path)
@@ -361,7 +363,8 @@ def load_clip(path, sample_rate=SAMPLE_RATE, seconds=3.0, centre=True, mono=Fals
     if rate != sample_rate:
         x = _resampler(rate, sample_rate)(x)
     # the crop starts at skip; a short clip is repeat-padded
-    return fit_length(x[:, skip:], n, centre=False)
+    x = fit_length(x[:, skip:], n, centre=False)
+    return (x, min(full, n)) if with_length else x
 
 
 class LogMel(torch.nn.Module):
@@ -380,6 +383,81 @@ class LogMel(torch.nn.Module):
         if self.frames is not None:
             x = x[..., :self.frames, :]
         return 20.0 * torch.log10(x.clamp_min(1e-5)) / 100.0  # 20*log10(max(x,1e-5))/100
+
+
+VGGISH_WINDOW, VGGISH_HOP, VGGISH_FFT = 400, 160, 512  # 25 ms frames every 10 ms at 16 kHz
+VGGISH_BANDS, VGGISH_EXAMPLE = 64, 96  # mel bands; frames per example (0.96 s) and example hop
+
+
+def vggish_mel_matrix():
+    """(257, 64) float64 weights of VGGish's rFFT magnitude bins: HTK mel, 1127 ln(1 + f / 700);
+    band edges equally spaced in mel from 125 to 7500 Hz, triangles linear in mel; the DC bin's
+    row 0."""
+    def mel(f):
+        return 1127.0 * torch.log1p(torch.as_tensor(f, dtype=torch.float64) / 700.0)
+    bins = mel(torch.linspace(0.0, SAMPLE_RATE / 2, VGGISH_FFT // 2 + 1, dtype=torch.float64))
+    edges = torch.linspace(mel(125.0).item(), mel(7500.0).item(), VGGISH_BANDS + 2,
+                           dtype=torch.float64)
+    lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]
+    rising = (bins[:, None] - lower) / (centre - lower)
+    falling = (upper - bins[:, None]) / (upper - centre)
+    weights = torch.minimum(rising, falling).clamp(min=0.0)
+    weights[0] = 0.0
+    return weights
+
+
+class VGGishLogMel(torch.nn.Module):
+    """VGGish's own front end (Hershey et al., 2017; its published vggish_input / mel_features,
+    which AVSBench's preprocessing runs): (B, C, N) waveform at 16 kHz, int16 samples or floats in
+    [-1, 1] (int16 / 32768) -> (B, F, 64) log-mel frames of the mean of the channels.
+
+    Frames of 400 samples every 160, not centred, periodic Hann, 512-point rFFT zero-padded at the
+    end, magnitude; vggish_mel_matrix; log(mel + 0.01). Computed in float64 with autocast off
+    (log(mel + 0.01) of a quiet band next to loud ones moves by up to 1e-4 in float32, far more in
+    bf16), returned as float32. The window and the mel matrix are not in the state dict, so VGGish
+    weight files load as they are."""
+
+    def __init__(self):
+        super().__init__()
+        n = torch.arange(VGGISH_WINDOW, dtype=torch.float64)
+        hann = 0.5 - 0.5 * torch.cos(2 * math.pi * n / VGGISH_WINDOW)  # periodic
+        self.register_buffer("window", hann, persistent=False)
+        self.register_buffer("fb", vggish_mel_matrix(), persistent=False)
+
+    def forward(self, wave_):
+        with torch.autocast(wave_.device.type, enabled=False):
+            x = wave_.to(torch.float64)
+            x = (x if wave_.is_floating_point() else x / 32768.0).mean(1)  # (B, N)
+            if x.shape[-1] < VGGISH_WINDOW:
+                return x.new_zeros(x.shape[0], 0, VGGISH_BANDS, dtype=torch.float32)
+            frames = x.unfold(-1, VGGISH_WINDOW, VGGISH_HOP) * self.window  # (B, F, 400)
+            spec = torch.fft.rfft(frames, n=VGGISH_FFT).abs()
+            return torch.log(spec @ self.fb + 0.01).float()
+
+
+def vggish_examples(logmel, slots, lengths=None, pad="repeat"):
+    """VGGish's examples of whole clips, one per frame slot: 96 frames at a hop of 96, so example k
+    starts at 0.96 k s (a 5-s clip has 5, at 0, 0.96, ..., 3.84 s; a 10-s clip 10).
+
+    logmel (B, F, 64) VGGishLogMel frames of clips of N samples; lengths (B,) samples of each
+    clip's own audio (the rest of the N is padding; None: all N). Slot k gets example k; past the
+    clip's last example pad "repeat" repeats it (AVSBench-Objects: the released
+    audio_log_mel/*.pkl) or "zero" gives zeros (AVSBench-Semantics: the released test script). A
+    clip without a whole example gets zeros. -> (B, slots, 96, 64)."""
+    b, f = logmel.shape[:2]
+    have = f // VGGISH_EXAMPLE  # examples in the N samples
+    if have == 0:
+        return logmel.new_zeros(b, slots, VGGISH_EXAMPLE, VGGISH_BANDS)
+    count = torch.full((b,), have, dtype=torch.long, device=logmel.device)
+    if lengths is not None:  # whole frames, then whole examples, of the clip's own audio
+        frames = (lengths.to(logmel.device).long() - VGGISH_WINDOW) // VGGISH_HOP + 1
+        count = frames.clamp(0, f) // VGGISH_EXAMPLE
+    examples = logmel[:, :VGGISH_EXAMPLE * have].unflatten(1, (have, VGGISH_EXAMPLE))
+    k = torch.arange(slots, device=logmel.device)
+    idx = torch.minimum(k[None], (count - 1).clamp(min=0)[:, None]).clamp(max=have - 1)
+    out = examples[torch.arange(b, device=logmel.device)[:, None], idx]  # (B, slots, 96, 64)
+    keep = count[:, None] > (k[None] if pad == "zero" else 0)
+    return out * keep[:, :, None, None].to(out.dtype)
 
 
 # ---------------------------------------------------------------- images: resize, normalise
@@ -904,7 +982,8 @@ class AVSBenchDataset(torch.utils.data.Dataset):
     (colour PNG decoded with the release palette); unlabelled frames (S4 train frames 2..5,
     AVSS v1s train frames 1..4) are 255. size: frames resized to size x size (masks nearest),
     None keeps the original size. Audio: 1 s per frame from the clip start at 16 kHz,
-    wave (C, T*16000), mono (channels averaged) unless stereo=True (then 2 channels).
+    wave (C, T*16000), mono (channels averaged) unless stereo=True (then 2 channels);
+    audio_len: the samples of the WAV's own audio in wave (the rest is padding).
 
     Checked before training, as DataError naming the file: the CSV (columns, split names, a clip
     listed twice), AVSS's label2idx.json against AVSS_CLASSES, every listed file's presence and
@@ -1023,12 +1102,14 @@ class AVSBenchDataset(torch.utils.data.Dataset):
             _normalize255(_rgb_float(im, image[k]))
             if label is not None:
                 mask[k] = torch.from_numpy(_resize_mask(label, self.size).copy())
-        x = load_clip(s["wav"], seconds=n, centre=False, mono=not self.stereo)
+        x, audio_len = load_clip(s["wav"], seconds=n, centre=False, mono=not self.stereo,
+                                 with_length=True)
         x = (x[:2] if x.shape[0] >= 2 else x.repeat(2, 1)) if self.stereo else x
         wave_ = torch.zeros(x.shape[0], t * SAMPLE_RATE)
         wave_[:, :x.shape[1]] = x
         valid = torch.arange(t) < n
-        return dict(image=image, mask=mask, wave=wave_, valid=valid, name=s["name"])
+        return dict(image=image, mask=mask, wave=wave_, valid=valid,
+                    audio_len=torch.tensor(audio_len), name=s["name"])
 
 
 AVS_BINARY = ["background", "sounding object"]

@@ -12,6 +12,8 @@ file where this one follows the release).
     python tpavi.py --data avsbench_ms3 --data-root data/AVSBench     # AVSBench, the paper's recipe
     python tpavi.py --data avsbench_s4 --data-root data/AVSBench --backbone pvt_v2_b5 \\
         --pretrained pvt_v2_b5.pth
+    python tpavi.py --data avss --data-root data/AVSBench --eval-only \\
+        --ckpt V2_pvt_miou_best.pth --audio-encoder vggish --vggish-weights vggish-10086976.pth
 """
 import argparse
 import itertools
@@ -28,7 +30,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchaudio
 import torchvision
 from PIL import Image
 
@@ -86,11 +87,16 @@ def parse_args(argv=None):
     a("--tpavi-stages", type=int, nargs="*", default=[0, 1, 2, 3],
       help="encoder stages with a TPAVI block (released train.sh: 0 1 2 3; none: AVS Table 2's "
            "'without TPAVI')")
+    a("--tpavi-window", type=int, default=5,
+      help="TPAVI attends within groups of this many frames, as the released TPAVI (%(default)s: "
+           "AVSBench-Semantics' 10-frame clips attend within frames 0-4 and 5-9); 0: the whole "
+           "clip")
     a("--audio-encoder", default="resnet18", choices=["resnet18", "vggish"],
       help="resnet18 on the log-mel, trained (this project's choice, as CAVP: VGGish weights "
            "load from a local file only); vggish: frozen (AVS), needs --vggish-weights")
     a("--vggish-weights", default=None,
-      help="local VGGish state dict (torchvggish layout: features.*, embeddings.*)")
+      help="local VGGish state dict (torchvggish layout: features.*, embeddings.*; the "
+           "release's vggish-10086976.pth)")
     a = p.add_argument_group("loss (AVS Eq. (1)-(2))").add_argument
     a("--lambda-avm", type=float, default=None, help="weight of L_AVM in Eq. (1), 0 disables "
       "(default per --data as the released train.sh: avsbench_s4 0, else 0.5; 0 without TPAVI "
@@ -114,7 +120,8 @@ def parse_args(argv=None):
     a("--overwrite", action="store_true",
       help="let a new training run replace the run in --out (last.pt, best.pt, metrics.json)")
     a("--eval-only", action="store_true", help="only evaluate --ckpt on the test split")
-    a("--ckpt", default=None, help="checkpoint for --eval-only or --predict")
+    a("--ckpt", default=None, help="checkpoint for --eval-only or --predict: a last.pt / best.pt "
+      "or a released AVSBench model (OpenNLPLab/AVSBench, e.g. V2_pvt_miou_best.pth)")
     a("--eval-audio", default="real", choices=data.EVAL_AUDIO,
       help="--eval-only on VPO: real audio, silence or a class absent from the image; the last "
            "two make the target all background, so fg_pred is the false-detection rate")
@@ -142,7 +149,8 @@ def parse_args(argv=None):
     for bad, message in [
             *[(getattr(args, flag) is not None and getattr(args, flag) < 1,
                f"--{flag.replace('_', '-')} must be >= 1") for flag in positive],
-            (args.workers < 0 or args.overlays < 0, "--workers and --overlays must be >= 0"),
+            (min(args.workers, args.overlays, args.tpavi_window) < 0,
+             "--workers, --overlays and --tpavi-window must be >= 0"),
             (args.predict and not (args.ckpt and args.audio),
              "--predict needs --ckpt PATH and --audio WAV"),
             (not args.predict and (args.audio or args.audio_pos is not None
@@ -228,10 +236,13 @@ class TPAVI(nn.Module):
     audio a = Linear(128 -> 256) broadcast over HxW; f = theta^T phi over all N = T*H*W positions of
     a clip, y = (f / N) g (no softmax); z = LayerNorm_C(x + BN(W_z(y))).
     A 1x1 conv of the broadcast audio is a Linear on a, so phi is a Linear here.
+    The released TPAVI reshapes a clip to groups of 5 frames, N = 5*H*W: `window` frames attend
+    together (0: the whole clip; AVSBench-Semantics v2, T = 10: frames 0-4 and 5-9).
     """
 
-    def __init__(self, channels=256, audio_dim=128):
+    def __init__(self, channels=256, audio_dim=128, window=5):
         super().__init__()
+        self.window = window
         inter = channels // 2
         self.align = nn.Linear(audio_dim, channels)
         self.theta = nn.Conv2d(channels, inter, 1)
@@ -250,42 +261,57 @@ class TPAVI(nn.Module):
         phi = self.phi(a)  # (B, T, C')
         g = self.g(x).mean((2, 3)).view(b, t, -1)  # mean_HW(g)_t, (B, T, C')
         w = audio.new_ones(b, t) if valid is None else valid.to(audio.dtype)
+        theta = self.theta(x)
+        theta = theta.view(b, t, *theta.shape[1:])
+        n = self.window if 0 < self.window < t else t
+        if n < t:  # each window as a clip of n frames
+            w, phi, g, theta = (frame_windows(v, n) for v in (w, phi, g, theta))
         # phi is constant over HxW, so y_i = (1/N) sum_j (theta_i . phi_j) g_j with N = T*H*W
         # equals (1/T) sum_t (theta_i . phi_t) mean_HW(g)_t = theta_i^T M,
         # M = (1/T) sum_t phi_t g_t^T, without the (THW)^2 matrix; padded frames are left out of
         # the sum and of T (the release zeroes their features instead)
         m = torch.einsum("bt,btk,btc->bkc", w, phi, g) / w.sum(1).clamp(min=1)[:, None, None]
-        theta = self.theta(x)
-        y = torch.einsum("btkhw,bkc->btchw", theta.view(b, t, *theta.shape[1:]), m).flatten(0, 1)
+        y = torch.einsum("btkhw,bkc->btchw", theta, m)
+        y = y.reshape(b, -1, *y.shape[2:])[:, :t].flatten(0, 1)  # a last window's padding out
         z = x + self.w_z(y)  # residual
         return self.norm(z.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), a  # LayerNorm over channels
+
+
+def frame_windows(v, n):
+    """(B, T, ...) -> (B * ceil(T / n), n, ...): consecutive groups of n frames, the last one
+    zero-padded (weight 0: outside the window's sum and count)."""
+    b, t = v.shape[:2]
+    pad = -t % n
+    if pad:
+        v = torch.cat([v, v.new_zeros(b, pad, *v.shape[2:])], 1)
+    return v.reshape(-1, n, *v.shape[2:])
 
 
 class AVSModel(nn.Module):
     """Encoder -> ASPP -> TPAVI -> DPT decoder -> head (AVS Fig. 3), plus the audio encoder."""
 
     def __init__(self, backbone, pretrained, num_classes, tpavi_stages, audio_encoder="resnet18",
-                 audio_channels=2, vggish_weights=None, channels=256):
+                 audio_channels=2, vggish_weights=None, channels=256, tpavi_window=5,
+                 vggish_pad="repeat"):
         super().__init__()
         self.encoder = (PVTv2(pretrained) if backbone == "pvt_v2_b5"
                         else ResNetEncoder(backbone, pretrained))
         self.aspp = nn.ModuleList(ASPP(c, channels) for c in ENCODER_CHANNELS[backbone])
-        self.tpavi = nn.ModuleDict({str(i): TPAVI(channels) for i in sorted(tpavi_stages)})
+        self.tpavi = nn.ModuleDict({str(i): TPAVI(channels, window=tpavi_window)
+                                    for i in sorted(tpavi_stages)})
         self.fuse = nn.ModuleList(FusionBlock(channels, skip=i < 3) for i in range(4))
         self.head1 = nn.Conv2d(channels, 128, 3, padding=1)
         self.head2 = nn.Sequential(nn.Conv2d(128, 32, 3, padding=1), nn.ReLU(),
                                    nn.Conv2d(32, num_classes, 1))
-        self.audio = (VGGish(vggish_weights) if audio_encoder == "vggish"
+        self.audio = (VGGish(vggish_weights, vggish_pad) if audio_encoder == "vggish"
                       else AudioResNet18(audio_channels))
 
-    def forward(self, image, wave, valid=None):
-        """image (B, T, 3, H, W); wave (B, C, N), split into T equal segments; valid (B, T) or None
-        -> logits (B*T, K, H, W), the four stage maps (B*T, 256, h, w), the aligned audio per
-        stage (B, T, 256; None at stages without TPAVI)."""
-        b, t = image.shape[:2]
-        seg = wave.shape[-1] // t
-        segments = wave[..., :seg * t].unflatten(-1, (t, seg)).transpose(1, 2).flatten(0, 1)
-        audio = self.audio(segments).view(b, t, -1)
+    def forward(self, image, wave, valid=None, audio_len=None):
+        """image (B, T, 3, H, W); wave (B, C, N) of the T frames; valid (B, T) or None; audio_len
+        (B,) samples of each clip's own audio or None -> logits (B*T, K, H, W), the four stage
+        maps (B*T, 256, h, w), the aligned audio per stage (B, T, 256; None at stages without
+        TPAVI)."""
+        audio = self.audio(wave, image.shape[1], audio_len)  # (B, T, 128)
         feats = [aspp(f) for aspp, f in zip(self.aspp, self.encoder(image.flatten(0, 1)))]
         audios = [None] * 4
         for key, block in self.tpavi.items():
@@ -356,19 +382,26 @@ class AudioResNet18(nn.Module):
         self.net.conv1 = nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
         self.net.avgpool = nn.AdaptiveMaxPool2d(1)
 
-    def forward(self, segments):
-        """segments (B*T, C, S) -> (B*T, 128)."""
-        mel = self.logmel(segments)[..., :segments.shape[-1] // 160, :]  # 100 frames a second
-        return self.net(mel)
+    def forward(self, wave, t=1, audio_len=None):
+        """wave (B, C, N), split into T equal segments -> (B, T, 128); audio_len is not used."""
+        seg = wave.shape[-1] // t
+        segments = wave[..., :seg * t].unflatten(-1, (t, seg)).transpose(1, 2).flatten(0, 1)
+        mel = self.logmel(segments)[..., :seg // 160, :]  # 100 frames a second
+        return self.net(mel).view(wave.shape[0], t, -1)
 
 
 class VGGish(nn.Module):
-    """VGGish (Hershey et al., 2017), AVS's audio encoder: 0.96 s log-mel examples (96 x 64) ->
-    128-d; frozen, weights from a local file (path None: they come with a checkpoint). The
-    embeddings of a segment's examples are averaged (VPO: 3 per clip)."""
+    """VGGish (Hershey et al., 2017), AVS's audio encoder: 0.96 s log-mel examples (96 x 64) of
+    VGGish's own front end (data.VGGishLogMel) -> 128-d; frozen, weights from a local file (path
+    None: they come with a checkpoint). AVSBench: frame k gets example k of the whole clip
+    (data.vggish_examples; `pad` past the last one: "repeat" for AVSBench-Objects, "zero" for
+    AVSBench-Semantics). One frame (VPO, 3-s clips): the mean of the embeddings of the clip's 3
+    examples, at 0, 0.96 and 1.92 s (2.895-3 s is in none); a VPO source panned at alpha has L =
+    (1 - alpha) w, R = alpha w, whose mean w / 2 VGGish hears at every alpha."""
 
-    def __init__(self, path):
+    def __init__(self, path, pad="repeat"):
         super().__init__()
+        self.pad = pad
         layers, cin = [], 1
         for v in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M"):
             if v == "M":
@@ -380,24 +413,22 @@ class VGGish(nn.Module):
         self.embeddings = nn.Sequential(nn.Linear(512 * 4 * 6, 4096), nn.ReLU(),
                                         nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 128),
                                         nn.ReLU())
-        # VGGish front end: 25 ms Hann window, 10 ms hop, 512-point FFT magnitude, 64 HTK mel
-        # bands 125-7500 Hz, log(mel + 0.01)
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            16000, n_fft=512, win_length=400, hop_length=160, f_min=125.0, f_max=7500.0, n_mels=64,
-            power=1.0, center=False, mel_scale="htk")
-        expected = len(self.state_dict()) - len(self.mel.state_dict())
-        if path and load_state(self, path, "--vggish-weights")[0] != expected:
+        self.logmel = data.VGGishLogMel()
+        if path and load_state(self, path, "--vggish-weights")[0] != len(self.state_dict()):
             raise data.DataError(f"--vggish-weights {path}: not every VGGish tensor is in it; "
                                  "expected the torchvggish state dict (features.*, embeddings.*)")
         self.requires_grad_(False)
 
-    def forward(self, segments):
-        """segments (B*T, C, S) -> (B*T, 128); channels are summed into the mono mix (L + R)."""
-        mel = torch.log(self.mel(segments.float().sum(1)) + 0.01).transpose(1, 2)  # (B*T, n, 64)
-        n = max(mel.shape[1] // 96, 1)
-        x = self.features(mel[:, :96 * n].reshape(-1, 1, 96, 64))
+    def forward(self, wave, t=1, audio_len=None):
+        """wave (B, C, N) of T frames, audio_len (B,) samples of each clip's own audio or None ->
+        (B, T, 128)."""
+        logmel = self.logmel(wave)
+        slots = t if t > 1 else max(logmel.shape[1] // data.VGGISH_EXAMPLE, 1)
+        x = data.vggish_examples(logmel, slots, audio_len, self.pad)
+        x = self.features(x.flatten(0, 1)[:, None])
         x = self.embeddings(x.permute(0, 2, 3, 1).flatten(1))  # channels-last flatten (TF weights)
-        return x.view(mel.shape[0], n, -1).mean(1)
+        x = x.view(wave.shape[0], slots, -1)
+        return x if t > 1 else x.mean(1, keepdim=True)
 
 
 def load_state(module, path, what, rename=lambda k: k):
@@ -624,9 +655,9 @@ class Criterion:
 
     def __call__(self, net, batch, epoch):
         """-> loss, dict(seg, avm)."""
-        image, mask, wave, valid = unpack(batch, self.device)
+        image, mask, wave, valid, audio_len = unpack(batch, self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits, feats, audios = net(image, wave, valid)
+            logits, feats, audios = net(image, wave, valid, audio_len)
         target = mask.flatten(0, 1)
         loss_seg = seg_loss(logits.float(), target, self.binary, self.world)
         loss_avm = torch.zeros((), device=self.device)
@@ -684,13 +715,14 @@ def training_model(model, args, device, world, log_path):
 
 
 def unpack(batch, device):
-    """Batch dict -> image (B, T, 3, H, W), mask (B, T, H, W), wave (B, C, N), valid (B, T)/None."""
-    image, mask, valid = batch["image"], batch["mask"], batch.get("valid")
+    """Batch dict -> image (B, T, 3, H, W), mask (B, T, H, W), wave (B, C, N), valid (B, T) and
+    audio_len (B,) (AVSBench; VPO: None)."""
+    image, mask = batch["image"], batch["mask"]
     if image.dim() == 4:  # VPO: one frame per sample
         image, mask = image[:, None], mask[:, None]
+    valid, audio_len = (batch[k].to(device) if k in batch else None for k in ("valid", "audio_len"))
     return (image.to(device, non_blocking=True), mask.to(device, non_blocking=True),
-            batch["wave"].to(device, non_blocking=True),
-            None if valid is None else valid.to(device))
+            batch["wave"].to(device, non_blocking=True), valid, audio_len)
 
 
 def train_one_epoch(net, loader, optimizer, criterion, meter, epoch, iteration, args, log_path):
@@ -755,9 +787,9 @@ def evaluate(model, loader, device, amp, binary, num_classes, overlay_dir=None, 
     twins = metrics.TwinMeter(num_classes, device)
     written = 0
     for batch in loader:
-        image, mask, wave, valid = unpack(batch, device)
+        image, mask, wave, valid, audio_len = unpack(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(image, wave.flip(1) if swap else wave, valid)[0].float()
+            logits = model(image, wave.flip(1) if swap else wave, valid, audio_len)[0].float()
         target = mask.flatten(0, 1)
         pred = to_labels(logits, binary)
         cm.update(pred, target)
@@ -849,9 +881,9 @@ def predict(args):
                                          seconds=3.0 if vpo_image else t, centre=vpo_image)
     if note:
         print(f"note: {note}")
-    model = AVSModel(args.backbone, "none", spec["classes"], args.tpavi_stages, args.audio_encoder,
-                     1 if args.mono else 2).to(device).eval()
-    model.load_state_dict(ckpt["model"])
+    if ckpt.get("release"):
+        print(f"note: {ckpt['release']}")
+    model = make_model(args, ckpt, trained_on).to(device).eval()
     del ckpt  # the optimiser state is not needed: freed before the photo-sized maps
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         logits = model(image[None].to(device), wave[None].to(device))[0].float().cpu()
@@ -911,11 +943,9 @@ def main(args):
         os.makedirs(os.path.join(args.out, "overlays"), exist_ok=True)
         log_settings(args, num_classes, sets, world, device, amp, log_path)
 
-    model = AVSModel(args.backbone, "none" if ckpt else args.pretrained, num_classes,
-                     args.tpavi_stages, args.audio_encoder, 1 if args.mono else 2,
-                     None if ckpt else args.vggish_weights).to(device)
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
+    model = make_model(args, ckpt, args.data).to(device)
+    if log_path and ckpt and ckpt.get("release"):
+        log(ckpt["release"], log_path)
     if args.eval_only:
         return run_eval_only(model, eval_loaders, device, amp, args, log_path)
 
@@ -965,6 +995,21 @@ def main(args):
         log(f"done in {meter.elapsed():.0f} s; best {run['metric']} {run['best']:.4f}; "
             f"run folder {args.out}", log_path)
     return res
+
+
+def make_model(args, ckpt, dataset):
+    """AVSModel of the flags for `dataset`; with a checkpoint, its weights loaded strictly (a
+    released model's file lacks its frozen VGGish: that comes from --vggish-weights)."""
+    release = bool(ckpt and ckpt.get("release"))
+    model = AVSModel(args.backbone, "none" if ckpt else args.pretrained,
+                     DATASETS[dataset]["classes"], args.tpavi_stages, args.audio_encoder,
+                     1 if args.mono else 2, args.vggish_weights if release or not ckpt else None,
+                     tpavi_window=args.tpavi_window,
+                     vggish_pad="zero" if dataset == "avss" else "repeat")
+    if ckpt:
+        vggish = {k: v for k, v in model.state_dict().items() if release and k.startswith("audio.")}
+        model.load_state_dict({**vggish, **ckpt["model"]})
+    return model
 
 
 def build_data(args, spec, val_split, rank, world, device):
@@ -1232,12 +1277,61 @@ def build_loaders(args, sets, twin_idx, rank, world, device):
     return loader(sets["train"], args.batch_size // world, sampler), evals
 
 
-# the architecture flags, taken from a checkpoint
-CKPT_KEYS = ("backbone", "pretrained", "tpavi_stages", "audio_encoder", "mono")
+# the architecture flags, taken from a checkpoint (one without tpavi_window: the whole clip, 0)
+CKPT_KEYS = ("backbone", "pretrained", "tpavi_stages", "tpavi_window", "audio_encoder", "mono")
+# the branches of the released AVSBench models that their forward never uses
+RELEASE_UNUSED = ("resnet.layer3_2.", "resnet.layer4_2.", "path4.resConfUnit1.")
+
+
+def from_release(state_dict):
+    """A state dict of the authors' released AVSBench models (OpenNLPLab/AVSBench: S4 / MS3 /
+    AVSS, ResNet-50 or PVT-v2-b5; a `module.` prefix stripped) -> AVSModel's state dict, every
+    tensor but the frozen VGGish's (audio.*), which the release keeps in vggish-10086976.pth.
+    The release's names and shapes: resnet.* (layer3_1 / layer4_1 the used branch) ->
+    encoder.net.*; encoder_backbone.* -> encoder.*; conv{i}.conv2d_list.{j} -> aspp.{i-1}.convs.{j};
+    tpavi_b{i}.{align_channel, norm_layer, theta, phi, g, W_z} -> tpavi.{i-1}.{align, norm, theta,
+    phi, g, w_z} with the 1x1x1 Conv3d kernels as 1x1 Conv2d / Linear (AVSS's bias-free
+    align_channel: bias 0); path{i}.resConfUnit{u} -> fuse.{i-1}.rcu{u}; output_conv.{0,2,4} ->
+    head1, head2.0, head2.2. RELEASE_UNUSED is dropped; any other name is a DataError."""
+    renames = [
+        (r"resnet\.layer([34])_1\.", r"encoder.net.layer\1."),
+        (r"resnet\.", "encoder.net."),
+        (r"encoder_backbone\.(.*)\.dwconv\.dwconv\.", r"encoder.\1.dwconv."),
+        (r"encoder_backbone\.", "encoder."),
+        (r"conv([1-4])\.conv2d_list\.([0-3])\.", lambda m: f"aspp.{int(m[1]) - 1}.convs.{m[2]}."),
+        (r"tpavi_b([1-4])\.(align|norm|W_z|theta|phi|g)(_channel|_layer)?\.",
+         lambda m: f"tpavi.{int(m[1]) - 1}.{m[2].lower()}."),
+        (r"path([1-4])\.resConfUnit([12])\.", lambda m: f"fuse.{int(m[1]) - 1}.rcu{m[2]}."),
+        (r"output_conv\.([024])\.", lambda m: ("head1.", "head2.0.", "head2.2.")[int(m[1]) // 2]),
+    ]
+    out, unknown = {}, []
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        if key.startswith(RELEASE_UNUSED):
+            continue
+        for pattern, repl in renames:
+            name, hits = re.subn(f"^{pattern}", repl, key)
+            if hits:
+                break
+        else:
+            unknown.append(key)
+            continue
+        if re.fullmatch(r"tpavi\.\d\.(theta|g|w_z\.0)\.weight", name):
+            value = value.flatten(-2)  # (O, I, 1, 1, 1) -> (O, I, 1, 1)
+        elif re.fullmatch(r"tpavi\.\d\.phi\.weight", name):
+            value = value.flatten(1)  # (O, I, 1, 1, 1) -> (O, I)
+        out[name] = value
+    if unknown:
+        raise data.DataError(f"{len(unknown)} tensor(s) of the released AVSBench layout with no "
+                             f"counterpart in tpavi.py's model, e.g. {unknown[0]}")
+    for name in [k for k in out if k.endswith(".align.weight")]:
+        out.setdefault(name.removesuffix("weight") + "bias", out[name].new_zeros(len(out[name])))
+    return out
 
 
 def load_checkpoint(path):
-    """A last.pt / best.pt of this script (plain containers, read with weights_only=True); anything
+    """A last.pt / best.pt of this script (plain containers, read with weights_only=True), or a
+    released AVSBench state dict (from_release; architecture from its names and shapes); anything
     else, a missing file included, is a one-line DataError naming the file."""
     if not os.path.isfile(path):
         raise data.DataError(f"{path}: checkpoint not found")
@@ -1246,18 +1340,42 @@ def load_checkpoint(path):
     except Exception as e:
         raise data.DataError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
                              "pass a last.pt/best.pt written by tpavi.py") from None
+    if isinstance(ckpt, dict) and any(re.match(r"(module\.)?(tpavi_b\d|output_conv)\.", str(k))
+                                      for k in ckpt):
+        try:
+            model = from_release(ckpt)
+        except data.DataError as e:
+            raise data.DataError(f"{path}: {e}") from None
+        classes = len(model["head2.2.weight"])
+        args = dict(data="avss" if classes == data.AVSS_NUM_CLASSES else "avsbench_s4",  # or MS3
+                    crop=224, pretrained="none", tpavi_window=5, audio_encoder="vggish", mono=True,
+                    backbone="pvt_v2_b5" if "encoder.norm4.weight" in model else "resnet50",
+                    tpavi_stages=sorted({int(k.split(".")[1]) for k in model if k[:6] == "tpavi."}))
+        unused = [p for p in RELEASE_UNUSED if any(k.removeprefix("module.").startswith(p)
+                                                   for k in ckpt)]
+        note = (f"{path}: a released AVSBench model ({args['backbone']}, {classes} class(es)); "
+                f"dropped its unused {', '.join(p + '*' for p in unused) or 'nothing'}")
+        return dict(script="tpavi", release=note, args=args, model=model)
     if not isinstance(ckpt, dict) or ckpt.get("script") != "tpavi":
         by = (f" (written by {ckpt['script']}.py)" if isinstance(ckpt, dict) and "script" in ckpt
               else "")
         raise data.DataError(f"{path}: not a tpavi.py checkpoint{by}; pass a last.pt/best.pt "
                              "written by tpavi.py")
+    if any(k.startswith("audio.mel.") for k in ckpt["model"]):
+        raise data.DataError(f"{path}: its VGGish was trained on a log-mel front end other than "
+                             "VGGish's own (an older tpavi.py); train the model again")
     return ckpt
 
 
 def use_checkpoint_args(args, ckpt):
     """The architecture flags come from the checkpoint -> their names."""
+    if ckpt.get("release") and (args.resume or args.vggish_weights is None):
+        raise data.DataError(f"{args.resume or args.ckpt}: a released AVSBench model is for "
+                             "--eval-only or --predict with --audio-encoder vggish "
+                             "--vggish-weights PATH (vggish-10086976.pth, its frozen VGGish)")
+    saved = {"tpavi_window": 0, **ckpt["args"]}
     for key in CKPT_KEYS:
-        setattr(args, key, ckpt["args"][key])
+        setattr(args, key, saved[key])
     return set(CKPT_KEYS)
 
 
