@@ -24,9 +24,9 @@ NAMES = {"tpavi": "TPAVI (tpavi.py, AVS recipe)", "tpavifusion": "TPAVI-like fus
          "supcon": "f_CA + SupCon (uniform)"}
 
 
-READINGS = {"supcon": "SupCon, uniform (Table 5 row 3)", "cavp": "CAVP as before (set, mismatched, label, class, single)",
+READINGS = {"supcon": "SupCon, uniform (Table 5 row 3)", "cavp": "CAVP, first readings (set, mismatched, label, class, single)",
             "poslabel": "--positives label", "unkliteral": "--unknown literal", "bgone": "--bg-groups one",
-            "side": "--match side", "bankall": "--bank-sources all", "cavp-mono": "CAVP as before, mono",
+            "side": "--match side", "bankall": "--bank-sources all", "cavp-mono": "CAVP, first readings, mono",
             "best": "best combination", "best-mono": "best combination, mono"}
 
 
