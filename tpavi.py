@@ -685,12 +685,10 @@ def training_model(model, args, device, world, log_path):
 
 def unpack(batch, device):
     """Batch dict -> image (B, T, 3, H, W), mask (B, T, H, W), wave (B, C, N), valid (B, T)/None."""
-    image, mask, valid = batch["image"], batch["mask"], batch.get("valid")
+    (image, mask, wave), valid = data.device_batch(batch, device), batch.get("valid")
     if image.dim() == 4:  # VPO: one frame per sample
         image, mask = image[:, None], mask[:, None]
-    return (image.to(device, non_blocking=True), mask.to(device, non_blocking=True),
-            batch["wave"].to(device, non_blocking=True),
-            None if valid is None else valid.to(device))
+    return image, mask, wave, None if valid is None else valid.to(device)
 
 
 def train_one_epoch(net, loader, optimizer, criterion, meter, epoch, iteration, args, log_path):
@@ -806,7 +804,7 @@ def run_eval(model, loaders, split, weights, device, amp, args, log_path):
 
 def read_frames(path, max_size):
     """--predict input: a folder of frames (image files in natural name order, one size) or one
-    image -> (paths, normalised (T, 3, h, w) with a long side of at most max_size, display
+    image -> (paths, uint8 (T, 3, h, w) with a long side of at most max_size, display
     (h', w', 3) uint8 per frame, the frames' (H, W)) as data.read_rgb."""
     if os.path.isdir(path):
         exts = Image.registered_extensions()
@@ -854,7 +852,8 @@ def predict(args):
     model.load_state_dict(ckpt["model"])
     del ckpt  # the optimiser state is not needed: freed before the photo-sized maps
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = model(image[None].to(device), wave[None].to(device))[0].float().cpu()
+        logits = model(data.normalize(image[None].to(device)),
+                       wave[None].to(device))[0].float().cpu()
     colors = data.class_colors(len(names))
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "predict")
     os.makedirs(out, exist_ok=True)
