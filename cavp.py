@@ -83,7 +83,7 @@ def parse_args(argv=None):
     g("--avss-part", default="all", choices=list(data.AVSS_PARTS),
       help="avss: test on part v1s or v1m only (Table 3's SS / MS columns) or v2; trains on all")
     g("--limit", type=int, default=None, help="use only the first N samples of each split")
-    g("--workers", type=int, default=7,
+    g("--workers", type=int, default=4,
       help="loader processes per rank (%(default)s feed a GPU at crop 512, benchmarks/loader.py; "
            "built-in VPO: 2)")
 

@@ -76,7 +76,7 @@ def parse_args(argv=None):
     a("--crop", type=int, default=224, help="frame size (AVS: %(default)s); VPO: training crop "
       "512 (CAVP App. B.1); built-in VPO: its image size")
     a("--limit", type=int, default=None, help="the first N samples of each split (quick checks)")
-    a("--workers", type=int, default=7, help="loader processes per rank (%(default)s keep a GPU "
+    a("--workers", type=int, default=4, help="loader processes per rank (%(default)s keep a GPU "
       "fed at crop 512, benchmarks/loader.py; built-in VPO: 2, the CPU that trains also loads)")
     a = p.add_argument_group("model (AVS Fig. 3)").add_argument
     a("--backbone", default="resnet50", choices=list(ENCODER_CHANNELS),
