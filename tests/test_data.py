@@ -388,6 +388,9 @@ def test_pad_collate(tmp_path):
                 assert shared[key].is_shared() and not v.is_shared() and torch.equal(shared[key], v)
     loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=pad_collate)
     assert next(iter(loader))["audio_classes"].shape == (2, 22)
+    worker = next(iter(torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=pad_collate, num_workers=1)))
+    for key, v in next(iter(loader)).items():
+        assert torch.equal(worker[key], v) if torch.is_tensor(v) else worker[key] == v
 
 
 # ---------------------------------------------------------------- AVSBench
