@@ -1155,7 +1155,7 @@ def pad_collate(batch, shared=None):
             out[key] = vals
             continue
         shape = (len(vals), *[max(v.shape[d] for v in vals) for d in range(vals[0].dim())])
-        if shared:
+        if shared:  # as torch's default_collate does in a worker
             storage = torch.UntypedStorage._new_shared(math.prod(shape) * vals[0].element_size())
             padded = vals[0].new_empty(0).set_(storage, 0, shape)
         else:
