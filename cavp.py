@@ -83,7 +83,7 @@ def parse_args(argv=None):
     g("--avss-part", default="all", choices=list(data.AVSS_PARTS),
       help="avss: test on part v1s or v1m only (Table 3's SS / MS columns) or v2; trains on all")
     g("--limit", type=int, default=None, help="use only the first N samples of each split")
-    g("--workers", type=int, default=7,
+    g("--workers", type=int, default=4,
       help="loader processes per rank (%(default)s feed a GPU at crop 512, benchmarks/loader.py; "
            "built-in VPO: 2)")
 
@@ -787,7 +787,7 @@ class Criterion:
 
     def __call__(self, net, batch, epoch):
         args, device = self.args, self.device
-        image, mask, waves = (to_device(batch[key], device) for key in ("image", "mask", "wave"))
+        image, mask, waves = data.device_batch(batch, device)
         labels = gather_labels(batch, self.host_group)
         pairing = None
         if args.contrast != "none":
@@ -954,7 +954,7 @@ def evaluate(model, loader, mel_fn, device, amp, names, binary=False, overlay_di
     objects = metrics.AVSObjectsMeter(device) if binary else None
     written = 0
     for batch in loader:
-        image, mask, wave = (batch[key].to(device) for key in ("image", "mask", "wave"))
+        image, mask, wave = data.device_batch(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits, _, attn = model(image, mel_fn(wave.flip(1) if swap else wave))
         if binary:  # an S4 model trained on categories is tested on the binary masks too
@@ -1030,7 +1030,8 @@ def predict(args):
     # any H x W works: DeepLabV3+ resizes its high-level map to the 1/4 one and the logits to the
     # input
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        logits, _, attn = model(image[None].to(device), mel_fn(wave[None].to(device)))
+        logits, _, attn = model(data.normalize(image[None].to(device)),
+                                mel_fn(wave[None].to(device)))
     # to the image's size bilinearly on the logits, not nearest on the labels: borders fall where
     # the resized scores cross, at the image's resolution, instead of following the model's pixel
     # grid

@@ -7,12 +7,12 @@ travels through them:
                   COCO JSON
   audio           clip crop / repeat-pad and resampling to 16 kHz, stereo panning (CAVP Fig. 3),
                   the log-mel front end of the released cyh-0/CAVP code
-  images          resize, ImageNet normalisation
+  images          resize, uint8 (3, H, W) tensors, ImageNet normalisation (in the step)
   augmentation    the joint train augmentation of CAVP App. B.1: colour jitter, h-flip, scale, crop
   datasets        VPODataset (the layout of cyh-0/CAVP's VPO release), the audio alignment check
                   (CounterfactualAudio: silent or absent-class audio), AVSBenchDataset and
                   AVSBenchFrames (the layouts of OpenNLPLab/AVSBench's release)
-  collate         pad_collate
+  collate         pad_collate, device_batch (the step's copy and normalisation)
   pictures        overlays and panels of the saved figures
   --predict       the inputs of one prediction: any picture, any WAV
 
@@ -461,8 +461,12 @@ def vggish_examples(logmel, slots, lengths=None, pad="repeat"):
 
 
 # ---------------------------------------------------------------- images: resize, normalise
+# A sample's image stays uint8 (3, H, W) through the loader (a quarter of float32's bytes to
+# collate, move and copy to the device); the training or evaluation step normalises it on the
+# device (device_batch).
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+MEAN_LEVELS = (255 * MEAN).round().byte()  # the padding colour: 0 after normalize, up to rounding
 
 
 def read_image(path, size=None):
@@ -479,7 +483,10 @@ def _resize_mask(arr, size):
 
 
 def normalize(img):
-    return (img - MEAN) / STD
+    """ImageNet normalisation of uint8 images (..., 3, H, W) on their own device: float32
+    (img / 255 - MEAN) / STD, computed as img * (1 / (255 STD)) - MEAN / STD."""
+    scale, shift = (1.0 / (255.0 * STD)).to(img.device), (MEAN / STD).to(img.device)
+    return img.float().mul_(scale).sub_(shift)
 
 
 def _hwc(im):
@@ -487,18 +494,13 @@ def _hwc(im):
     return torch.from_numpy(np.array(im))
 
 
-def _rgb_float(im, out=None):
-    """RGB PIL image -> float (3, H, W) in 0..255, written into `out` when given."""
-    out = torch.empty(3, im.height, im.width) if out is None else out
+def _rgb(im, out=None):
+    """RGB PIL image -> uint8 (3, H, W), written into `out` when given."""
+    out = torch.empty(3, im.height, im.width, dtype=torch.uint8) if out is None else out
     # one contiguous copy per band: faster than a transposing one
     for channel, band in zip(out, im.split()):
         channel.copy_(_hwc(band))
     return out
-
-
-def _normalize255(img):
-    """normalize(img / 255), in place, of a float (3, H, W) image (or view) in 0..255."""
-    return img.mul_(1.0 / (255.0 * STD)).sub_(MEAN / STD)
 
 
 def to_uint8(img):
@@ -516,27 +518,30 @@ _GREY = torch.tensor([0.2989, 0.587, 0.114])  # torchvision's rgb_to_grayscale w
 
 
 def _jitter(win, full, bright, contrast, sat, out):
-    """Colour jitter of `win`, a crop of the PIL image `full`, into `out`, a float (3, h, w) tensor,
-    in 0..255: torchvision's adjust_brightness, adjust_contrast and adjust_saturation formulas in
-    that order. The first two act on every value alike, so they are one uint8 lookup table (rounded
-    to the nearest level); contrast blends towards the mean grey of the whole brightness-adjusted
-    image (from its histogram), as if the whole image had been jittered before cropping."""
+    """Colour jitter of `win`, a crop of the PIL image `full`, into `out`, a uint8 (3, h, w)
+    tensor: torchvision's adjust_brightness, adjust_contrast and adjust_saturation formulas in that
+    order. The first two act on every value alike, so they are one uint8 lookup table (rounded to
+    the nearest level); contrast blends towards the mean grey of the whole brightness-adjusted
+    image (from its histogram), as if the whole image had been jittered before cropping.
+    Saturation blends each pixel with its own grey, one 3 x 3 colour matrix, which PIL applies in
+    float and rounds to the nearest level, clamped to 0..255."""
     hist = np.asarray(full.histogram(), np.float64).reshape(3, 256)
     levels = np.minimum(np.arange(256) * bright, 255.0)  # brightness: value * factor, clamped
     mean = _GREY.double().numpy() @ (hist @ levels) / hist[0].sum()
     lut = np.clip(contrast * levels + (1 - contrast) * mean, 0, 255).round()  # contrast
-    out = _rgb_float(win.point(lut.tolist() * 3), out)
-    grey = torch.tensordot(_GREY * (1 - sat), out, 1)
-    return out.mul_(sat).add_(grey).clamp_(0.0, 255.0)  # saturation: blend with the pixel's grey
+    matrix = sat * torch.eye(3) + (1 - sat) * _GREY.expand(3, 3)  # row c: channel c's output
+    matrix = torch.cat([matrix, torch.zeros(3, 1)], 1).flatten().tolist()
+    return _rgb(win.point(lut.tolist() * 3).convert("RGB", matrix), out)
 
 
 def augment(im, mask, crop, pan="csv"):
     """Joint train augmentation (CAVP App. B.1) of a PIL image and its PIL label map, drawn in this
     order: colour jitter factors, h-flip, scale s, then the offset (y, x) of a crop x crop window
-    (None: no crop) of the scaled image padded to crop (image 0 == mean after normalisation, mask
-    255). Only that window is resized, from source coordinates, and jittered. Returns (image, mask,
-    flipped, pos), pos(audio_pos) being where a source is panned: the CSV position mirrored on a
-    flip (pan 'csv') or its centre of mass moved with the crop ('crop')."""
+    (None: no crop) of the scaled image padded to crop (image MEAN_LEVELS, the mean colour, mask
+    255). Only that window is resized, from source coordinates, and jittered. Returns (image uint8
+    (3, h, w), mask uint8 (h, w), flipped, pos), pos(audio_pos) being where a source is panned: the
+    CSV position mirrored on a flip (pan 'csv') or its centre of mass moved with the crop
+    ('crop')."""
     bright, contrast, sat = (float(torch.empty(1).uniform_(1 - JITTER, 1 + JITTER))
                              for _ in range(3))
     flip = bool(torch.rand(1) < 0.5)
@@ -559,11 +564,12 @@ def augment(im, mask, crop, pan="csv"):
     cols = np.arange(2 * left + 1, 2 * (left + vw), 2) * w_src // (2 * w)
     if flip:
         win, cols = win.transpose(Image.FLIP_LEFT_RIGHT), cols[::-1]
-    padded = (vh, vw) != (ch, cw)
-    image = torch.zeros(3, ch, cw) if padded else torch.empty(3, ch, cw)
-    labels = (torch.full((ch, cw), 255, dtype=torch.long) if padded
-              else torch.empty(ch, cw, dtype=torch.long))
-    _normalize255(_jitter(win, im, bright, contrast, sat, image[:, :vh, :vw]))
+    image = torch.empty(3, ch, cw, dtype=torch.uint8)
+    labels = torch.empty(ch, cw, dtype=torch.uint8)
+    if (vh, vw) != (ch, cw):  # padded
+        image.copy_(MEAN_LEVELS.expand(3, ch, cw))
+        labels.fill_(255)
+    _jitter(win, im, bright, contrast, sat, image[:, :vh, :vw])
     labels[:vh, :vw] = torch.from_numpy(np.asarray(mask).take(rows, 0).take(cols, 1))
 
     def pos(alpha):  # audio_pos = centre of mass / W (pixel centres), so x = alpha * W maps exactly
@@ -609,10 +615,10 @@ class VPODataset(torch.utils.data.Dataset):
     """VPO-SS/MS/MSMI (CAVP Sec. 3, App. A) in the layout of cyh-0/CAVP's VPO release, which
     vpo_make.py writes too: per subset vpo_{ss,ms,msmi}_data_stereo.csv, data/ and mask/.
 
-    A sample is a dict: image (3, H, W) normalised, mask (H, W) long (VPO labels, 255 ignore),
-    wave (C, N), audio_classes (K,) {0, 1}, audio_pos () (the source's position, -1 for several
-    sources), source_pos (K,) (each sounding class's position, -1 elsewhere), name; with
-    load_twins, test samples also carry `twin`.
+    A sample is a dict: image (3, H, W) uint8 (normalised in the step: device_batch), mask (H, W)
+    uint8 (VPO labels, 255 ignore), wave (C, N), audio_classes (K,) {0, 1}, audio_pos () (the
+    source's position, -1 for several sources), source_pos (K,) (each sounding class's position,
+    -1 elsewhere), name; with load_twins, test samples also carry `twin` (H, W) uint8.
 
     root holds VPO-SS/, VPO-MS/, VPO-MSMI/; audio_root (default root/audio) holds {vgg_file}.wav
     (vgg_file may already end in .wav). SS: one sample per CSV row; MS/MSMI: one per image with
@@ -757,7 +763,7 @@ class VPODataset(torch.utils.data.Dataset):
         if self.train:
             img, mask, _, pos = augment(im, mask, self.crop, self.pan)
         else:
-            img, mask = _normalize255(_rgb_float(im)), _hwc(mask).long()
+            img, mask = _rgb(im), _hwc(mask)
             pos = float  # the CSV positions
         wave_, audio_classes = 0.0, torch.zeros(len(VPO_CLASSES))
         source_pos = torch.full((len(VPO_CLASSES),), -1.0)
@@ -976,8 +982,9 @@ class AVSBenchDataset(torch.utils.data.Dataset):
 
     root: the folder with the task CSV, or its parent holding Single-source/, Multi-sources/
     or AVSBench-semantic/. Every clip is returned with T = `frames` frames (default 5 for
-    s4/ms3, 10 for avss): shorter clips (AVSS v1, 5 frames) are padded with zero images
-    (== mean), 255 masks and silent audio, longer ones truncated; `valid` (T,) bool marks real
+    s4/ms3, 10 for avss), image (T, 3, H, W) uint8 (normalised in the step: device_batch) and mask
+    (T, H, W) uint8: shorter clips (AVSS v1, 5 frames) are padded with mean-colour images
+    (MEAN_LEVELS), 255 masks and silent audio, longer ones truncated; `valid` (T,) bool marks real
     frames, so all samples batch with pad_collate. Masks: s4/ms3 binary {0,1}, avss 0..70
     (colour PNG decoded with the release palette); unlabelled frames (S4 train frames 2..5,
     AVSS v1s train frames 1..4) are 255. size: frames resized to size x size (masks nearest),
@@ -1096,10 +1103,11 @@ class AVSBenchDataset(torch.utils.data.Dataset):
             frames = [im.resize((self.size, self.size), Image.BILINEAR) for im in frames]
         w, h = frames[0].size
         n = len(frames)
-        image = torch.zeros(t, 3, h, w)
-        mask = torch.full((t, h, w), 255, dtype=torch.long)
+        image = torch.empty(t, 3, h, w, dtype=torch.uint8)
+        image[n:] = MEAN_LEVELS
+        mask = torch.full((t, h, w), 255, dtype=torch.uint8)
         for k, (im, label) in enumerate(zip(frames, labels)):
-            _normalize255(_rgb_float(im, image[k]))
+            _rgb(im, image[k])
             if label is not None:
                 mask[k] = torch.from_numpy(_resize_mask(label, self.size).copy())
         x, audio_len = load_clip(s["wav"], seconds=n, centre=False, mono=not self.stereo,
@@ -1130,7 +1138,7 @@ class AVSBenchFrames(torch.utils.data.Dataset):
     clip's audio as AVSBenchDataset cuts it (second i from the clip start for frame i),
     repeat-padded to `seconds`.
 
-    The sample dict is VPODataset's: image (3, H, W), mask (H, W) long (255 ignore), wave (C,
+    The sample dict is VPODataset's: image (3, H, W) uint8, mask (H, W) uint8 (255 ignore), wave (C,
     seconds * 16 kHz), audio_classes (K,), audio_pos (), source_pos (K,), name '<clip>_<frame>'
     (frame numbered as its file). Classes (avs_classes): AVSS its 71; S4 / MS3 binary, or S4 with
     labels='category' the clip's CSV category at the foreground pixels. Audio class sets (CAVP Eq.
@@ -1196,7 +1204,7 @@ class AVSBenchFrames(torch.utils.data.Dataset):
         # the frame's second, repeat-padded to `seconds` as any short clip is (fit_length)
         wave_ = fit_length(second, round(self.seconds * SAMPLE_RATE))
         if self.train:  # no source positions on AVSBench: the centre stays the centre
-            img, mask, flip, _ = augment(Image.fromarray(to_uint8(img)),
+            img, mask, flip, _ = augment(Image.fromarray(img.permute(1, 2, 0).numpy()),
                                          Image.fromarray(mask.numpy().astype(np.uint8)),
                                          self.crop, "csv")
             if flip:
@@ -1211,23 +1219,46 @@ class AVSBenchFrames(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------- collate
-def pad_collate(batch):
+def pad_collate(batch, shared=None):
     """Stack sample dicts, padding every tensor to the largest shape in the batch.
 
-    Fill: 255 for `mask`, 0 otherwise (image 0 == ImageNet mean after normalisation; AVSBench
-    clips of different length get silent audio / invalid frames). Strings -> list.
+    Fill: 255 for `mask`, the mean colour MEAN_LEVELS for `image`, 0 otherwise (AVSBench clips of
+    different length get silent audio / invalid frames). Strings -> list. shared: write the batch
+    straight into shared memory, which carries it from a DataLoader worker to the main process
+    (default: inside a worker), instead of copying it there afterwards.
     """
+    if shared is None:
+        shared = torch.utils.data.get_worker_info() is not None
     out = {}
     for key in batch[0]:
         vals = [b[key] for b in batch]
         if not torch.is_tensor(vals[0]):
             out[key] = vals
             continue
-        shape = [max(v.shape[d] for v in vals) for d in range(vals[0].dim())]
-        padded = vals[0].new_full((len(vals), *shape), 255 if key == "mask" else 0)
-        for j, v in enumerate(vals):
-            padded[(j, *[slice(0, n) for n in v.shape])] = v
+        shape = (len(vals), *[max(v.shape[d] for v in vals) for d in range(vals[0].dim())])
+        if shared:  # as torch's default_collate does in a worker
+            storage = torch.UntypedStorage._new_shared(math.prod(shape) * vals[0].element_size())
+            padded = vals[0].new_empty(0).set_(storage, 0, shape)
+        else:
+            padded = vals[0].new_empty(shape)
+        if all(v.shape == shape[1:] for v in vals):
+            torch.stack(vals, out=padded)
+        else:
+            padded[:] = {"mask": 255, "image": MEAN_LEVELS}.get(key, 0)
+            for j, v in enumerate(vals):
+                padded[(j, *[slice(0, n) for n in v.shape])] = v
         out[key] = padded
+    return out
+
+
+def device_batch(batch, device, keys=("image", "mask", "wave")):
+    """The batch's `keys` on `device` as the model takes them, copied without waiting for the
+    device (from pinned memory on CUDA): uint8 images normalised there (normalize), label maps
+    (mask, twin) as int64, the rest as they are."""
+    out = []
+    for key in keys:
+        x = batch[key].to(device, non_blocking=True)
+        out.append(normalize(x) if key == "image" else x.long() if key in ("mask", "twin") else x)
     return out
 
 
@@ -1387,7 +1418,7 @@ def fit_long_side(h, w, max_size):
 
 def read_rgb(path, max_size):
     """--predict image: any RGB-convertible picture, EXIF orientation applied (phone photos) ->
-    (normalised float (3, h, w) for the model, long side at most `max_size` (antialiased bilinear),
+    (uint8 (3, h, w) for the model (normalize), long side at most `max_size` (antialiased bilinear),
     (h', w', 3) uint8 at the size save_panels shows it (at most PANEL_MAX high), (H, W) of the
     image). A JPEG is decoded at the smallest DCT scale (1/1 .. 1/8, PIL draft) that still covers
     both outputs, so a phone photo is never held at full size."""
@@ -1405,7 +1436,7 @@ def read_rgb(path, max_size):
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot read image ({e}); re-download or replace the file") from e
     x = np.asarray(im.resize(model[::-1], Image.BILINEAR) if im.size != model[::-1] else im)
-    img = normalize(torch.from_numpy(x.copy()).permute(2, 0, 1).float() / 255.0)
+    img = torch.from_numpy(x.copy()).permute(2, 0, 1).contiguous()
     return img, np.array(im.resize(shown[::-1], Image.BOX) if im.size != shown[::-1]
                          else im), (h, w)
 

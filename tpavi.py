@@ -77,7 +77,7 @@ def parse_args(argv=None):
     a("--crop", type=int, default=224, help="frame size (AVS: %(default)s); VPO: training crop "
       "512 (CAVP App. B.1); built-in VPO: its image size")
     a("--limit", type=int, default=None, help="the first N samples of each split (quick checks)")
-    a("--workers", type=int, default=7, help="loader processes per rank (%(default)s keep a GPU "
+    a("--workers", type=int, default=4, help="loader processes per rank (%(default)s keep a GPU "
       "fed at crop 512, benchmarks/loader.py; built-in VPO: 2, the CPU that trains also loads)")
     a = p.add_argument_group("model (AVS Fig. 3)").add_argument
     a("--backbone", default="resnet50", choices=list(ENCODER_CHANNELS),
@@ -717,12 +717,11 @@ def training_model(model, args, device, world, log_path):
 def unpack(batch, device):
     """Batch dict -> image (B, T, 3, H, W), mask (B, T, H, W), wave (B, C, N), valid (B, T) and
     audio_len (B,) (AVSBench; VPO: None)."""
-    image, mask = batch["image"], batch["mask"]
+    image, mask, wave = data.device_batch(batch, device)
     if image.dim() == 4:  # VPO: one frame per sample
         image, mask = image[:, None], mask[:, None]
     valid, audio_len = (batch[k].to(device) if k in batch else None for k in ("valid", "audio_len"))
-    return (image.to(device, non_blocking=True), mask.to(device, non_blocking=True),
-            batch["wave"].to(device, non_blocking=True), valid, audio_len)
+    return image, mask, wave, valid, audio_len
 
 
 def train_one_epoch(net, loader, optimizer, criterion, meter, epoch, iteration, args, log_path):
@@ -838,7 +837,7 @@ def run_eval(model, loaders, split, weights, device, amp, args, log_path):
 
 def read_frames(path, max_size):
     """--predict input: a folder of frames (image files in natural name order, one size) or one
-    image -> (paths, normalised (T, 3, h, w) with a long side of at most max_size, display
+    image -> (paths, uint8 (T, 3, h, w) with a long side of at most max_size, display
     (h', w', 3) uint8 per frame, the frames' (H, W)) as data.read_rgb."""
     if os.path.isdir(path):
         exts = Image.registered_extensions()
@@ -886,7 +885,8 @@ def predict(args):
     model = make_model(args, ckpt, trained_on).to(device).eval()
     del ckpt  # the optimiser state is not needed: freed before the photo-sized maps
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = model(image[None].to(device), wave[None].to(device))[0].float().cpu()
+        logits = model(data.normalize(image[None].to(device)),
+                       wave[None].to(device))[0].float().cpu()
     colors = data.class_colors(len(names))
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "predict")
     os.makedirs(out, exist_ok=True)

@@ -12,9 +12,10 @@ Then, in this process with one thread (as a DataLoader worker), it times rounds 
 alternating: decoding the images alone (PIL and torchvision.io, the faster counts) and producing the
 training samples (VPODataset train=True at --crop; AVSBenchDataset train split at --size, T = 5). Times
 are this process's CPU time (time.process_time), so other jobs on the machine slow them less than the
-wall clock. It prints the median ms per sample of each, images/s, the ratio sample / decode, the cost of
-collating a batch (--batch-size; AVSBench: a quarter, clips of 5 frames) and moving it to shared memory as a
-DataLoader worker does, one worker's images/s with it, and the workers one GPU at --gpu-rate images/s needs.
+wall clock. It prints the median ms per sample of each, images/s, the ratio sample / decode, the
+cost per image of collating a batch (--batch-size; AVSBench: a quarter, clips of 5 frames) into
+shared memory as a DataLoader worker does, one worker's images/s with it, and the workers one GPU at
+--gpu-rate images/s needs.
 
     OMP_NUM_THREADS=1 python benchmarks/loader.py --rounds 5
 """
@@ -149,17 +150,17 @@ def ms_per_item(fn, items):
 
 
 def collate_and_share(batch):
-    """What a DataLoader worker does with a batch after the samples: pad_collate, then the move of its
-    tensors to shared memory for the trip to the main process."""
-    for v in data.pad_collate(batch).values():
+    """What a DataLoader worker does with a batch after the samples: pad_collate into shared memory,
+    the trip to the main process (share_memory_ moves any tensor not there yet)."""
+    for v in data.pad_collate(batch, shared=True).values():
         if torch.is_tensor(v):
             v.share_memory_()
 
 
 def compare(name, images_per_sample, decode_paths, dataset, rounds, batch_size):
     """Alternating rounds of decoding the images alone (PIL, torchvision.io) and dataset[i]; then
-    collate_and_share per sample. Prints median ms per sample, images/s and the ratio; returns the images/s
-    of one worker (samples + collate)."""
+    collate_and_share per image. Prints median ms per sample (per image for the collate), images/s
+    and the ratio; returns the images/s of one worker (samples + collate)."""
     times = {"decode PIL": [], "decode torchvision.io": [], "sample": []}
     dataset[0]  # warm-up: imports, file cache
     for r in range(rounds):
@@ -169,13 +170,16 @@ def compare(name, images_per_sample, decode_paths, dataset, rounds, batch_size):
         times["sample"].append(ms_per_item(dataset.__getitem__, range(len(dataset))))
     samples = [dataset[i] for i in range(len(dataset))]
     batches = [samples[i:i + batch_size] for i in range(0, len(samples) - batch_size + 1, batch_size)]
-    times["collate + share"] = [ms_per_item(collate_and_share, batches) / batch_size for _ in range(rounds)]
+    per_image = batch_size * images_per_sample
+    collate = statistics.median(ms_per_item(collate_and_share, batches) / per_image
+                                for _ in range(rounds))
     med = {k: statistics.median(v) for k, v in times.items()}
     decode = min(med["decode PIL"], med["decode torchvision.io"])
-    per_worker = 1000 * images_per_sample / (med["sample"] + med["collate + share"])
+    per_worker = 1000 * images_per_sample / (med["sample"] + collate * images_per_sample)
     print(f"{name}: {len(dataset)} samples x {rounds} rounds, one thread, CPU time")
     for k, v in med.items():
         print(f"  {k:22s} {v:7.2f} ms/sample  ({1000 * images_per_sample / v:6.1f} images/s)")
+    print(f"  {'collate + share':22s} {collate:7.2f} ms/image   ({1000 / collate:6.1f} images/s)")
     print(f"  ratio sample / decode  {med['sample'] / decode:.2f}x (decode: the faster of the two)")
     print(f"  one worker (sample + collate + share): {per_worker:.1f} images/s")
     return per_worker

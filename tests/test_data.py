@@ -191,8 +191,8 @@ def test_vpo_ss_one_sample_per_row(tmp_path):
     assert len(train) == 2 and len(test) == 1
     s = train[0]
     assert s["name"] == "000000000001_000000000005"  # first id of "[5, 6]"
-    assert s["image"].shape == (3, H, W) and s["image"].dtype == torch.float32
-    assert s["mask"].dtype == torch.long and s["mask"].shape == (H, W)
+    assert s["image"].shape == (3, H, W) and s["image"].dtype == torch.uint8
+    assert s["mask"].dtype == torch.uint8 and s["mask"].shape == (H, W)
     assert (s["mask"][1:, :6] == MALE).all() and (s["mask"][:, 18:] == DOG).all()
     assert s["mask"][0, 10] == 255 and (s["mask"][:, 6:18][1:] == 0).all()
     assert s["audio_classes"].nonzero().flatten().tolist() == [MALE]
@@ -205,9 +205,9 @@ def test_vpo_ss_one_sample_per_row(tmp_path):
     t = test[0]
     assert t["audio_classes"].nonzero().flatten().tolist() == [DOG]
     assert t["wave"][1].mean() > t["wave"][0].mean()  # alpha 0.85: right louder
-    # image is ImageNet-normalised at original resolution in eval
+    # image: the decoded pixels at original resolution in eval
     raw = torch.from_numpy(np.array(Image.open(tmp_path / "VPO-SS/data/male/000000000001.jpg"))).permute(2, 0, 1)
-    assert torch.allclose(s["image"], data.normalize(raw / 255.0), atol=1e-5)
+    assert torch.equal(s["image"], raw)
 
 
 def test_vpo_ms_groups_rows_and_sums_sources(tmp_path):
@@ -260,7 +260,7 @@ def test_flip_mirrors_mask_and_stereo(tmp_path, monkeypatch, flip):
     assert (s["wave"][1].mean() > s["wave"][0].mean()) == flip  # right louder iff flipped
     assert torch.allclose(s["wave"].mean(1), torch.tensor([0.1, 0.4] if flip else [0.4, 0.1]), atol=1e-3)
     assert s["audio_pos"].item() == pytest.approx(0.8 if flip else 0.2)
-    assert torch.allclose(s["image"], ev["image"].flip(-1) if flip else ev["image"], atol=1e-5)
+    assert torch.equal(s["image"], ev["image"].flip(-1) if flip else ev["image"])
 
 
 def test_random_crop_pads_mask_255_and_image_mean(tmp_path, monkeypatch):
@@ -270,7 +270,8 @@ def test_random_crop_pads_mask_255_and_image_mean(tmp_path, monkeypatch):
     assert s["image"].shape == (3, 32, 32) and s["mask"].shape == (32, 32)
     assert (s["mask"][H:] == 255).all() and (s["mask"][:, W:] == 255).all()
     assert (s["mask"][:H, :6] == MALE).all() and (s["mask"][:H, 6:W] == 0).all()
-    assert (s["image"][:, H:] == 0).all() and (s["image"][:, :, W:] == 0).all()
+    mean = data.MEAN_LEVELS
+    assert (s["image"][:, H:] == mean).all() and (s["image"][:, :, W:] == mean).all()
 
 
 def test_train_augmentation_seeded_and_scaled(tmp_path):
@@ -375,11 +376,21 @@ def test_pad_collate(tmp_path):
     batch = pad_collate([a, b])
     assert batch["image"].shape == (2, 3, H, W) and batch["mask"].shape == (2, H, W)
     assert (batch["mask"][1, 10:] == 255).all() and (batch["mask"][1, :, 20:] == 255).all()
-    assert (batch["image"][1, :, 10:] == 0).all() and torch.equal(batch["mask"][0], a["mask"])
+    assert (batch["image"][1, :, 10:] == data.MEAN_LEVELS).all() and torch.equal(batch["mask"][0], a["mask"])
+    assert torch.equal(batch["image"][1, :, :10, :20], b["image"])
     assert batch["wave"].shape == (2, 2, 48000) and batch["audio_pos"].shape == (2,)
     assert batch["name"] == ["000000000010", "000000000011"]
+    # written straight into shared memory (as in a DataLoader worker): the same batch
+    for pair in ([a, b], [a, a]):
+        plain, shared = pad_collate(pair, shared=False), pad_collate(pair, shared=True)
+        for key, v in plain.items():
+            if torch.is_tensor(v):
+                assert shared[key].is_shared() and not v.is_shared() and torch.equal(shared[key], v)
     loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=pad_collate)
     assert next(iter(loader))["audio_classes"].shape == (2, 22)
+    worker = next(iter(torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=pad_collate, num_workers=1)))
+    for key, v in next(iter(loader)).items():
+        assert torch.equal(worker[key], v) if torch.is_tensor(v) else worker[key] == v
 
 
 # ---------------------------------------------------------------- AVSBench
@@ -439,7 +450,7 @@ def test_avss_decode_and_padding(tmp_path):
     assert u1["image"].shape == (10, 3, 12, 18) and u1["mask"].shape == (10, 12, 18)
     assert u1["valid"].tolist() == [True] * 5 + [False] * 5
     assert (u1["mask"][0, :6] == 3).all() and (u1["mask"][0, 6:] == 0).all() and (u1["mask"][1:] == 255).all()
-    assert (u1["image"][5:] == 0).all() and u1["image"][:5].abs().sum() > 0
+    assert (u1["image"][5:] == data.MEAN_LEVELS).all() and u1["image"][:5].float().std() > 0
     assert u1["wave"].shape == (1, 160000) and (u1["wave"][:, 80000:] == 0).all()
     assert abs(u1["wave"][0, :80000].mean().item() - 0.3) < 1e-3
     assert u2["valid"].all() and (u2["mask"][:, :6] == 70).all() and (u2["mask"][:, 6:] == 0).all()

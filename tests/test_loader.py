@@ -5,6 +5,7 @@ import pytest
 import torch
 import torchaudio
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
 
 import cavp
 import data
@@ -86,7 +87,8 @@ def test_pans_follow_the_augmentation(root, mode):
         mask = x["mask"].tolist()
         assert x["image"].shape == (3, CROP, CROP) and x["mask"].shape == (CROP, CROP)
         assert (x["mask"][h - y0:] == 255).all() and (x["mask"][:, w - x0:] == 255).all()  # padding
-        assert (x["image"][:, h - y0:] == 0).all() and (x["image"][:, :, w - x0:] == 0).all()
+        mean = data.MEAN_LEVELS
+        assert (x["image"][:, h - y0:] == mean).all() and (x["image"][:, :, w - x0:] == mean).all()
         assert (x["mask"][:h - y0, :w - x0] != 255).all()
         left = right = 0.0
         for cid, name, _, (c0, c1), level in OBJECTS:
@@ -139,7 +141,7 @@ def _reference(ds, i, seed):
     flip = bool(torch.rand(1) < 0.5)
     scale = float(torch.empty(1).uniform_(*data.SCALE))
     h, w = round(FH * scale), round(FW * scale)
-    img = data.normalize(TF.resize(img, [h, w], antialias=True).clamp(0, 1))
+    img = (TF.resize(img, [h, w], antialias=True).clamp(0, 1) - data.MEAN) / data.STD
     rows = [int((y + 0.5) * FH / h) for y in range(h)]
     cols = [int((x + 0.5) * FW / w) for x in range(w)]
     mask = torch.tensor([[data.VPO_COCO_IDS.index(v) + 1 if v else 0 for v in coco[r, cols]] for r in rows])
@@ -162,8 +164,8 @@ def test_matches_whole_image_reference(root):
         torch.manual_seed(seed)
         x = ds[0]
         image, mask = _reference(ds, 0, seed)
-        assert torch.equal(x["mask"], mask)
-        diff = (x["image"] - image).abs()
+        assert torch.equal(x["mask"].long(), mask)
+        diff = (data.normalize(x["image"]) - image).abs()
         assert float(diff.mean()) < 0.02 and float((diff > 0.05).float().mean()) < 0.03
 
 
@@ -178,7 +180,7 @@ def test_flip_mirrors_image_mask_and_channels(root, monkeypatch):
             torch.manual_seed(seed)
             out.append(ds[0])
         plain, flipped = out
-        assert torch.allclose(flipped["image"], plain["image"].flip(-1), atol=1e-6)
+        assert torch.equal(flipped["image"], plain["image"].flip(-1))
         assert torch.equal(flipped["mask"], plain["mask"].flip(-1))
         assert torch.allclose(flipped["wave"], plain["wave"].flip(0), atol=1e-6)
         heard = plain["source_pos"] >= 0
@@ -209,3 +211,80 @@ def test_pan_flag_reaches_the_datasets(tiny_vpo):
         assert build(script.parse_args(["--data-root", tiny_vpo, "--pan", "crop"]))["train"].pan == "crop"
     with pytest.raises(data.DataError, match="unknown pan"):
         data.VPODataset(tiny_vpo, "ms", "train", pan="mask")
+
+
+def _float_augment(im, mask, crop):
+    """The training augmentation with float images that the uint8 one replaces, as a reference: the
+    same draws in the same order, window, flip and brightness / contrast table; saturation and the
+    normalisation in float32 on the window, padding 0 (the mean) -> (image, mask long, flipped)."""
+    bright, contrast, sat = (float(torch.empty(1).uniform_(1 - data.JITTER, 1 + data.JITTER))
+                             for _ in range(3))
+    flip = bool(torch.rand(1) < 0.5)
+    s = float(torch.empty(1).uniform_(*data.SCALE))
+    w_src, h_src = im.size
+    h, w = max(1, round(h_src * s)), max(1, round(w_src * s))
+    ch, cw, y0, x0 = h, w, 0, 0
+    if crop is not None:
+        ch = cw = crop
+        y0 = int(torch.randint(0, max(h, ch) - ch + 1, (1,)))
+        x0 = int(torch.randint(0, max(w, cw) - cw + 1, (1,)))
+    vh, vw = min(h - y0, ch), min(w - x0, cw)
+    left = w - x0 - vw if flip else x0
+    sy, sx = h_src / h, w_src / w
+    win = im.resize((vw, vh), Image.BILINEAR,
+                    box=(left * sx, y0 * sy, (left + vw) * sx, (y0 + vh) * sy))
+    rows = np.arange(2 * y0 + 1, 2 * (y0 + vh), 2) * h_src // (2 * h)
+    cols = np.arange(2 * left + 1, 2 * (left + vw), 2) * w_src // (2 * w)
+    if flip:
+        win, cols = win.transpose(Image.FLIP_LEFT_RIGHT), cols[::-1]
+    hist = np.asarray(im.histogram(), np.float64).reshape(3, 256)
+    levels = np.minimum(np.arange(256) * bright, 255.0)
+    mean = data._GREY.double().numpy() @ (hist @ levels) / hist[0].sum()
+    lut = np.clip(contrast * levels + (1 - contrast) * mean, 0, 255).round()
+    x = torch.from_numpy(np.array(win.point(lut.tolist() * 3))).permute(2, 0, 1).float()
+    x = x.mul(sat).add(torch.tensordot(data._GREY * (1 - sat), x, 1)).clamp(0.0, 255.0)
+    image, labels = torch.zeros(3, ch, cw), torch.full((ch, cw), 255)
+    image[:, :vh, :vw] = x.mul(1.0 / (255.0 * data.STD)).sub(data.MEAN / data.STD)
+    labels[:vh, :vw] = torch.from_numpy(np.asarray(mask).take(rows, 0).take(cols, 1))
+    return image, labels, flip
+
+
+@pytest.mark.parametrize("crop", [CROP, 200, None])
+def test_uint8_sample_is_the_float_one_rounded(root, crop):
+    """Same seed, same draws (the RNG ends in the same state), same crop, flip and mask as the float
+    path; the normalised uint8 image is the float one rounded to the nearest level: at most half a
+    level (0.5 / (255 STD) per channel) off, the padding's mean colour too. On the fixture's image
+    and on uniform noise, whose saturation often meets the clamps."""
+    s = data.VPODataset(root, "ms", "train").samples[0]
+    noise = np.random.default_rng(0).integers(0, 256, (FH, FW, 3), dtype=np.uint8)
+    mask = data.read_vpo_mask(s["mask"])
+    half = 0.5 / (255 * data.STD) + 1e-6
+    for im in (data._open_image(s["image"], "RGB"), Image.fromarray(noise)):
+        for seed in range(12):
+            torch.manual_seed(seed)
+            image, labels, flip, _ = data.augment(im, mask, crop)
+            after = torch.get_rng_state()
+            torch.manual_seed(seed)
+            ref, ref_labels, ref_flip = _float_augment(im, mask, crop)
+            assert torch.equal(torch.get_rng_state(), after) and flip == ref_flip
+            assert image.dtype == labels.dtype == torch.uint8 and image.shape == ref.shape
+            assert torch.equal(labels.long(), ref_labels)
+            assert ((data.normalize(image) - ref).abs() <= half).all()
+
+
+def test_device_normalisation_equals_the_cpu_one():
+    """normalize on the step's device (CPU, and CUDA where present) gives the float32 of the CPU,
+    bit for bit: x * (1 / (255 STD)) - MEAN / STD, within 1e-6 of (x / 255 - MEAN) / STD; device_batch
+    normalises images, makes label maps int64 and leaves the rest."""
+    x = torch.arange(256, dtype=torch.uint8).repeat(2, 3, 2, 1)
+    cpu = x.float().mul_(1.0 / (255.0 * data.STD)).sub_(data.MEAN / data.STD)
+    assert torch.allclose(cpu, (x / 255.0 - data.MEAN) / data.STD, rtol=0, atol=1e-6)
+    batch = dict(image=x, mask=torch.full((2, 2, 256), 255, dtype=torch.uint8), wave=torch.rand(2, 2, 9),
+                 twin=torch.ones(2, 2, 256, dtype=torch.uint8))
+    for device in ["cpu"] + ["cuda"] * torch.cuda.is_available():
+        image, mask, wave, twin = data.device_batch(batch, torch.device(device),
+                                                    ("image", "mask", "wave", "twin"))
+        assert image.device.type == device and image.dtype == torch.float32
+        assert torch.equal(image.cpu(), cpu) and torch.equal(data.normalize(x.to(device)).cpu(), cpu)
+        assert mask.dtype == twin.dtype == torch.long and torch.equal(mask.cpu(), batch["mask"].long())
+        assert torch.equal(wave.cpu(), batch["wave"])

@@ -83,7 +83,7 @@ def eval_path_shares(ckpt_path, image_path, wave_, model_size=None):
     with Image.open(image_path) as im:
         rgb = im.convert("RGB")
     small = rgb.resize(model_size[::-1], Image.BILINEAR) if model_size else rgb
-    image = data.normalize(torch.from_numpy(np.array(small)).permute(2, 0, 1).float() / 255)
+    image = data.normalize(torch.from_numpy(np.array(small)).permute(2, 0, 1))
     with torch.no_grad():
         logits = model(image[None], data.LogMel(frames=300)(wave_[None]))[0]
     logits = F.interpolate(logits, rgb.size[::-1], mode="bilinear", align_corners=False)
