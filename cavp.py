@@ -591,9 +591,9 @@ def re_pair(labels, bank, pos_share, use_bank, gen=None, bank_sources="single", 
                 continue
             classes = torch.nonzero(t[i]).flatten().tolist()
             rows = [bank.draw(c, gen) for c in classes]
-            if None in rows:
+            if not classes or None in rows:  # no class of its own (a silent frame), or none banked
                 continue
-            choice[i, classes] = torch.tensor(rows)
+            choice[i, classes] = torch.tensor(rows, dtype=torch.long)
             t_re[i], match[i], wrong_side[i] = t[i], True, False
     return RePairs(perm, choice, t_re, match, wrong_side)
 
