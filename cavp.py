@@ -942,7 +942,8 @@ def evaluate(model, loader, mel_fn, device, amp, names, binary=False, overlay_di
              n_overlays=0, swap=False):
     """Dataset-level mIoU / F-beta / FDR from one confusion matrix over the classes `names` (Sec.
     5.1) and, where the samples carry silent twins, the twin metrics (metrics.TwinMeter),
-    all-reduced over ranks; overlays of the first n_overlays images. binary (AVSBench-Objects,
+    all-reduced over ranks; overlays of the first n_overlays test images, each written by the rank
+    whose shard (a Subset of the test split) holds it. binary (AVSBench-Objects,
     Tables 1-2): sounding object = 1 - p(background) > 0.5 against the mask's foreground, plus M_J /
     M_F (metrics.AVSObjectsMeter). swap: left and right audio channels exchanged."""
     model.eval()
@@ -950,7 +951,7 @@ def evaluate(model, loader, mel_fn, device, amp, names, binary=False, overlay_di
     cm = metrics.ConfusionMatrix(len(names), device=device)
     twins = metrics.TwinMeter(len(names), device=device)
     objects = metrics.AVSObjectsMeter(device) if binary else None
-    written = 0
+    index, seen = loader.dataset.indices, 0
     for batch in loader:
         image, mask, wave = (batch[key].to(device) for key in ("image", "mask", "wave"))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -965,10 +966,11 @@ def evaluate(model, loader, mel_fn, device, amp, names, binary=False, overlay_di
         if "twin" in batch:
             twins.update(pred, mask, batch["twin"].to(device))
         for i, name in enumerate(batch["name"]):
-            if written < n_overlays:
+            if index[seen + i] < n_overlays:
+                os.makedirs(overlay_dir, exist_ok=True)
                 save_overlay(os.path.join(overlay_dir, f"{name}.png"), image[i], mask[i], pred[i],
                              attn[i], names)
-                written += 1
+        seen += len(batch["name"])
     cm.all_reduce()
     twins.all_reduce()
     res = dict(cm.compute(), **twins.compute())
@@ -984,7 +986,7 @@ def run_eval(model, loaders, split, weights, mel_fn, device, amp, args, log_path
     right swapped), logged on rank 0 (a summary line after `epoch`) -> dict(split, weights, ...)."""
     start, binary = time.time(), DATASETS[args.data]["binary"]
     names = data.AVS_BINARY if binary else class_names(args.data, args.s4_labels)
-    n_overlays = args.overlays if log_path and split == "test" else 0
+    n_overlays = args.overlays if split == "test" else 0
     res = evaluate(model, loaders[split], mel_fn, device, amp, names, binary,
                    os.path.join(args.out, "overlays"), n_overlays)
     if split == "test" and "swap" in loaders:
@@ -1123,6 +1125,7 @@ def main(args):
         stop = run["iteration"] >= total
         extra = dict(scheduler=scheduler.state_dict(), criterion=criterion.state_dict())
         if stop or (epoch + 1) % args.eval_every == 0:
+            rank0_buffers(model, world)
             res = run_eval(model, eval_loaders, val_split, "last", mel_fn, device, amp, args,
                            log_path, epoch + 1)
             run["history"].append(dict(epoch=epoch + 1, iteration=run["iteration"], **res))
@@ -1163,6 +1166,15 @@ def wrap_model(model, args, device, world, log_path):
             log_path)
     device_ids = [device.index] if device.type == "cuda" else None
     return model, nn.parallel.DistributedDataParallel(model, device_ids) if world > 1 else model
+
+
+def rank0_buffers(model, world):
+    """Rank 0's buffers on every rank, so that an evaluation scores the weights rank 0 saves: on a
+    CPU (no SyncBatchNorm) each rank's BatchNorm statistics follow its own shard; on CUDA
+    SyncBatchNorm keeps them equal."""
+    if world > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
 
 
 def run_eval_only(model, loaders, mel_fn, device, amp, args, log_path):
@@ -1300,7 +1312,7 @@ def init_distributed(args):
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if args.batch_size % world:
+    if args.batch_size % world and not args.eval_only:  # a training batch; tests shard exactly
         raise data.DataError(f"--batch-size {args.batch_size} is the global batch and does not "
                              f"split over the {world} ranks: give a multiple of {world}, or start "
                              "fewer processes")
@@ -1366,12 +1378,16 @@ def build_datasets(args, splits):
 
 class EpochSampler(torch.utils.data.DistributedSampler):
     """This rank's share of a permutation seeded from (seed, epoch); set_epoch's `skip` leaves out
-    the samples a resumed run has already trained on in that epoch, so the loader is built once."""
-    skip = 0
+    the samples a resumed run has already trained on in that epoch, so the loader is built once,
+    and set_epoch seeds `generator`, the loader's, from which each epoch's workers take their seeds:
+    their augmentation draws depend on the (seed, rank, epoch), not on the process's history."""
+    skip, generator, worker_seed = 0, None, 0
 
     def set_epoch(self, epoch, skip=0):
         super().set_epoch(epoch)
         self.skip = skip
+        if self.generator is not None:  # the epoch's new workers: seeds from (rank seed, epoch)
+            self.generator.manual_seed(self.worker_seed * 100003 + epoch)
 
     def __iter__(self):
         return itertools.islice(super().__iter__(), self.skip, None)
@@ -1381,16 +1397,19 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 
 
 def build_loaders(args, sets, twin_idx, rank, world, device):
-    """The loaders, built once with persistent workers: train (EpochSampler, --batch-size split over
-    the ranks, incomplete batches dropped) and one for the test split (exact shards; 'swap': its
-    twins). Every loader has its own generator, seeded per rank, so loading never draws from the
-    training RNG and each rank's workers draw their own augmentation; bit-exact --resume needs
-    --workers 0 (worker RNG states are not checkpointed)."""
+    """The loaders, built once: train (EpochSampler, --batch-size split over the ranks, incomplete
+    batches dropped; workers started per epoch) and one for the test split (exact shards, persistent
+    workers; 'swap': its twins). Every loader has its own generator, seeded per rank (train: per
+    rank and epoch), so loading never draws from the training RNG and each rank's workers draw
+    their own augmentation. --resume from an epoch's end draws as the run would have; from inside
+    an epoch (--max-iters) the rest of that epoch repeats the worker draws of its first batches
+    (on other samples); --workers 0 resumes bit-exactly (the global RNG is checkpointed)."""
     def loader(dataset, batch_size, sampler=None):
         return torch.utils.data.DataLoader(
             dataset, batch_size, sampler=sampler, num_workers=args.workers,
             collate_fn=data.pad_collate, pin_memory=device.type == "cuda",
-            drop_last=sampler is not None, persistent_workers=args.workers > 0,
+            drop_last=sampler is not None,
+            persistent_workers=args.workers > 0 and sampler is None,
             generator=torch.Generator().manual_seed(rank_seed(args.seed, rank)))
     subset = torch.utils.data.Subset
     evals = {split: loader(subset(ds, range(rank, len(ds), world)), args.eval_batch_size)
@@ -1403,6 +1422,7 @@ def build_loaders(args, sets, twin_idx, rank, world, device):
     sampler = EpochSampler(sets["train"], world, rank, shuffle=True, seed=args.seed * 100003,
                            drop_last=True)
     train = loader(sets["train"], args.batch_size // world, sampler)
+    sampler.generator, sampler.worker_seed = train.generator, rank_seed(args.seed, rank)
     if len(train) == 0:
         raise data.DataError(f"{args.data} train split has {len(sets['train'])} samples, fewer "
                              f"than --batch-size {args.batch_size}: lower --batch-size or --limit")

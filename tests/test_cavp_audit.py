@@ -1,25 +1,29 @@
 """cavp.py around the method: a silent frame under --bank-sources all, --eval-only under torchrun,
 the metrics of the saved weights under CPU DDP, the loader workers' draws after a resume, the overlay
-set under DDP, DeepLabV3+ against torchvision's reference and the per-rank anchor cap."""
+set under DDP and the per-rank anchor cap."""
+import json
 import os
+import subprocess
 import sys
 from argparse import Namespace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import cavp
 import data
+import tpavi
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fixtures_layouts as fl  # noqa: E402
+from script_runner import ENV, ROOT  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def ms3_root(tmp_path_factory):
     """AVSBench MS3 in the released layout whose test frame mt_3 shows no sounding object."""
-    import numpy as np
-    from PIL import Image
     d = str(tmp_path_factory.mktemp("ms3"))
     fl.write_ms3(d, [("m1", "train"), ("mv", "val"), ("mt", "test")], h=24, w=36)
     Image.fromarray(np.zeros((24, 36), np.uint8)).save(
@@ -48,3 +52,96 @@ def test_bank_sources_all_leaves_a_silent_frame_mismatched(ms3_root):
             if i != empty:  # a sounding frame: matched, with its own clip or a bank clip of class 1
                 assert re.match[i] and torch.equal(re.audio_classes[i], t[i])
                 assert (re.choice[i, 1] == 1) == (t[re.perm[i]].sum() == 0)
+
+
+# ----------------------------------------------------------------------------- run machinery, both scripts
+
+SCRIPTS = ["cavp.py", "tpavi.py"]
+RUN = ["--data", "vpo_msmi", "--workers", "0", "--batch-size", "4", "--limit", "8", "--no-amp",
+       "--overlays", "2", "--log-every", "1"]
+
+
+def launch(script, argv, ranks=1):
+    """`python SCRIPT ARGV`, or torchrun with `ranks` gloo processes; asserts exit 0."""
+    head = [sys.executable] + (["-m", "torch.distributed.run", "--standalone",
+                                f"--nproc_per_node={ranks}"] if ranks > 1 else [])
+    proc = subprocess.run(head + [os.path.join(ROOT, script), *map(str, argv)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module", params=SCRIPTS)
+def ddp_run(request, tiny_vpo, tmp_path_factory):
+    """A 2-rank CPU training run (2 steps, evaluated after them) and --eval-only of its last.pt on 3
+    ranks (default --batch-size 16) and on 1 -> the script and the three run folders."""
+    script, base = request.param, tmp_path_factory.mktemp(request.param.split(".")[0])
+    out = {name: str(base / name) for name in ("train", "eval3", "eval1")}
+    launch(script, RUN + ["--data-root", tiny_vpo, "--out", out["train"], "--epochs", "1",
+                          "--max-iters", "2", "--eval-every", "1"], ranks=2)
+    ckpt = os.path.join(out["train"], "last.pt")
+    for name, ranks in (("eval3", 3), ("eval1", 1)):
+        launch(script, ["--eval-only", "--ckpt", ckpt, "--data-root", tiny_vpo, "--out", out[name],
+                        "--limit", "8", "--overlays", "2", "--workers", "0", "--no-amp"], ranks)
+    return script, out
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_eval_only_on_three_ranks_takes_the_default_batch_size(ddp_run):
+    """--eval-only never uses --batch-size: 3 ranks run it with a batch size (cavp.py: the default
+    16; tpavi.py: the checkpoint's 4) that does not split over them."""
+    _, out = ddp_run
+    assert read_json(os.path.join(out["eval3"], "eval-real.json"))["args"]["batch_size"] % 3
+
+
+def test_ddp_training_metrics_are_those_of_the_saved_weights(ddp_run):
+    """On 2 CPU ranks (no SyncBatchNorm) the metrics logged during training are --eval-only's of the
+    checkpoint written then, on 1 and on 3 ranks."""
+    _, out = ddp_run
+    logged = read_json(os.path.join(out["train"], "metrics.json"))["final"]
+    for name in ("eval1", "eval3"):
+        tested = read_json(os.path.join(out[name], "eval-real.json"))["eval"]
+        numbers = [k for k, v in tested.items() if isinstance(v, float)]
+        assert "miou" in numbers and "pixel_acc" in numbers
+        for k in numbers:
+            assert tested[k] == pytest.approx(logged[k], abs=1e-6, nan_ok=True), (name, k)
+
+
+def test_overlays_do_not_depend_on_the_rank_count(ddp_run):
+    """--overlays 2: the first two test images, on 1, 2 (training) or 3 ranks."""
+    _, out = ddp_run
+    sets = {name: sorted(os.listdir(os.path.join(d, "overlays"))) for name, d in out.items()}
+    assert len(sets["eval1"]) == 2 and sets["train"] == sets["eval1"] == sets["eval3"], sets
+
+
+class Draws(torch.utils.data.Dataset):
+    """Stands in for the training set: each sample is a draw from torch's RNG, as augmentation is."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return dict(image=torch.rand(3))
+
+
+@pytest.mark.parametrize("script", [cavp, tpavi])
+def test_resume_with_workers_draws_on(script):
+    """A run resumed at epoch 1 with loader workers draws the augmentation of the uninterrupted run's
+    epoch 1, not again that of epoch 0."""
+    args = Namespace(workers=1, eval_batch_size=1, mono=True, seed=0, batch_size=4)
+
+    def epochs(first, last):
+        loader = script.build_loaders(args, dict(train=Draws()), [], 0, 1, torch.device("cpu"))[0]
+        draws = []
+        for epoch in range(first, last):
+            loader.sampler.set_epoch(epoch)
+            draws.append(torch.cat([b["image"] for b in loader]).sort(0)[0])
+        return draws
+    run, resumed = epochs(0, 2), epochs(1, 2)
+    assert not torch.equal(run[0], run[1])
+    assert torch.equal(resumed[0], run[1])
+
