@@ -401,23 +401,19 @@ class DeepLabV3Plus(nn.Module):
     """DeepLabV3+ encoder / decoder up to the 304-channel feature at 1/4 resolution (App. B.1).
 
     cyh-0/CAVP uses a deep-stem ResNet; torchvision's ResNet is used here so that ImageNet
-    weights come from torchvision's weights API.
+    weights come from torchvision's weights API. ASPP rates 6 / 12 / 18 at output stride 16,
+    doubled at 8 (DeepLabV3, Sec. 3.3; cyh-0/CAVP keeps 6 / 12 / 18 at 8).
     """
 
     def __init__(self, name, pretrained, output_stride):
         super().__init__()
-        net = getattr(torchvision.models, name)(weights=None)
+        net = dilated_resnet(name, output_stride)
         load_backbone_weights(net, name, pretrained)
-        if output_stride == 8:
-            dilate(net.layer3, 2)
-            dilate(net.layer4, 4)
-        else:
-            dilate(net.layer4, 2)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2 = net.layer1, net.layer2
         self.layer3, self.layer4 = net.layer3, net.layer4
         low, high = net.layer1[-1].conv1.in_channels, net.fc.in_features
-        self.aspp = ASPP(high)
+        self.aspp = ASPP(high, rates=(6, 12, 18) if output_stride == 16 else (12, 24, 36))
         self.low_proj = nn.Sequential(nn.Conv2d(low, 48, 1, bias=False), nn.BatchNorm2d(48),
                                       nn.ReLU(inplace=True))
 
@@ -429,7 +425,10 @@ class DeepLabV3Plus(nn.Module):
 
 
 class ASPP(nn.Module):
-    """DeepLabV3 atrous spatial pyramid pooling: 1x1, three atrous 3x3 (6/12/18), image pooling."""
+    """DeepLabV3 atrous spatial pyramid pooling (Sec. 3.3): a 1x1 and three atrous 3x3
+    convolutions, and image pooling (1x1 convolution, batch normalisation), each 256 channels, as
+    torchvision's ASPP; the projection's dropout 0.1 as DeepLabV3+'s tensorflow/models deeplab
+    (torchvision's DeepLabV3: 0.5)."""
 
     def __init__(self, cin, cout=256, rates=(6, 12, 18)):
         super().__init__()
@@ -438,7 +437,7 @@ class ASPP(nn.Module):
             return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
         self.branches = nn.ModuleList([branch(1, 1)] + [branch(3, r) for r in rates])
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1, bias=False),
-                                  nn.ReLU(inplace=True))
+                                  nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
         self.project = nn.Sequential(nn.Conv2d(cout * (len(rates) + 2), cout, 1, bias=False),
                                      nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.Dropout(0.1))
 
@@ -447,14 +446,24 @@ class ASPP(nn.Module):
         return self.project(torch.cat([b(x) for b in self.branches] + [pooled], 1))
 
 
-def dilate(layer, rate):
-    """Trade the stride of a ResNet stage for dilation (DeepLab's output stride 8/16)."""
-    for m in layer.modules():
-        if isinstance(m, nn.Conv2d):
-            if m.stride == (2, 2):
-                m.stride = (1, 1)
-            if m.kernel_size == (3, 3):
-                m.dilation, m.padding = (rate, rate), (rate, rate)
+def dilated_resnet(name, output_stride):
+    """torchvision's ResNet with the stride of layer4 (output stride 16) or layer3 and layer4 (8)
+    traded for dilation by its replace_stride_with_dilation, as torchvision's DeepLabV3: a dilated
+    stage doubles the rate, its first block keeping the previous one. torchvision's BasicBlock
+    (resnet18) takes no dilation, so there the same rates are set on its convolutions."""
+    replace = [False, output_stride == 8, True]
+    if name != "resnet18":
+        return getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=replace)
+    net, rate = torchvision.models.resnet18(weights=None), 1
+    for layer in itertools.compress((net.layer2, net.layer3, net.layer4), replace):
+        previous, rate = rate, 2 * rate
+        for i, block in enumerate(layer):
+            for m in block.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.stride = (1, 1)
+                    if m.kernel_size == (3, 3):
+                        m.dilation = m.padding = (rate, rate) if i else (previous, previous)
+    return net
 
 
 class AudioEncoder(nn.Module):
@@ -1453,6 +1462,10 @@ def load_checkpoint(path):
         [k for k in ("criterion",) if k not in ckpt["extra"]]
     if missing:
         raise data.DataError(f"{path}: written by an older cavp.py (no {', '.join(missing)}); "
+                             "train again, or use the cavp.py version that wrote it")
+    if "visual.aspp.pool.2.running_mean" not in ckpt["model"]:  # image pooling without BatchNorm
+        raise data.DataError(f"{path}: written by an earlier cavp.py whose DeepLabV3+ differs "
+                             "(dilation, ASPP image pooling) and cannot be resumed or tested: "
                              "train again, or use the cavp.py version that wrote it")
     return ckpt
 
