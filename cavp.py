@@ -114,6 +114,13 @@ def parse_args(argv=None):
            "loss/contrastive_aud.py; built-in VPO: 128)")
     g("--pos-share", type=float, default=0.5,
       help="share of mismatched re-pairs given bank audio of the image's classes (App. B, Table 6)")
+    g("--pos-share-of", default="mismatched", choices=["mismatched", "pairs"],
+      help="--pos-share as the share of mismatched re-pairs given bank audio (mismatched) or as the "
+           "share of positive re-pairs bank audio tops up to (pairs: Table 6's ratio of positive "
+           "to negative pairs)")
+    g("--cap-shards", type=int, default=1,
+      help="--anchors-per-group per 1/N of the global batch: 1 = the batch (the method does not "
+           "depend on the GPU count), N = cyh-0/CAVP's per-GPU sampling on N GPUs")
     g("--bank-size", type=int, default=8, help="waveforms per class in the memory bank (FIFO)")
     g("--bank-sources", default="single", choices=["single", "all"],
       help="App. B bank audio for single-source images only, or every image (one clip per class)")
@@ -181,7 +188,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     vpo = DATASETS[args.data]["kind"] == "vpo"
     positive = ("epochs", "batch_size", "eval_every", "log_every", "bank_size", "anchors_per_group",
-                "eval_batch_size", "max_size")
+                "eval_batch_size", "max_size", "cap_shards")
     for bad, message in [
             (args.predict and not (args.ckpt and args.audio),
              "--predict needs --ckpt PATH and --audio WAV"),
@@ -206,6 +213,8 @@ def parse_args(argv=None):
             *[(getattr(args, flag) is not None and getattr(args, flag) < 1,
                f"--{flag.replace('_', '-')} must be >= 1") for flag in positive],
             (not 0 <= args.pos_share <= 1, "--pos-share must be in [0, 1]"),
+            (args.batch_size % args.cap_shards,
+             f"--cap-shards {args.cap_shards} does not divide --batch-size {args.batch_size}"),
             (args.pos_enc != "none" and args.fusion != "ca",
              f"--pos-enc {args.pos_enc} codes f_CA's visual queries: use --fusion ca or "
              "--pos-enc none"),
@@ -574,13 +583,15 @@ def derangement(n, gen=None):
             return perm
 
 
-def re_pair(labels, bank, pos_share, use_bank, gen=None, bank_sources="single", match_side=False):
+def re_pair(labels, bank, pos_share, use_bank, gen=None, bank_sources="single", match_side=False,
+            share_of="mismatched"):
     """Eq. (1) on the host labels of a batch: image i is re-paired with the audio of image perm[i],
     a derangement. The re-pair matches when the audio's class set is the image's; with match_side,
     also each class must sound from the half of the image (left / right of the centre) where its
     object is. A share of the mismatched re-pairs instead gets bank audio of the image's own
     classes, each clip panned at its object's position (App. B): single-source images only, or every
-    image with bank_sources 'all'. -> RePairs.
+    image with bank_sources 'all'. share_of 'mismatched': each with probability pos_share;
+    'pairs': in random order until pos_share of all re-pairs match (or none is left). -> RePairs.
 
     cyh-0/CAVP (models/cavp_model.py, forward_audio) computes this replacement and then discards it;
     here it is used.
@@ -595,8 +606,14 @@ def re_pair(labels, bank, pos_share, use_bank, gen=None, bank_sources="single", 
     choice = torch.full(t.shape, -1, dtype=torch.long)
     if use_bank:
         share = torch.rand(b, generator=gen)  # one draw per re-pair
-        for i in torch.nonzero(~match).flatten().tolist():
-            if (pos[i] < 0 and bank_sources == "single") or share[i] >= pos_share:
+        todo = torch.nonzero(~match).flatten()
+        if share_of == "pairs":
+            todo = todo[torch.argsort(share[todo], stable=True)]
+        for i in todo.tolist():
+            if share_of == "pairs" and match.sum() >= pos_share * b:
+                break
+            if (pos[i] < 0 and bank_sources == "single") or \
+                    (share_of == "mismatched" and share[i] >= pos_share):
                 continue
             classes = torch.nonzero(t[i]).flatten().tolist()
             rows = [bank.draw(c, gen) for c in classes]
@@ -685,8 +702,11 @@ def anchor_sets(y, t, match, unknown="mismatched", wrong_side=None):
     return fg, unknown, valid & ~fg & ~unknown
 
 
-def sample_groups(keys, cap, gen=None):
-    """Indices of at most `cap` random members of every group (uniform within a group)."""
+def sample_groups(keys, cap, gen=None, shard=None):
+    """Indices of at most `cap` random members of every group (uniform within a group); with
+    `shard` (an id per member), of every group within each shard."""
+    if shard is not None:
+        keys = torch.unique(torch.stack([keys, shard]), dim=1, return_inverse=True)[1]
     order = torch.randperm(keys.numel(), generator=gen)
     k, sort = torch.sort(keys[order], stable=True)
     order = order[sort]
@@ -695,7 +715,7 @@ def sample_groups(keys, cap, gen=None):
 
 
 def plan_anchors(y, t, match, mode, cap, gen=None, positives="set", unknown="mismatched",
-                 bg_groups="label", wrong_side=None):
+                 bg_groups="label", wrong_side=None, shards=1):
     """The anchors of Eq. (2)-(3), on the host: y (N,P) labels of the N pairs at feature resolution.
     -> the sampled pixels idx (A,) (pair * P + pixel), whether each is foreground and its key (a
     foreground anchor's positives are the foreground anchors with its key; a background anchor's,
@@ -707,10 +727,14 @@ def plan_anchors(y, t, match, mode, cap, gen=None, positives="set", unknown="mis
     a foreground anchor's key is its (audio set, label) (positives 'set', the literal 'same t') or
     its label under any audio set (positives 'label'). mode 'supcon': uniform sampling per
     segmentation label, as cyh-0/CAVP, loss/contrastive_aud.py (object pixels of mismatched
-    re-pairs relabelled background), every anchor keyed by its label."""
+    re-pairs relabelled background), every anchor keyed by its label. shards > 1: the cap applies
+    within each 1/shards of the pairs (pair i and its re-pair in shard i // (N / 2 / shards))."""
+    n = y.shape[0] // 2  # the pairs, then their re-pairs
+    shard = None if shards == 1 else \
+        (torch.arange(2 * n) % n // (n // shards))[:, None].expand_as(y).flatten()
     if mode == "supcon":
         label = torch.where(match[:, None] | (y == 255), y, 0).flatten()
-        idx = sample_groups(torch.where(label == 255, -1, label), cap, gen)
+        idx = sample_groups(torch.where(label == 255, -1, label), cap, gen, shard)
         idx = idx[label[idx] != 255]
         fg, key = torch.ones(idx.numel(), dtype=torch.bool), label[idx]
     else:
@@ -719,7 +743,8 @@ def plan_anchors(y, t, match, mode, cap, gen=None, positives="set", unknown="mis
         label = y.flatten()
         bg_group = -1 - label if bg_groups == "label" else -1
         group = torch.where(fg, audio_id * t.shape[1] + label, bg_group)
-        idx = sample_groups(torch.where(fg | bg, group, torch.iinfo(group.dtype).min), cap, gen)
+        idx = sample_groups(torch.where(fg | bg, group, torch.iinfo(group.dtype).min), cap, gen,
+                            shard)
         idx = idx[(fg | bg)[idx]]
         fg, key = fg[idx], (group if positives == "set" else label)[idx]
     counts = torch.unique(torch.where(fg, key, -1), return_inverse=True, return_counts=True)
@@ -749,17 +774,17 @@ def info_nce(za, zc, pos, neg, tau):
 
 
 def contrastive_loss(z, y, t, match, mode, tau, cap, positives="set", unknown="mismatched",
-                     bg_groups="label", wrong_side=None, gen=None, rank=0, world=1):
+                     bg_groups="label", wrong_side=None, gen=None, rank=0, world=1, shards=1):
     """The contrastive term of Eq. (5): the mean of Eq. (4) over the anchors of plan_anchors that
     have a positive. z (2b,D,h,w): fused features of the b pairs then their b re-pairs; y (2B,H,W)
     labels, t (2B,K), match (2B,), wrong_side (2B,K): host labels of the batch, pairs then
     re-pairs. Under DDP (B = b * world) a rank computes the rows of its own anchors and returns its
-    share times `world` (see anchor_features)."""
+    share times `world` (see anchor_features); shards: plan_anchors'."""
     h, w = z.shape[2:]
     # labels nearest-downsampled to the feature size, as cyh-0/CAVP, loss/contrastive_aud.py
     y = F.interpolate(y[:, None].float(), size=(h, w), mode="nearest")[:, 0].long().flatten(1)
     idx, fg, key, kept = plan_anchors(y, t, match, mode, cap, gen, positives, unknown, bg_groups,
-                                      wrong_side)
+                                      wrong_side, shards)
     feats, rows = anchor_features(z, idx, y.shape[0] // 2, rank, world)  # normalised z at idx
     if kept == 0:
         return z.sum() * 0
@@ -799,7 +824,7 @@ class Criterion:
         pairing = None
         if args.contrast != "none":
             re = re_pair(labels, self.bank, args.pos_share, epoch >= 1, self.gen, args.bank_sources,
-                         args.match == "side")                                     # Eq. (1), App. B
+                         args.match == "side", args.pos_share_of)                  # Eq. (1), App. B
             pairing, bank_clips = rank_share(re, labels, self.bank, waves, self.rank, self.world)
             # the bank takes the batch's clips after Eq. (1) and its draws: no image gets its own
             # back
@@ -819,7 +844,8 @@ class Criterion:
             wrong_side = torch.cat([torch.zeros_like(re.wrong_side), re.wrong_side])
             loss_cp = contrastive_loss(z, torch.cat([y, y]), t, match, args.contrast, args.tau,
                                        args.anchors_per_group, args.positives, args.unknown,
-                                       args.bg_groups, wrong_side, self.gen, self.rank, self.world)
+                                       args.bg_groups, wrong_side, self.gen, self.rank, self.world,
+                                       args.cap_shards)
         return loss_ce + loss_cp, dict(ce=loss_ce, cp=loss_cp)  # Eq. (5)
 
 

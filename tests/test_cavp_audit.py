@@ -145,3 +145,72 @@ def test_resume_with_workers_draws_on(script):
     assert not torch.equal(run[0], run[1])
     assert torch.equal(resumed[0], run[1])
 
+
+
+# ----------------------------------------------------------------------------- readings of the anchor cap and --pos-share
+
+
+def random_pairs(seed, n=4, k=4, px=36):
+    """n pairs then their n re-pairs: labels (2n, px) with some ignored pixels, audio sets, match."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (2 * n, px), generator=g)
+    y[torch.rand(2 * n, px, generator=g) < 0.1] = 255
+    t = (torch.rand(2 * n, k, generator=g) < 0.5).long()
+    t[:, 0] = 0
+    match = torch.cat([torch.ones(n, dtype=torch.bool), torch.rand(n, generator=g) < 0.5])
+    return y, t, match
+
+
+@pytest.mark.parametrize("mode", ["cavp", "supcon"])
+@pytest.mark.parametrize("shards", [1, 2, 4])
+def test_anchor_cap_per_shard_against_a_loop(mode, shards):
+    """--cap-shards: per shard of the batch (pair i and its re-pair in shard i // (n / shards)), every
+    group gives min(cap, its size) sampled pixels, counted by a loop over the pixels."""
+    cap, n = 3, 4
+    for seed in range(4):
+        y, t, match = random_pairs(seed, n)
+        idx = cavp.plan_anchors(y, t, match, mode, cap, torch.Generator().manual_seed(seed),
+                                positives="set", bg_groups="one", shards=shards)[0]
+        fg, _, bg = cavp.anchor_sets(y, t, match)
+        members = {}
+        for p in range(2 * n):
+            for q in range(y.shape[1]):
+                label = int(y[p, q])
+                if mode == "supcon":
+                    group = None if label == 255 else (label if match[p] else 0)
+                else:
+                    group = (tuple(t[p].tolist()), label) if fg[p, q] else "bg" if bg[p, q] else None
+                if group is not None:
+                    members.setdefault((p % n // (n // shards), group), []).append(p * y.shape[1] + q)
+        chosen = set(idx.tolist())
+        assert len(chosen) == idx.numel()
+        for where, pixels in members.items():
+            assert len(chosen & set(pixels)) == min(cap, len(pixels)), (seed, where)
+        assert chosen <= set().union(*members.values())
+
+
+def test_pos_share_of_pairs_against_a_loop():
+    """--pos-share-of pairs: bank audio for the mismatched re-pairs in the order of their draws until
+    pos_share of all re-pairs match (a loop over the same draws); mismatched: each with
+    probability pos_share (VPO-SS: most re-pairs mismatched, so about pos_share of them)."""
+    b, k = 8, 5
+    classes = torch.zeros(b, k)
+    classes[torch.arange(b), torch.tensor([1, 1, 2, 2, 3, 3, 4, 4])] = 1
+    pos = torch.full((b,), 0.5)
+    labels = cavp.Labels(classes, pos, torch.where(classes > 0, 0.5, -1.0), torch.ones(b))
+    bank = cavp.WaveBank(k, 1, 8, torch.device("cpu"))
+    bank.push(torch.ones(4, 1, 8), classes[::2], pos[::2])
+    for seed in range(10):
+        for share in (0.25, 0.5, 0.9):
+            re = cavp.re_pair(labels, bank, share, True, torch.Generator().manual_seed(seed),
+                              share_of="pairs")
+            g = torch.Generator().manual_seed(seed)
+            perm, draws = cavp.derangement(b, g), torch.rand(b, generator=g)
+            match = [bool((classes[perm[i]] == classes[i]).all()) for i in range(b)]
+            for i in sorted((i for i in range(b) if not match[i]), key=lambda i: float(draws[i])):
+                if sum(match) >= share * b:
+                    break
+                match[i] = True
+            assert re.match.tolist() == match, (seed, share)
+            banked = re.match & ~(classes[re.perm] == classes).all(1)  # matched by a bank clip
+            assert torch.equal((re.choice >= 0).any(1), banked)
