@@ -115,9 +115,9 @@ def parse_args(argv=None):
     g("--pos-share", type=float, default=0.5,
       help="share of mismatched re-pairs given bank audio of the image's classes (App. B, Table 6)")
     g("--pos-share-of", default="mismatched", choices=["mismatched", "pairs"],
-      help="--pos-share as the share of mismatched re-pairs given bank audio (mismatched) or as the "
-           "share of positive re-pairs bank audio tops up to (pairs: Table 6's ratio of positive "
-           "to negative pairs)")
+      help="--pos-share as the share of mismatched re-pairs given bank audio (mismatched) or as "
+           "the share of positive re-pairs bank audio tops up to (pairs: Table 6's ratio of "
+           "positive to negative pairs)")
     g("--cap-shards", type=int, default=1,
       help="--anchors-per-group per 1/N of the global batch: 1 = the batch (the method does not "
            "depend on the GPU count), N = cyh-0/CAVP's per-GPU sampling on N GPUs")

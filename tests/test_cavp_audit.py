@@ -54,7 +54,7 @@ def test_bank_sources_all_leaves_a_silent_frame_mismatched(ms3_root):
                 assert (re.choice[i, 1] == 1) == (t[re.perm[i]].sum() == 0)
 
 
-# ----------------------------------------------------------------------------- run machinery, both scripts
+# ------------------------------------------------------------------- run machinery, both scripts
 
 SCRIPTS = ["cavp.py", "tpavi.py"]
 RUN = ["--data", "vpo_msmi", "--workers", "0", "--batch-size", "4", "--limit", "8", "--no-amp",
@@ -147,7 +147,7 @@ def test_resume_with_workers_draws_on(script):
 
 
 
-# ----------------------------------------------------------------------------- readings of the anchor cap and --pos-share
+# ---------------------------------------------------- readings of the anchor cap and --pos-share
 
 
 def random_pairs(seed, n=4, k=4, px=36):
