@@ -702,11 +702,8 @@ def anchor_sets(y, t, match, unknown="mismatched", wrong_side=None):
     return fg, unknown, valid & ~fg & ~unknown
 
 
-def sample_groups(keys, cap, gen=None, shard=None):
-    """Indices of at most `cap` random members of every group (uniform within a group); with
-    `shard` (an id per member), of every group within each shard."""
-    if shard is not None:
-        keys = torch.unique(torch.stack([keys, shard]), dim=1, return_inverse=True)[1]
+def sample_groups(keys, cap, gen=None):
+    """Indices of at most `cap` random members of every group (uniform within a group)."""
     order = torch.randperm(keys.numel(), generator=gen)
     k, sort = torch.sort(keys[order], stable=True)
     order = order[sort]
@@ -730,11 +727,15 @@ def plan_anchors(y, t, match, mode, cap, gen=None, positives="set", unknown="mis
     re-pairs relabelled background), every anchor keyed by its label. shards > 1: the cap applies
     within each 1/shards of the pairs (pair i and its re-pair in shard i // (N / 2 / shards))."""
     n = y.shape[0] // 2  # the pairs, then their re-pairs
-    shard = None if shards == 1 else \
-        (torch.arange(2 * n) % n // (n // shards))[:, None].expand_as(y).flatten()
+    shard = (torch.arange(2 * n) % n // (n // shards))[:, None].expand_as(y).flatten()
+
+    def sample(keys):  # a group within each shard: (key, shard)
+        if shards > 1:
+            keys = torch.unique(torch.stack([keys, shard]), dim=1, return_inverse=True)[1]
+        return sample_groups(keys, cap, gen)
     if mode == "supcon":
         label = torch.where(match[:, None] | (y == 255), y, 0).flatten()
-        idx = sample_groups(torch.where(label == 255, -1, label), cap, gen, shard)
+        idx = sample(torch.where(label == 255, -1, label))
         idx = idx[label[idx] != 255]
         fg, key = torch.ones(idx.numel(), dtype=torch.bool), label[idx]
     else:
@@ -743,8 +744,7 @@ def plan_anchors(y, t, match, mode, cap, gen=None, positives="set", unknown="mis
         label = y.flatten()
         bg_group = -1 - label if bg_groups == "label" else -1
         group = torch.where(fg, audio_id * t.shape[1] + label, bg_group)
-        idx = sample_groups(torch.where(fg | bg, group, torch.iinfo(group.dtype).min), cap, gen,
-                            shard)
+        idx = sample(torch.where(fg | bg, group, torch.iinfo(group.dtype).min))
         idx = idx[(fg | bg)[idx]]
         fg, key = fg[idx], (group if positives == "set" else label)[idx]
     counts = torch.unique(torch.where(fg, key, -1), return_inverse=True, return_counts=True)
