@@ -114,6 +114,13 @@ def parse_args(argv=None):
            "loss/contrastive_aud.py; built-in VPO: 128)")
     g("--pos-share", type=float, default=0.5,
       help="share of mismatched re-pairs given bank audio of the image's classes (App. B, Table 6)")
+    g("--pos-share-of", default="mismatched", choices=["mismatched", "pairs"],
+      help="--pos-share as the share of mismatched re-pairs given bank audio (mismatched) or as "
+           "the share of positive re-pairs bank audio tops up to (pairs: Table 6's ratio of "
+           "positive to negative pairs)")
+    g("--cap-shards", type=int, default=1,
+      help="--anchors-per-group per 1/N of the global batch: 1 = the batch (the method does not "
+           "depend on the GPU count), N = cyh-0/CAVP's per-GPU sampling on N GPUs")
     g("--bank-size", type=int, default=8, help="waveforms per class in the memory bank (FIFO)")
     g("--bank-sources", default="single", choices=["single", "all"],
       help="App. B bank audio for single-source images only, or every image (one clip per class)")
@@ -183,7 +190,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     vpo = DATASETS[args.data]["kind"] == "vpo"
     positive = ("epochs", "batch_size", "eval_every", "log_every", "bank_size", "anchors_per_group",
-                "eval_batch_size", "max_size")
+                "eval_batch_size", "max_size", "cap_shards")
     for bad, message in [
             (args.predict and not (args.ckpt and args.audio),
              "--predict needs --ckpt PATH and --audio WAV"),
@@ -208,6 +215,8 @@ def parse_args(argv=None):
             *[(getattr(args, flag) is not None and getattr(args, flag) < 1,
                f"--{flag.replace('_', '-')} must be >= 1") for flag in positive],
             (not 0 <= args.pos_share <= 1, "--pos-share must be in [0, 1]"),
+            (args.batch_size % args.cap_shards,
+             f"--cap-shards {args.cap_shards} does not divide --batch-size {args.batch_size}"),
             (args.pos_enc != "none" and args.fusion != "ca",
              f"--pos-enc {args.pos_enc} codes f_CA's visual queries: use --fusion ca or "
              "--pos-enc none"),
@@ -403,23 +412,19 @@ class DeepLabV3Plus(nn.Module):
     """DeepLabV3+ encoder / decoder up to the 304-channel feature at 1/4 resolution (App. B.1).
 
     cyh-0/CAVP uses a deep-stem ResNet; torchvision's ResNet is used here so that ImageNet
-    weights come from torchvision's weights API.
+    weights come from torchvision's weights API. ASPP rates 6 / 12 / 18 at output stride 16,
+    doubled at 8 (DeepLabV3, Sec. 3.3; cyh-0/CAVP keeps 6 / 12 / 18 at 8).
     """
 
     def __init__(self, name, pretrained, output_stride):
         super().__init__()
-        net = getattr(torchvision.models, name)(weights=None)
+        net = dilated_resnet(name, output_stride)
         load_backbone_weights(net, name, pretrained)
-        if output_stride == 8:
-            dilate(net.layer3, 2)
-            dilate(net.layer4, 4)
-        else:
-            dilate(net.layer4, 2)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2 = net.layer1, net.layer2
         self.layer3, self.layer4 = net.layer3, net.layer4
         low, high = net.layer1[-1].conv1.in_channels, net.fc.in_features
-        self.aspp = ASPP(high)
+        self.aspp = ASPP(high, rates=(6, 12, 18) if output_stride == 16 else (12, 24, 36))
         self.low_proj = nn.Sequential(nn.Conv2d(low, 48, 1, bias=False), nn.BatchNorm2d(48),
                                       nn.ReLU(inplace=True))
 
@@ -431,7 +436,10 @@ class DeepLabV3Plus(nn.Module):
 
 
 class ASPP(nn.Module):
-    """DeepLabV3 atrous spatial pyramid pooling: 1x1, three atrous 3x3 (6/12/18), image pooling."""
+    """DeepLabV3 atrous spatial pyramid pooling (Sec. 3.3): a 1x1 and three atrous 3x3
+    convolutions, and image pooling (1x1 convolution, batch normalisation), each 256 channels, as
+    torchvision's ASPP; the projection's dropout 0.1 as DeepLabV3+'s tensorflow/models deeplab
+    (torchvision's DeepLabV3: 0.5)."""
 
     def __init__(self, cin, cout=256, rates=(6, 12, 18)):
         super().__init__()
@@ -440,7 +448,7 @@ class ASPP(nn.Module):
             return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
         self.branches = nn.ModuleList([branch(1, 1)] + [branch(3, r) for r in rates])
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1, bias=False),
-                                  nn.ReLU(inplace=True))
+                                  nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
         self.project = nn.Sequential(nn.Conv2d(cout * (len(rates) + 2), cout, 1, bias=False),
                                      nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.Dropout(0.1))
 
@@ -449,14 +457,24 @@ class ASPP(nn.Module):
         return self.project(torch.cat([b(x) for b in self.branches] + [pooled], 1))
 
 
-def dilate(layer, rate):
-    """Trade the stride of a ResNet stage for dilation (DeepLab's output stride 8/16)."""
-    for m in layer.modules():
-        if isinstance(m, nn.Conv2d):
-            if m.stride == (2, 2):
-                m.stride = (1, 1)
-            if m.kernel_size == (3, 3):
-                m.dilation, m.padding = (rate, rate), (rate, rate)
+def dilated_resnet(name, output_stride):
+    """torchvision's ResNet with the stride of layer4 (output stride 16) or layer3 and layer4 (8)
+    traded for dilation by its replace_stride_with_dilation, as torchvision's DeepLabV3: a dilated
+    stage doubles the rate, its first block keeping the previous one. torchvision's BasicBlock
+    (resnet18) takes no dilation, so there the same rates are set on its convolutions."""
+    replace = [False, output_stride == 8, True]
+    if name != "resnet18":
+        return getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=replace)
+    net, rate = torchvision.models.resnet18(weights=None), 1
+    for layer in itertools.compress((net.layer2, net.layer3, net.layer4), replace):
+        previous, rate = rate, 2 * rate
+        for i, block in enumerate(layer):
+            for m in block.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.stride = (1, 1)
+                    if m.kernel_size == (3, 3):
+                        m.dilation = m.padding = (rate, rate) if i else (previous, previous)
+    return net
 
 
 class AudioEncoder(nn.Module):
@@ -567,13 +585,15 @@ def derangement(n, gen=None):
             return perm
 
 
-def re_pair(labels, bank, pos_share, use_bank, gen=None, bank_sources="single", match_side=False):
+def re_pair(labels, bank, pos_share, use_bank, gen=None, bank_sources="single", match_side=False,
+            share_of="mismatched"):
     """Eq. (1) on the host labels of a batch: image i is re-paired with the audio of image perm[i],
     a derangement. The re-pair matches when the audio's class set is the image's; with match_side,
     also each class must sound from the half of the image (left / right of the centre) where its
     object is. A share of the mismatched re-pairs instead gets bank audio of the image's own
     classes, each clip panned at its object's position (App. B): single-source images only, or every
-    image with bank_sources 'all'. -> RePairs.
+    image with bank_sources 'all'. share_of 'mismatched': each with probability pos_share;
+    'pairs': in random order until pos_share of all re-pairs match (or none is left). -> RePairs.
 
     cyh-0/CAVP (models/cavp_model.py, forward_audio) computes this replacement and then discards it;
     here it is used.
@@ -588,14 +608,20 @@ def re_pair(labels, bank, pos_share, use_bank, gen=None, bank_sources="single", 
     choice = torch.full(t.shape, -1, dtype=torch.long)
     if use_bank:
         share = torch.rand(b, generator=gen)  # one draw per re-pair
-        for i in torch.nonzero(~match).flatten().tolist():
-            if (pos[i] < 0 and bank_sources == "single") or share[i] >= pos_share:
+        todo = torch.nonzero(~match).flatten()
+        if share_of == "pairs":
+            todo = todo[torch.argsort(share[todo], stable=True)]
+        for i in todo.tolist():
+            if share_of == "pairs" and match.sum() >= pos_share * b:
+                break
+            if (pos[i] < 0 and bank_sources == "single") or \
+                    (share_of == "mismatched" and share[i] >= pos_share):
                 continue
             classes = torch.nonzero(t[i]).flatten().tolist()
             rows = [bank.draw(c, gen) for c in classes]
-            if None in rows:
+            if not classes or None in rows:  # no class of its own (a silent frame), or none banked
                 continue
-            choice[i, classes] = torch.tensor(rows)
+            choice[i, classes] = torch.tensor(rows, dtype=torch.long)
             t_re[i], match[i], wrong_side[i] = t[i], True, False
     return RePairs(perm, choice, t_re, match, wrong_side)
 
@@ -688,7 +714,7 @@ def sample_groups(keys, cap, gen=None):
 
 
 def plan_anchors(y, t, match, mode, cap, gen=None, positives="set", unknown="mismatched",
-                 bg_groups="label", wrong_side=None):
+                 bg_groups="label", wrong_side=None, shards=1):
     """The anchors of Eq. (2)-(3), on the host: y (N,P) labels of the N pairs at feature resolution.
     -> the sampled pixels idx (A,) (pair * P + pixel), whether each is foreground and its key (a
     foreground anchor's positives are the foreground anchors with its key; a background anchor's,
@@ -700,10 +726,18 @@ def plan_anchors(y, t, match, mode, cap, gen=None, positives="set", unknown="mis
     a foreground anchor's key is its (audio set, label) (positives 'set', the literal 'same t') or
     its label under any audio set (positives 'label'). mode 'supcon': uniform sampling per
     segmentation label, as cyh-0/CAVP, loss/contrastive_aud.py (object pixels of mismatched
-    re-pairs relabelled background), every anchor keyed by its label."""
+    re-pairs relabelled background), every anchor keyed by its label. shards > 1: the cap applies
+    within each 1/shards of the pairs (pair i and its re-pair in shard i // (N / 2 / shards))."""
+    n = y.shape[0] // 2  # the pairs, then their re-pairs
+    shard = (torch.arange(2 * n) % n // (n // shards))[:, None].expand_as(y).flatten()
+
+    def sample(keys):  # a group within each shard: (key, shard)
+        if shards > 1:
+            keys = torch.unique(torch.stack([keys, shard]), dim=1, return_inverse=True)[1]
+        return sample_groups(keys, cap, gen)
     if mode == "supcon":
         label = torch.where(match[:, None] | (y == 255), y, 0).flatten()
-        idx = sample_groups(torch.where(label == 255, -1, label), cap, gen)
+        idx = sample(torch.where(label == 255, -1, label))
         idx = idx[label[idx] != 255]
         fg, key = torch.ones(idx.numel(), dtype=torch.bool), label[idx]
     else:
@@ -712,7 +746,7 @@ def plan_anchors(y, t, match, mode, cap, gen=None, positives="set", unknown="mis
         label = y.flatten()
         bg_group = -1 - label if bg_groups == "label" else -1
         group = torch.where(fg, audio_id * t.shape[1] + label, bg_group)
-        idx = sample_groups(torch.where(fg | bg, group, torch.iinfo(group.dtype).min), cap, gen)
+        idx = sample(torch.where(fg | bg, group, torch.iinfo(group.dtype).min))
         idx = idx[(fg | bg)[idx]]
         fg, key = fg[idx], (group if positives == "set" else label)[idx]
     counts = torch.unique(torch.where(fg, key, -1), return_inverse=True, return_counts=True)
@@ -742,17 +776,17 @@ def info_nce(za, zc, pos, neg, tau):
 
 
 def contrastive_loss(z, y, t, match, mode, tau, cap, positives="set", unknown="mismatched",
-                     bg_groups="label", wrong_side=None, gen=None, rank=0, world=1):
+                     bg_groups="label", wrong_side=None, gen=None, rank=0, world=1, shards=1):
     """The contrastive term of Eq. (5): the mean of Eq. (4) over the anchors of plan_anchors that
     have a positive. z (2b,D,h,w): fused features of the b pairs then their b re-pairs; y (2B,H,W)
     labels, t (2B,K), match (2B,), wrong_side (2B,K): host labels of the batch, pairs then
     re-pairs. Under DDP (B = b * world) a rank computes the rows of its own anchors and returns its
-    share times `world` (see anchor_features)."""
+    share times `world` (see anchor_features); shards: plan_anchors'."""
     h, w = z.shape[2:]
     # labels nearest-downsampled to the feature size, as cyh-0/CAVP, loss/contrastive_aud.py
     y = F.interpolate(y[:, None].float(), size=(h, w), mode="nearest")[:, 0].long().flatten(1)
     idx, fg, key, kept = plan_anchors(y, t, match, mode, cap, gen, positives, unknown, bg_groups,
-                                      wrong_side)
+                                      wrong_side, shards)
     feats, rows = anchor_features(z, idx, y.shape[0] // 2, rank, world)  # normalised z at idx
     if kept == 0:
         return z.sum() * 0
@@ -792,7 +826,7 @@ class Criterion:
         pairing = None
         if args.contrast != "none":
             re = re_pair(labels, self.bank, args.pos_share, epoch >= 1, self.gen, args.bank_sources,
-                         args.match == "side")                                     # Eq. (1), App. B
+                         args.match == "side", args.pos_share_of)                  # Eq. (1), App. B
             pairing, bank_clips = rank_share(re, labels, self.bank, waves, self.rank, self.world)
             # the bank takes the batch's clips after Eq. (1) and its draws: no image gets its own
             # back
@@ -812,7 +846,8 @@ class Criterion:
             wrong_side = torch.cat([torch.zeros_like(re.wrong_side), re.wrong_side])
             loss_cp = contrastive_loss(z, torch.cat([y, y]), t, match, args.contrast, args.tau,
                                        args.anchors_per_group, args.positives, args.unknown,
-                                       args.bg_groups, wrong_side, self.gen, self.rank, self.world)
+                                       args.bg_groups, wrong_side, self.gen, self.rank, self.world,
+                                       args.cap_shards)
         return loss_ce + loss_cp, dict(ce=loss_ce, cp=loss_cp)  # Eq. (5)
 
 
@@ -944,7 +979,8 @@ def evaluate(model, loader, mel_fn, device, amp, names, binary=False, overlay_di
              n_overlays=0, swap=False):
     """Dataset-level mIoU / F-beta / FDR from one confusion matrix over the classes `names` (Sec.
     5.1) and, where the samples carry silent twins, the twin metrics (metrics.TwinMeter),
-    all-reduced over ranks; overlays of the first n_overlays images. binary (AVSBench-Objects,
+    all-reduced over ranks; overlays of the first n_overlays test images, each written by the rank
+    whose shard (a Subset of the test split) holds it. binary (AVSBench-Objects,
     Tables 1-2): sounding object = 1 - p(background) > 0.5 against the mask's foreground, plus M_J /
     M_F (metrics.AVSObjectsMeter). swap: left and right audio channels exchanged."""
     model.eval()
@@ -952,7 +988,7 @@ def evaluate(model, loader, mel_fn, device, amp, names, binary=False, overlay_di
     cm = metrics.ConfusionMatrix(len(names), device=device)
     twins = metrics.TwinMeter(len(names), device=device)
     objects = metrics.AVSObjectsMeter(device) if binary else None
-    written = 0
+    index, seen = loader.dataset.indices, 0
     for batch in loader:
         image, mask, wave = data.device_batch(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -967,10 +1003,11 @@ def evaluate(model, loader, mel_fn, device, amp, names, binary=False, overlay_di
         if "twin" in batch:
             twins.update(pred, mask, batch["twin"].to(device))
         for i, name in enumerate(batch["name"]):
-            if written < n_overlays:
+            if index[seen + i] < n_overlays:
+                os.makedirs(overlay_dir, exist_ok=True)
                 save_overlay(os.path.join(overlay_dir, f"{name}.png"), image[i], mask[i], pred[i],
                              attn[i], names)
-                written += 1
+        seen += len(batch["name"])
     cm.all_reduce()
     twins.all_reduce()
     res = dict(cm.compute(), **twins.compute())
@@ -986,7 +1023,7 @@ def run_eval(model, loaders, split, weights, mel_fn, device, amp, args, log_path
     right swapped), logged on rank 0 (a summary line after `epoch`) -> dict(split, weights, ...)."""
     start, binary = time.time(), DATASETS[args.data]["binary"]
     names = data.AVS_BINARY if binary else class_names(args.data, args.s4_labels)
-    n_overlays = args.overlays if log_path and split == "test" else 0
+    n_overlays = args.overlays if split == "test" else 0
     res = evaluate(model, loaders[split], mel_fn, device, amp, names, binary,
                    os.path.join(args.out, "overlays"), n_overlays)
     if split == "test" and "swap" in loaders:
@@ -1126,6 +1163,7 @@ def main(args):
         stop = run["iteration"] >= total
         extra = dict(scheduler=scheduler.state_dict(), criterion=criterion.state_dict())
         if stop or (epoch + 1) % args.eval_every == 0:
+            rank0_buffers(model, world)
             res = run_eval(model, eval_loaders, val_split, "last", mel_fn, device, amp, args,
                            log_path, epoch + 1)
             run["history"].append(dict(epoch=epoch + 1, iteration=run["iteration"], **res))
@@ -1166,6 +1204,15 @@ def wrap_model(model, args, device, world, log_path):
             log_path)
     device_ids = [device.index] if device.type == "cuda" else None
     return model, nn.parallel.DistributedDataParallel(model, device_ids) if world > 1 else model
+
+
+def rank0_buffers(model, world):
+    """Rank 0's buffers on every rank, so that an evaluation scores the weights rank 0 saves: on a
+    CPU (no SyncBatchNorm) each rank's BatchNorm statistics follow its own shard; on CUDA
+    SyncBatchNorm keeps them equal."""
+    if world > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
 
 
 def run_eval_only(model, loaders, mel_fn, device, amp, args, log_path):
@@ -1303,7 +1350,7 @@ def init_distributed(args):
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if args.batch_size % world:
+    if args.batch_size % world and not args.eval_only:  # a training batch; tests shard exactly
         raise data.DataError(f"--batch-size {args.batch_size} is the global batch and does not "
                              f"split over the {world} ranks: give a multiple of {world}, or start "
                              "fewer processes")
@@ -1371,12 +1418,16 @@ def build_datasets(args, splits):
 
 class EpochSampler(torch.utils.data.DistributedSampler):
     """This rank's share of a permutation seeded from (seed, epoch); set_epoch's `skip` leaves out
-    the samples a resumed run has already trained on in that epoch, so the loader is built once."""
-    skip = 0
+    the samples a resumed run has already trained on in that epoch, so the loader is built once,
+    and set_epoch seeds `generator`, the loader's, from which each epoch's workers take their seeds:
+    their augmentation draws depend on the (seed, rank, epoch), not on the process's history."""
+    skip, generator, worker_seed = 0, None, 0
 
     def set_epoch(self, epoch, skip=0):
         super().set_epoch(epoch)
         self.skip = skip
+        if self.generator is not None:  # the epoch's new workers: seeds from (rank seed, epoch)
+            self.generator.manual_seed(self.worker_seed * 100003 + epoch)
 
     def __iter__(self):
         return itertools.islice(super().__iter__(), self.skip, None)
@@ -1386,16 +1437,19 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 
 
 def build_loaders(args, sets, twin_idx, rank, world, device):
-    """The loaders, built once with persistent workers: train (EpochSampler, --batch-size split over
-    the ranks, incomplete batches dropped) and one for the test split (exact shards; 'swap': its
-    twins). Every loader has its own generator, seeded per rank, so loading never draws from the
-    training RNG and each rank's workers draw their own augmentation; bit-exact --resume needs
-    --workers 0 (worker RNG states are not checkpointed)."""
+    """The loaders, built once: train (EpochSampler, --batch-size split over the ranks, incomplete
+    batches dropped; workers started per epoch) and one for the test split (exact shards, persistent
+    workers; 'swap': its twins). Every loader has its own generator, seeded per rank (train: per
+    rank and epoch), so loading never draws from the training RNG and each rank's workers draw
+    their own augmentation. --resume from an epoch's end draws as the run would have; from inside
+    an epoch (--max-iters) the rest of that epoch repeats the worker draws of its first batches
+    (on other samples); --workers 0 resumes bit-exactly (the global RNG is checkpointed)."""
     def loader(dataset, batch_size, sampler=None):
         return torch.utils.data.DataLoader(
             dataset, batch_size, sampler=sampler, num_workers=args.workers,
             collate_fn=data.pad_collate, pin_memory=device.type == "cuda",
-            drop_last=sampler is not None, persistent_workers=args.workers > 0,
+            drop_last=sampler is not None,
+            persistent_workers=args.workers > 0 and sampler is None,
             generator=torch.Generator().manual_seed(rank_seed(args.seed, rank)))
     subset = torch.utils.data.Subset
     evals = {split: loader(subset(ds, range(rank, len(ds), world)), args.eval_batch_size)
@@ -1408,6 +1462,7 @@ def build_loaders(args, sets, twin_idx, rank, world, device):
     sampler = EpochSampler(sets["train"], world, rank, shuffle=True, seed=args.seed * 100003,
                            drop_last=True)
     train = loader(sets["train"], args.batch_size // world, sampler)
+    sampler.generator, sampler.worker_seed = train.generator, rank_seed(args.seed, rank)
     if len(train) == 0:
         raise data.DataError(f"{args.data} train split has {len(sets['train'])} samples, fewer "
                              f"than --batch-size {args.batch_size}: lower --batch-size or --limit")
@@ -1438,6 +1493,10 @@ def load_checkpoint(path):
         [k for k in ("criterion",) if k not in ckpt["extra"]]
     if missing:
         raise data.DataError(f"{path}: written by an older cavp.py (no {', '.join(missing)}); "
+                             "train again, or use the cavp.py version that wrote it")
+    if "visual.aspp.pool.2.running_mean" not in ckpt["model"]:  # image pooling without BatchNorm
+        raise data.DataError(f"{path}: written by an earlier cavp.py whose DeepLabV3+ differs "
+                             "(dilation, ASPP image pooling) and cannot be resumed or tested: "
                              "train again, or use the cavp.py version that wrote it")
     return ckpt
 

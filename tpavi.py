@@ -778,13 +778,15 @@ def evaluate(model, loader, device, amp, binary, num_classes, overlay_dir=None, 
              swap=False, names=None):
     """Dataset-level metrics over this rank's shard, summed over the ranks, and on VPO samples that
     carry silent twins the twin metrics (metrics.TwinMeter); overlays of the first n_overlays
-    frames (legend: `names`). swap: left and right audio channels exchanged."""
+    frames (legend: `names`), each written by the rank whose shard (a Subset of the split) holds it:
+    frame j of sample g when g x (frames per sample) + j < n_overlays. swap: left and right audio
+    channels exchanged."""
     model.eval()
     torch.backends.cudnn.benchmark = False  # test images of every size: no per-shape search
     cm = metrics.ConfusionMatrix(2 if binary else num_classes, device)
     meter = metrics.AVSObjectsMeter(device) if binary else None
     twins = metrics.TwinMeter(num_classes, device)
-    written = 0
+    index, seen = loader.dataset.indices, 0
     for batch in loader:
         image, mask, wave, valid, audio_len = unpack(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -799,11 +801,12 @@ def evaluate(model, loader, device, amp, binary, num_classes, overlay_dir=None, 
         t = image.shape[1]
         for i, name in enumerate(batch["name"]):
             for j in range(t):
-                if written < n_overlays and (valid is None or valid[i, j]):
+                if index[seen + i] * t + j < n_overlays and (valid is None or valid[i, j]):
+                    os.makedirs(overlay_dir, exist_ok=True)
                     stem = str(name).replace(os.sep, "_") + (f"_{j}" if t > 1 else "")
                     save_overlay(os.path.join(overlay_dir, f"{stem}.png"), image[i, j], mask[i, j],
                                  pred[i * t + j], names)
-                    written += 1
+        seen += len(batch["name"])
     cm.all_reduce()
     twins.all_reduce()
     res = dict(cm.compute(), **twins.compute())
@@ -819,7 +822,7 @@ def run_eval(model, loaders, split, weights, device, amp, args, log_path):
     right swapped), logged on rank 0 -> dict(split, weights, metrics)."""
     spec = DATASETS[args.data]
     binary, num_classes = spec["classes"] == 1, spec["classes"]
-    n_overlays = args.overlays if log_path and split == "test" else 0
+    n_overlays = args.overlays if split == "test" else 0
     names = class_names(args.data)
     res = evaluate(model, loaders[split], device, amp, binary, num_classes,
                    os.path.join(args.out, "overlays"), n_overlays, names=names)
@@ -1026,8 +1029,13 @@ def build_data(args, spec, val_split, rank, world, device):
 
 
 def validate(model, loaders, split, run, epoch, device, amp, args, log_path):
-    """The evaluation after an epoch, added to run["history"] and logged -> its metrics."""
+    """The evaluation after an epoch, added to run["history"] and logged -> its metrics; rank 0's
+    buffers on every rank first, so that it scores the weights rank 0 saves (on a CPU, without
+    SyncBatchNorm, each rank's BatchNorm statistics follow its own shard)."""
     start = time.time()
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
     res = run_eval(model, loaders, split, "last", device, amp, args, log_path)
     run["history"].append(dict(epoch=epoch + 1, iteration=run["iteration"], **res))
     if log_path:
@@ -1170,7 +1178,7 @@ def init_distributed(args):
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if args.batch_size % world:
+    if args.batch_size % world and not args.eval_only:  # a training batch; tests shard exactly
         raise data.DataError(f"--batch-size {args.batch_size} is the global batch and does not "
                              f"split over the {world} ranks: give a multiple of {world}, or start "
                              "fewer processes")
@@ -1238,12 +1246,16 @@ def build_datasets(args, spec, splits):
 
 class EpochSampler(torch.utils.data.DistributedSampler):
     """This rank's share of a permutation seeded from (seed, epoch); set_epoch's `skip` leaves out
-    the samples a resumed run has already trained on in that epoch, so the loader is built once."""
-    skip = 0
+    the samples a resumed run has already trained on in that epoch, so the loader is built once,
+    and set_epoch seeds `generator`, the loader's, from which each epoch's workers take their seeds:
+    their augmentation draws depend on the (seed, rank, epoch), not on the process's history."""
+    skip, generator, worker_seed = 0, None, 0
 
     def set_epoch(self, epoch, skip=0):
         super().set_epoch(epoch)
         self.skip = skip
+        if self.generator is not None:  # the epoch's new workers: seeds from (rank seed, epoch)
+            self.generator.manual_seed(self.worker_seed * 100003 + epoch)
 
     def __iter__(self):
         return itertools.islice(super().__iter__(), self.skip, None)
@@ -1253,16 +1265,20 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 
 
 def build_loaders(args, sets, twin_idx, rank, world, device):
-    """The loaders, built once with persistent workers: train (EpochSampler, --batch-size split
-    over the ranks, incomplete batches dropped) and one per evaluation split (exact shards; 'swap':
-    the twins of the test split). Every loader has its own generator, seeded per rank, so loading
-    never draws from the training RNG and each rank's workers draw their own augmentation;
-    bit-exact --resume needs --workers 0 (worker RNG states are not checkpointed)."""
+    """The loaders, built once: train (EpochSampler, --batch-size split over the ranks,
+    incomplete batches dropped; workers started per epoch) and one per evaluation split (exact
+    shards, persistent workers; 'swap': the twins of the test split). Every loader has its own
+    generator, seeded per rank (train: per rank and epoch), so loading never draws from the
+    training RNG and each rank's workers draw their own augmentation. --resume from an epoch's end
+    draws as the run would have; from inside an epoch (--max-iters) the rest of that epoch repeats
+    the worker draws of its first batches (on other samples); --workers 0 resumes bit-exactly (the
+    global RNG is checkpointed)."""
     def loader(dataset, batch_size, sampler=None):
         return torch.utils.data.DataLoader(
             dataset, batch_size, sampler=sampler, num_workers=args.workers,
             collate_fn=data.pad_collate, pin_memory=device.type == "cuda",
-            drop_last=sampler is not None, persistent_workers=args.workers > 0,
+            drop_last=sampler is not None,
+            persistent_workers=args.workers > 0 and sampler is None,
             generator=torch.Generator().manual_seed(rank_seed(args.seed, rank)))
     evals = {split: loader(torch.utils.data.Subset(ds, range(rank, len(ds), world)),
                            args.eval_batch_size) for split, ds in sets.items() if split != "train"}
@@ -1274,7 +1290,9 @@ def build_loaders(args, sets, twin_idx, rank, world, device):
     # (seed, epoch) -> seed * 100003 + epoch: no two seeds share an epoch's order
     sampler = EpochSampler(sets["train"], world, rank, shuffle=True, seed=args.seed * 100003,
                            drop_last=True)
-    return loader(sets["train"], args.batch_size // world, sampler), evals
+    train = loader(sets["train"], args.batch_size // world, sampler)
+    sampler.generator, sampler.worker_seed = train.generator, rank_seed(args.seed, rank)
+    return train, evals
 
 
 # the architecture flags, taken from a checkpoint (one without tpavi_window: the whole clip, 0)

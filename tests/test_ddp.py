@@ -21,6 +21,7 @@ ARGS = Namespace(backbone="resnet18", pretrained="none", output_stride=16, fusio
                  pos_enc="sine", audio_conv1="split", mono=False, contrast="cavp", seed=3, bank_size=4,
                  pos_share=1.0, bank_sources="single",
                  match="class", tau=0.1, anchors_per_group=24, positives="label", unknown="mismatched",
+                 pos_share_of="mismatched", cap_shards=1,
                  bg_groups="one")
 
 
