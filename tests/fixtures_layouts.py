@@ -1,4 +1,5 @@
-"""Writers of tiny datasets in the released VPO / AVSBench layouts (SPEC 1.1-1.2), for tests."""
+"""Writers of tiny datasets in the released VPO / AVSBench layouts (cyh-0/CAVP's VPO release,
+OpenNLPLab/AVSBench), for tests."""
 import csv
 import os
 

@@ -168,7 +168,7 @@ def test_clear_errors(tiny_vpo, tmp_path, argv, needle):
 
 
 def test_builtin_demo_evaluates_four_times(tiny_vpo, tmp_path):
-    """Issue 20: on the built-in VPO an 80-epoch run evaluates at epochs 20, 40, 60, 80 (evaluation costs about
+    """On the built-in VPO an 80-epoch run evaluates at epochs 20, 40, 60, 80 (evaluation costs about
     an epoch there); elsewhere every 5 epochs; a given --eval-every wins."""
     def eval_every(root, *argv):
         args = cavp.parse_args(["--data-root", str(root), *argv])

@@ -2,7 +2,7 @@
 
 The reference below loops over anchors and candidate pixels with Python sets and math.exp/math.log
 in double precision. It is written from the paper (Sec. 4.2, Eq. 2-4) and the project's semantics
-(SPEC 4), not from the vectorised code in cavp.py:
+(README, departures table), not from the vectorised code in cavp.py:
 
 - Eq. (2): E_fg = pixels with a non-background label that is in the audio class set t;
   E_unknown = background pixels of a mismatched re-pair; E_bg = every other non-ignore pixel.
@@ -14,7 +14,7 @@ in double precision. It is written from the paper (Sec. 4.2, Eq. 2-4) and the pr
 - supcon: label = y on matched pairs, 0 on mismatched ones (255 kept as ignore); positives = same
   label, negatives = other label.
 
-The readings of issue 10 (cavp.py flags) are written into the same loops: `unknown` 'literal' puts every
+The readings of Eq. (1)-(3) behind cavp.py flags are written into the same loops: `unknown` 'literal' puts every
 background pixel in E_unknown (Eq. 2 as printed: t != y and y = bg), 'none' none of them; `off` (the
 classes that --match side finds on the wrong side) makes their object pixels unknown; `positives`
 'label' makes a foreground anchor's positives every other E_fg pixel of its label, whatever the audio.

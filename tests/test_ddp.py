@@ -1,4 +1,4 @@
-"""cavp.py and tpavi.py under DDP (issue 18): the global batch is one method on 1 or 2 gloo ranks, ranks draw
+"""cavp.py and tpavi.py under DDP: the global batch is one method on 1 or 2 gloo ranks, ranks draw
 their own augmentation, one failing rank ends the run with its one line, and the bank never returns a sample's
 own clip."""
 import contextlib

@@ -1,4 +1,4 @@
-"""The fast VPO training loader (issue 20) and pans that follow the augmentation (issue 19 item 3), on
+"""The fast VPO training loader and pans that follow the augmentation (--pan crop), on
 fixtures with known rectangle objects written in the released VPO layout."""
 import numpy as np
 import pytest
@@ -130,7 +130,7 @@ def test_single_source_stereo_energy(root):
 
 
 def _reference(ds, i, seed):
-    """The augmentation written plainly on the whole image (the implementation before issue 20): jitter,
+    """The augmentation written plainly on the whole image (a slow, plain reference): jitter,
     flip, resize and normalise the whole image, pad, crop; the mask resized to nearest pixel centres."""
     s = ds.samples[i]
     img = data.read_image(s["image"])

@@ -1,5 +1,5 @@
-"""Issue 13: `--predict` on your own image (cavp.py) or frames (tpavi.py) and sound, run as a user would, and
-the titled training overlays; issue 20: a phone photo at --max-size in bounded time and memory, and WAVs of
+"""`--predict` on your own image (cavp.py) or frames (tpavi.py) and sound, run as a user would, and
+the titled training overlays; a phone photo at --max-size in bounded time and memory, and WAVs of
 more than 2 channels. Tiny checkpoints trained on the tiny built-in VPO."""
 import csv
 import json

@@ -1,4 +1,4 @@
-"""Issue 19, the stereo path: f_CA's position code (--pos-enc) and stereo audio encoders that see the side
+"""The stereo path: f_CA's position code (--pos-enc) and stereo audio encoders that see the side
 at init (--audio-conv1; tpavi.py's audio ResNet-18)."""
 import math
 import types
@@ -119,7 +119,7 @@ def test_stereo_conv1_sees_the_side_under_imagenet(fake_imagenet):
 
 
 def test_stereo_conv1_from_scratch():
-    """--pretrained none: split is a plain fresh conv1 (as before issue 19), mean the blind-at-init control."""
+    """--pretrained none: split is a plain fresh conv1 (the released code's), mean the blind-at-init control."""
     torch.manual_seed(0)
     torchvision.models.resnet18(weights=None)
     fresh = torch.nn.Conv2d(2, 64, 7, 2, 3, bias=False).weight  # the draws AudioEncoder makes
