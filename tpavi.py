@@ -944,8 +944,7 @@ def main(args):
     args.out = run_folder(args, world)
     seed_all(rank_seed(args.seed, rank))
 
-    # AVSBench: the model is selected on val and best.pt tested at the end; VPO has no val split
-    # (its release's "val" is the test set), so it is evaluated on test
+    # AVSBench: selected on val, best.pt tested at the end; VPO has no val split (its "val" = test)
     val_split = "val" if spec["kind"] == "avs" else "test"
     sets, train_loader, eval_loaders = build_data(args, spec, val_split, rank, world, device)
     log_path = os.path.join(args.out, "log.txt") if main_rank else None
@@ -1051,7 +1050,7 @@ def validate(model, loaders, split, run, epoch, device, amp, world, args, log_pa
 
 
 def log_settings(args, num_classes, sets, world, device, amp, log_path):
-    """The run's first two log lines: the model and data settings, the samples per split."""
+    """The run's first log lines: the model and data settings, the samples per split."""
     log(f"tpavi: {args.data} (K={num_classes}{', binary' if num_classes == 1 else ''}) | "
         f"{args.backbone} pretrained={args.pretrained} | TPAVI stages {args.tpavi_stages} | audio "
         f"{args.audio_encoder} {'mono' if args.mono else 'stereo'} | lambda_avm {args.lambda_avm} "
