@@ -935,6 +935,32 @@ def anchor_features(z, idx, pairs, rank, world):
     return feats[to_device(owner * width + slot, z.device)], to_device(mine, z.device)
 
 
+def wrap_model(model, args, device, world, log_path):
+    """The model for training -> (model, net): channels-last and TF32 on CUDA, --compile,
+    SyncBatchNorm (CUDA) and DistributedDataParallel under torchrun."""
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.compile:
+        model.visual.compile()
+    if world > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif world > 1 and log_path:
+        log("note: SyncBatchNorm needs CUDA; on CPU each rank keeps its own BatchNorm statistics",
+            log_path)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return model, nn.parallel.DistributedDataParallel(model, device_ids) if world > 1 else model
+
+
+def rank0_buffers(model, world):
+    """Rank 0's buffers on every rank, so that an evaluation scores the weights rank 0 saves: on a
+    CPU (no SyncBatchNorm) each rank's BatchNorm statistics follow its own shard; on CUDA
+    SyncBatchNorm keeps them equal."""
+    if world > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+
 # ----------------------------------------------------------------------- train / evaluate / predict
 
 
@@ -1060,8 +1086,7 @@ def predict(args):
     if note:
         print(f"note: {note}")
     names = class_names(ckpt["args"]["data"], ckpt["args"].get("s4_labels"))
-    model = CAVPModel(args, len(names)).to(device).eval()
-    model.load_state_dict(ckpt["model"])
+    model = make_model(args, ckpt, ckpt["args"]["data"]).to(device).eval()
     del ckpt  # the optimiser state is not needed: freed before the photo-sized maps
     mel_fn = data.LogMel(frames=300).to(device)
     # any H x W works: DeepLabV3+ resizes its high-level map to the 1/4 one and the logits to the
@@ -1112,33 +1137,25 @@ def main(args):
     resolve_defaults(args, given)
     if args.resume:
         check_resume_args(args, ckpt)
+    spec = DATASETS[args.data]
+    num_classes = len(class_names(args.data, args.s4_labels))
     args.out = run_folder(args, world)
     seed_all(rank_seed(args.seed, rank))
-    spec = DATASETS[args.data]
+
     # AVSBench: selected on val, best.pt tested at the end; VPO has no val split (its "val" = test)
     val_split = "val" if spec["kind"] == "avs" else "test"
-    splits = ["test"] if args.eval_only else sorted({"train", val_split, "test"})
-    sets = build_datasets(args, splits)
-    twins = spec["kind"] == "vpo" and args.eval_audio == "real" and data.attach_twins(sets["test"],
-                                                                                      args.coco_ann)
-    twin_idx = sorted(sets["test"].twins) if twins else []  # VPO-MSMI: sounding objects' twins
-    if args.eval_only:
-        sets["test"] = data.eval_audio_set(sets["test"], args.eval_audio, args.coco_ann, args.seed)
-    train_loader, eval_loaders = build_loaders(args, sets, twin_idx, rank, world, device)
+    sets, train_loader, eval_loaders = build_data(args, spec, val_split, rank, world, device)
     log_path = os.path.join(args.out, "log.txt") if main_rank else None
     if main_rank:
         os.makedirs(os.path.join(args.out, "overlays"), exist_ok=True)
-        log(f"cavp: {' '.join(sys.argv[1:])}", log_path)
-        log(f"settings: {json.dumps(vars(args), sort_keys=True)}", log_path)
-        log(f"{world} rank(s) on {device}, bf16 autocast {amp}", log_path)
-    num_classes = len(class_names(args.data, args.s4_labels))
+        log_settings(args, world, device, amp, log_path)
+
     # 3 s -> 300 frames x 64 mel bins (App. B.1); AVSBench's 1 s comes repeat-padded to 3 s
     mel_fn = data.LogMel(frames=300).to(device)
-    model = CAVPModel(args, num_classes).to(device)
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
+    model = make_model(args, ckpt, args.data).to(device)
     if args.eval_only:
         return run_eval_only(model, eval_loaders, mel_fn, device, amp, args, log_path)
+
     model, net = wrap_model(model, args, device, world, log_path)
     iters_per_epoch = len(train_loader)
     total = min(args.max_iters or math.inf, args.epochs * iters_per_epoch)
@@ -1151,22 +1168,20 @@ def main(args):
         run = resume_run(ckpt, args.resume, optimizer, scheduler, criterion, run, rank, world,
                          log_path)
     meter = Meter(run["iteration"], total, world, ckpt.get("elapsed_s", 0.0) if ckpt else 0.0)
-    res = run["history"][-1] if run["history"] else None  # a resumed finished run keeps its metrics
+    res = run["history"][-1] if run["history"] else None  # a finished run keeps its final metrics
     for epoch in range(run["iteration"] // iters_per_epoch, args.epochs):
         if run["iteration"] >= total:
             break
-        skip = (run["iteration"] - epoch * iters_per_epoch) * (args.batch_size // world)  # resumed
-        train_loader.sampler.set_epoch(epoch, skip)
+        skip = (run["iteration"] - epoch * iters_per_epoch) * (args.batch_size // world)
+        train_loader.sampler.set_epoch(epoch, skip)  # skip: a resume inside the epoch
         run["iteration"] = train_one_epoch(net, train_loader, optimizer, scheduler, criterion,
                                            meter, epoch, run["iteration"], args, log_path)
         run["epoch"] = run["iteration"] // iters_per_epoch
         stop = run["iteration"] >= total
         extra = dict(scheduler=scheduler.state_dict(), criterion=criterion.state_dict())
         if stop or (epoch + 1) % args.eval_every == 0:
-            rank0_buffers(model, world)
-            res = run_eval(model, eval_loaders, val_split, "last", mel_fn, device, amp, args,
-                           log_path, epoch + 1)
-            run["history"].append(dict(epoch=epoch + 1, iteration=run["iteration"], **res))
+            res = validate(model, eval_loaders, val_split, run, epoch, mel_fn, device, amp, world,
+                           args, log_path)
             if res[run["metric"]] > run["best"]:
                 run["best"] = res[run["metric"]]
                 save_checkpoint(main_rank and os.path.join(args.out, "best.pt"), model, optimizer,
@@ -1189,30 +1204,41 @@ def main(args):
     return res
 
 
-def wrap_model(model, args, device, world, log_path):
-    """The model for training -> (model, net): channels-last and TF32 on CUDA, --compile,
-    SyncBatchNorm (CUDA) and DistributedDataParallel under torchrun."""
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.compile:
-        model.visual.compile()
-    if world > 1 and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif world > 1 and log_path:
-        log("note: SyncBatchNorm needs CUDA; on CPU each rank keeps its own BatchNorm statistics",
-            log_path)
-    device_ids = [device.index] if device.type == "cuda" else None
-    return model, nn.parallel.DistributedDataParallel(model, device_ids) if world > 1 else model
+def make_model(args, ckpt, dataset):
+    """CAVPModel of the flags for `dataset`; with a checkpoint, its weights."""
+    model = CAVPModel(args, len(class_names(dataset, args.s4_labels)))
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    return model
 
 
-def rank0_buffers(model, world):
-    """Rank 0's buffers on every rank, so that an evaluation scores the weights rank 0 saves: on a
-    CPU (no SyncBatchNorm) each rank's BatchNorm statistics follow its own shard; on CUDA
-    SyncBatchNorm keeps them equal."""
-    if world > 1:
-        for buffer in model.buffers():
-            dist.broadcast(buffer, 0)
+def build_data(args, spec, val_split, rank, world, device):
+    """The datasets (--eval-only: test, with --eval-audio's audio) and their loaders."""
+    sets = build_datasets(args, ["test"] if args.eval_only else
+                          sorted({"train", val_split, "test"}))
+    twin_idx = []
+    if spec["kind"] == "vpo" and args.eval_audio == "real" and \
+            data.attach_twins(sets["test"], args.coco_ann):
+        twin_idx = sorted(sets["test"].twins)  # VPO-MSMI: images whose sounding object has twins
+    if args.eval_only:
+        sets["test"] = data.eval_audio_set(sets["test"], args.eval_audio, args.coco_ann, args.seed)
+    return (sets, *build_loaders(args, sets, twin_idx, rank, world, device))
+
+
+def validate(model, loaders, split, run, epoch, mel_fn, device, amp, world, args, log_path):
+    """The evaluation after an epoch (of rank 0's weights), added to run["history"] and logged
+    -> its metrics."""
+    rank0_buffers(model, world)
+    res = run_eval(model, loaders, split, "last", mel_fn, device, amp, args, log_path, epoch + 1)
+    run["history"].append(dict(epoch=epoch + 1, iteration=run["iteration"], **res))
+    return res
+
+
+def log_settings(args, world, device, amp, log_path):
+    """The run's first log lines: the command line, the settings, the ranks."""
+    log(f"cavp: {' '.join(sys.argv[1:])}", log_path)
+    log(f"settings: {json.dumps(vars(args), sort_keys=True)}", log_path)
+    log(f"{world} rank(s) on {device}, bf16 autocast {amp}", log_path)
 
 
 def run_eval_only(model, loaders, mel_fn, device, amp, args, log_path):

@@ -225,6 +225,16 @@ def resolve_defaults(args, given):
     return args
 
 
+def class_names(dataset):
+    """VPO's 22 classes, background / sounding object (S4 / MS3, binary), AVSS class ids."""
+    spec = DATASETS[dataset]
+    if spec["kind"] == "vpo":
+        return data.VPO_CLASSES
+    if spec["classes"] == 1:
+        return ["background", "sounding object"]
+    return [f"class {i}" for i in range(spec["classes"])]
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -668,7 +678,7 @@ class Criterion:
         return loss_seg + self.lam * loss_avm, dict(seg=loss_seg, avm=loss_avm)  # Eq. (1)
 
 
-# ------------------------------------------------------------------------- global batch under DDP
+# --------------------------------------------------------------------------- global batch under DDP
 # Each rank holds --batch-size / world clips. A rank's loss is its share of the global batch's loss
 # times `world`: DDP averages the gradients over the ranks, which makes them the global loss's.
 
@@ -691,27 +701,34 @@ def global_sum(values, world):
     return values.sum() * world
 
 
-def training_model(model, args, device, world, log_path):
-    """The module to train: channels-last and TF32 on CUDA, --compile; under torchrun
-    SyncBatchNorm on CUDA and the DDP wrapper (`model` stays the module that holds the weights)."""
+def wrap_model(model, args, device, world, log_path):
+    """The model for training -> (model, net): channels-last and TF32 on CUDA, --compile,
+    SyncBatchNorm (CUDA) and DistributedDataParallel under torchrun."""
     if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.compile:
         model.encoder.compile()
-    if world == 1:
-        return model
-    if device.type == "cuda":
+    if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif log_path:
+    elif world > 1 and log_path:
         log("note: SyncBatchNorm runs on CUDA only; on CPU each rank keeps its own BatchNorm "
             "statistics", log_path)
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=not args.tpavi_stages)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return model, nn.parallel.DistributedDataParallel(
+        model, device_ids, find_unused_parameters=not args.tpavi_stages) if world > 1 else model
 
 
-# --------------------------------------------------------------------- train / evaluate / predict
+def rank0_buffers(model, world):
+    """Rank 0's buffers on every rank, so that an evaluation scores the weights rank 0 saves: on a
+    CPU (no SyncBatchNorm) each rank's BatchNorm statistics follow its own shard; on CUDA
+    SyncBatchNorm keeps them equal."""
+    if world > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+
+# ----------------------------------------------------------------------- train / evaluate / predict
 
 
 def unpack(batch, device):
@@ -747,16 +764,6 @@ def train_one_epoch(net, loader, optimizer, criterion, meter, epoch, iteration, 
         if iteration >= meter.total:
             break
     return iteration
-
-
-def class_names(dataset):
-    """VPO's 22 classes, background / sounding object (S4 / MS3, binary), AVSS class ids."""
-    spec = DATASETS[dataset]
-    if spec["kind"] == "vpo":
-        return data.VPO_CLASSES
-    if spec["classes"] == 1:
-        return ["background", "sounding object"]
-    return [f"class {i}" for i in range(spec["classes"])]
 
 
 def to_labels(logits, binary):
@@ -937,8 +944,7 @@ def main(args):
     args.out = run_folder(args, world)
     seed_all(rank_seed(args.seed, rank))
 
-    # AVSBench: the model is selected on val and best.pt tested at the end; VPO has no val split
-    # (its release's "val" is the test set), so it is evaluated on test
+    # AVSBench: selected on val, best.pt tested at the end; VPO has no val split (its "val" = test)
     val_split = "val" if spec["kind"] == "avs" else "test"
     sets, train_loader, eval_loaders = build_data(args, spec, val_split, rank, world, device)
     log_path = os.path.join(args.out, "log.txt") if main_rank else None
@@ -952,19 +958,18 @@ def main(args):
     if args.eval_only:
         return run_eval_only(model, eval_loaders, device, amp, args, log_path)
 
-    net = training_model(model, args, device, world, log_path)
-    optimizer = make_optimizer(model, args)
+    model, net = wrap_model(model, args, device, world, log_path)
     iters_per_epoch = len(train_loader)
     if iters_per_epoch == 0:
         raise data.DataError(f"{args.data} train split has {len(sets['train'])} samples, fewer "
                              f"than --batch-size {args.batch_size}: lower --batch-size or --limit")
     total = min(args.max_iters or math.inf, args.epochs * iters_per_epoch)
+    optimizer = make_optimizer(model, args)
+    criterion = Criterion(args, binary, device, amp, world)
     # model selection as the released train.py: M_J (S4 / MS3), mIoU (AVSS)
     run = dict(iteration=0, epoch=0, best=-math.inf, metric="mj" if binary else "miou", history=[])
     if ckpt:
         run = resume_run(ckpt, args.resume, optimizer, run, rank, world, log_path)
-
-    criterion = Criterion(args, binary, device, amp, world)
     meter = Meter(run["iteration"], total, world, ckpt.get("elapsed_s", 0.0) if ckpt else 0.0)
     res = run["history"][-1] if run["history"] else None  # a finished run keeps its final metrics
     for epoch in range(run["iteration"] // iters_per_epoch, args.epochs):
@@ -976,16 +981,18 @@ def main(args):
                                            run["iteration"], args, log_path)
         run["epoch"] = run["iteration"] // iters_per_epoch
         stop = run["iteration"] >= total
+        extra = {}  # the optimiser is all of the training state
         if stop or (epoch + 1) % args.eval_every == 0:
-            res = validate(model, eval_loaders, val_split, run, epoch, device, amp, args, log_path)
+            res = validate(model, eval_loaders, val_split, run, epoch, device, amp, world, args,
+                           log_path)
             if res[run["metric"]] > run["best"]:
                 run["best"] = res[run["metric"]]
                 save_checkpoint(main_rank and os.path.join(args.out, "best.pt"), model, optimizer,
-                                run, meter, args, {}, world)
+                                run, meter, args, extra, world)
             write_metrics(main_rank, args, run, val_split, res if val_split == "test" else None,
                           meter)
         save_checkpoint(main_rank and os.path.join(args.out, "last.pt"), model, optimizer, run,
-                        meter, args, {}, world)
+                        meter, args, extra, world)
         if stop:
             break
     if world > 1:
@@ -1028,14 +1035,11 @@ def build_data(args, spec, val_split, rank, world, device):
     return (sets, *build_loaders(args, sets, twin_idx, rank, world, device))
 
 
-def validate(model, loaders, split, run, epoch, device, amp, args, log_path):
-    """The evaluation after an epoch, added to run["history"] and logged -> its metrics; rank 0's
-    buffers on every rank first, so that it scores the weights rank 0 saves (on a CPU, without
-    SyncBatchNorm, each rank's BatchNorm statistics follow its own shard)."""
+def validate(model, loaders, split, run, epoch, device, amp, world, args, log_path):
+    """The evaluation after an epoch (of rank 0's weights), added to run["history"] and logged
+    -> its metrics."""
     start = time.time()
-    if dist.is_initialized():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, 0)
+    rank0_buffers(model, world)
     res = run_eval(model, loaders, split, "last", device, amp, args, log_path)
     run["history"].append(dict(epoch=epoch + 1, iteration=run["iteration"], **res))
     if log_path:
@@ -1046,7 +1050,7 @@ def validate(model, loaders, split, run, epoch, device, amp, args, log_path):
 
 
 def log_settings(args, num_classes, sets, world, device, amp, log_path):
-    """The run's first two log lines: the model and data settings, the samples per split."""
+    """The run's first log lines: the model and data settings, the samples per split."""
     log(f"tpavi: {args.data} (K={num_classes}{', binary' if num_classes == 1 else ''}) | "
         f"{args.backbone} pretrained={args.pretrained} | TPAVI stages {args.tpavi_stages} | audio "
         f"{args.audio_encoder} {'mono' if args.mono else 'stereo'} | lambda_avm {args.lambda_avm} "
