@@ -443,13 +443,8 @@ class VGGish(nn.Module):
 
 def load_state(module, path, what, rename=lambda k: k):
     """Load the tensors of a local state dict whose names and shapes match -> (matched, total)."""
-    if not os.path.isfile(path):
-        raise data.DataError(f"{what} {path}: no such file (give a local .pth state dict)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise data.DataError(f"{what} {path}: cannot read it as a torch state dict "
-                             f"({type(e).__name__})") from e
+    state = read_torch(path, f"{what} {path}: no such file (give a local .pth state dict)",
+                       lambda err: f"{what} {path}: cannot read it as a torch state dict ({err})")
     state = state.get("state_dict", state.get("model", state))
     own = module.state_dict()
     state = {rename(k.removeprefix("module.")): v for k, v in state.items()}
@@ -1351,17 +1346,24 @@ def from_release(state_dict):
     return out
 
 
+def read_torch(path, missing, unreadable):
+    """torch.load of a file of tensors and plain containers (weights_only=True), or a one-line
+    DataError: `missing` when there is no such file, unreadable(exception type) otherwise."""
+    if not os.path.isfile(path):
+        raise data.DataError(missing)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise data.DataError(unreadable(type(e).__name__)) from None
+
+
 def load_checkpoint(path):
     """A last.pt / best.pt of this script (plain containers, read with weights_only=True), or a
     released AVSBench state dict (from_release; architecture from its names and shapes); anything
     else, a missing file included, is a one-line DataError naming the file."""
-    if not os.path.isfile(path):
-        raise data.DataError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise data.DataError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
-                             "pass a last.pt/best.pt written by tpavi.py") from None
+    ckpt = read_torch(path, f"{path}: checkpoint not found",
+                      lambda err: f"{path}: not a readable checkpoint ({err}); pass a "
+                                  "last.pt/best.pt written by tpavi.py")
     if isinstance(ckpt, dict) and any(re.match(r"(module\.)?(tpavi_b\d|output_conv)\.", str(k))
                                       for k in ckpt):
         try:
