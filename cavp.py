@@ -76,7 +76,7 @@ def parse_args(argv=None):
            "its object's centre after flip, scale and crop (crop)")
     g("--crop", type=int, default=512,
       help="training crop (App. B.1: %(default)s; AVSBench resized: the frame size; built-in VPO: "
-           "its image size)")
+           "3/4 of its image size)")
     g("--s4-labels", default=None, choices=["category", "binary"],
       help="avsbench_s4 training classes: the CSV category (default; other categories are "
            "negatives in Eq. (1)-(3)) or binary (as cyh-0/CAVP); tested binary either way")
@@ -101,6 +101,11 @@ def parse_args(argv=None):
     g("--heads", type=int, default=4, help="f_CA attention heads (%(default)s)")
     g("--pos-enc", default="none", choices=["none", "sine"],
       help="f_CA query position code: none (the paper) or 2-D sine (ref. [55]); docs/RESULTS.md")
+    g("--mel-hop", type=int, default=10,
+      help="log-mel hop in ms: 3 s -> 3000 / HOP frames (App. B.1: %(default)s, 300 frames; "
+           "built-in VPO: 20)")
+    g("--mel-bands", type=int, default=64,
+      help="log-mel bands, 125-3800 Hz (App. B.1: %(default)s; built-in VPO: 32)")
     g("--audio-conv1", default="split", choices=["split", "mean"],
       help="stereo audio conv1 at init: an L + R filter and a fresh L - R one (split; this "
            "project's choice: it sees the side from the start, docs/RESULTS.md) or one (mean)")
@@ -170,7 +175,7 @@ def parse_args(argv=None):
       help="COCO instances JSON of the test images, for --eval-audio absent (default: the built-in "
            "VPO's DATA_ROOT/sources/coco/annotations/instances_val2017.json)")
     g("--eval-every", type=int, default=5,
-      help="evaluate every N epochs and after the last (%(default)s; built-in VPO: 20)")
+      help="evaluate every N epochs and after the last (%(default)s; built-in VPO: 40)")
     g("--eval-batch-size", type=int, default=1,
       help="test batch per rank (App. B.1: %(default)s, original resolution; AVSBench resized and "
            "built-in VPO: 16)")
@@ -185,7 +190,8 @@ def parse_args(argv=None):
     g("--audio-pos", type=float, default=None, metavar="A",
       help="pan the clip to position A, 0 = left .. 1 = right, as VPO (Sec. 3); for a mono clip")
     g("--max-size", type=int, default=None, metavar="PX",
-      help="run at a long side of at most PX, never enlarged (default: the checkpoint's crop)")
+      help="run at a long side of at most PX, never enlarged (default: the checkpoint's crop; "
+           "built-in VPO: its image size)")
 
     args = p.parse_args(argv)
     vpo = DATASETS[args.data]["kind"] == "vpo"
@@ -215,6 +221,10 @@ def parse_args(argv=None):
             *[(getattr(args, flag) is not None and getattr(args, flag) < 1,
                f"--{flag.replace('_', '-')} must be >= 1") for flag in positive],
             (not 0 <= args.pos_share <= 1, "--pos-share must be in [0, 1]"),
+            (not 1 <= args.mel_hop <= 25,
+             "--mel-hop must be 1..25 ms, so that the 25 ms windows cover the clip"),
+            (not 8 <= args.mel_bands <= 80,
+             "--mel-bands must be 8..80: a 512-point FFT leaves finer mel filters empty"),
             (args.batch_size % args.cap_shards,
              f"--cap-shards {args.cap_shards} does not divide --batch-size {args.batch_size}"),
             (args.pos_enc != "none" and args.fusion != "ca",
@@ -248,8 +258,10 @@ BUILTIN = dict(
     output_stride=16,        # layer3-4 and ASPP at a quarter of stride 8's cost
     lr=1e-2,                 # from scratch, a higher lr
     anchors_per_group=128,   # 64 px images: 1/64 of the paper's crop area
+    mel_hop=20,              # 150 x 32 log-mels: the audio encoder at 1/4 of 300 x 64's cost;
+    mel_bands=32,            # the built-in sounds pulse at <= 20 Hz (Nyquist of a 20 ms hop)
     eval_batch_size=16,      # one image size: the batch does not change the result
-    eval_every=20,           # an evaluation (450 images, L/R-swapped twins) ~ 1.3 epochs: 4 in 80
+    eval_every=40,           # an evaluation (450 images, L/R-swapped twins) ~ 1.3 epochs: 2 in 80
     workers=2,               # the CPU that trains also loads
 )
 
@@ -258,7 +270,7 @@ def resolve_defaults(args, given):
     """The values of the flags not in `given` where the data asks for others than the paper's:
     AVSBench (mono, as cyh-0/CAVP reads it; S4 trained on its categories; resized frames: crop =
     frame, eval batch 16) or the built-in VPO (BUILTIN)."""
-    spec, args.builtin, values = DATASETS[args.data], False, {}
+    spec, args.builtin, args.image_size, values = DATASETS[args.data], False, None, {}
     if spec["kind"] == "avs":
         args.resize = spec["resize"] if args.resize is None else args.resize
         args.mono = True if args.mono is None else args.mono
@@ -270,7 +282,9 @@ def resolve_defaults(args, given):
         with open(summary) as f:
             info = json.load(f)
         if info.get("synthetic"):
-            values, args.builtin = dict(BUILTIN, crop=int(info["image_size"])), True
+            # crops of 3/4 the image side: 0.56 of the pixels per training step; tested whole
+            args.builtin, args.image_size = True, int(info["image_size"])
+            values = dict(BUILTIN, crop=args.image_size * 3 // 4)
     for key, value in values.items():
         if key not in given:
             setattr(args, key, value)
@@ -322,18 +336,20 @@ class CrossAttention(nn.Module):
         return (s - lo) / (hi - lo + 1e-6)
 
     def forward(self, u_v, u_a, size):
-        """u_v (B, N, D) visual tokens of an h x w grid (size), u_a (B, D) audio -> fused z (B, N,
-        D), attention map (B, N)."""
+        """u_v (b, N, D) visual tokens of an h x w grid (size), u_a (B, D) audio, B = r b: image i
+        is fused with clips i, b + i, ... -> fused z (B, N, D), attention map (B, N). The visual
+        side (MLP, query) is computed once per image."""
         b, n, d = u_v.shape
+        r = u_a.shape[0] // b
         u_v = self.visual_mlp(u_v)
         qv, ka = self.norm(u_v), self.norm(u_a)
         if self.pos_enc == "sine":
             qv = qv + sine_position_code(*size, d, device=qv.device).to(qv.dtype)
-        q = self.q(qv).view(b, n, self.heads, -1).transpose(1, 2)        # B h N d'
-        k = self.k(ka).view(b, self.heads, -1, 1)                        # B h d' 1
-        v = self.v(ka).view(b, self.heads, 1, -1)                        # B h 1 d'
+        q = self.q(qv).repeat(r, 1, 1).view(r * b, n, self.heads, -1).transpose(1, 2)  # B h N d'
+        k = self.k(ka).view(r * b, self.heads, -1, 1)                    # B h d' 1
+        v = self.v(ka).view(r * b, self.heads, 1, -1)                    # B h 1 d'
         a = self.activation(q @ k * q.shape[-1] ** -0.5)                 # B h N 1
-        x = u_v + self.o((a * v).transpose(1, 2).reshape(b, n, d))       # residual u_v (+) f_MHA
+        x = u_v.repeat(r, 1, 1) + self.o((a * v).transpose(1, 2).reshape(r * b, n, d))  # (+) f_MHA
         x = x + self.mlp(self.norm_mlp(x))
         return self.norm_out(x), a.mean(1).squeeze(-1)
 
@@ -370,6 +386,7 @@ class AudioQueryFusion(nn.Module):
 
     def forward(self, u_v, u_a, size=None):
         """As CrossAttention.forward; size is not used (no position code)."""
+        u_v = u_v.repeat(u_a.shape[0] // u_v.shape[0], 1, 1)
         out, w = self.mha(u_a[:, None], u_v, u_v)  # audio query, softmax over the pixels
         return u_v + u_v * out, w[:, 0]
 
@@ -401,7 +418,7 @@ class CAVPModel(nn.Module):
         tokens = feat.flatten(2).transpose(1, 2)
         u_a = self.audio(mel)
         u_a = pair_embeddings(u_a, pairing) if pairing is not None else u_a
-        z, attn = self.fusion(tokens.repeat(u_a.shape[0] // b, 1, 1), u_a, (h, w))
+        z, attn = self.fusion(tokens, u_a, (h, w))
         z = z.transpose(1, 2).reshape(-1, d, h, w)
         logits = F.interpolate(self.classifier(z[:b]), size=image.shape[2:], mode="bilinear",
                                align_corners=False)
@@ -1080,7 +1097,8 @@ def predict(args):
     use_checkpoint_args(args, ckpt)
     device = init_distributed(args)[0]
     amp = not args.no_amp and native_bf16(device)
-    max_size = args.max_size or ckpt["args"]["crop"]  # the scale the model was trained at
+    # the scale the model was trained at: the built-in VPO's image size, else the crop
+    max_size = args.max_size or ckpt["args"].get("image_size") or ckpt["args"]["crop"]
     image, rgb, size = data.read_rgb(args.predict, max_size)
     wave, note = data.load_predict_audio(args.audio, stereo=not args.mono, audio_pos=args.audio_pos)
     if note:
@@ -1088,7 +1106,7 @@ def predict(args):
     names = class_names(ckpt["args"]["data"], ckpt["args"].get("s4_labels"))
     model = make_model(args, ckpt, ckpt["args"]["data"]).to(device).eval()
     del ckpt  # the optimiser state is not needed: freed before the photo-sized maps
-    mel_fn = data.LogMel(frames=300).to(device)
+    mel_fn = log_mel(args).to(device)
     # any H x W works: DeepLabV3+ resizes its high-level map to the 1/4 one and the logits to the
     # input
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -1150,8 +1168,7 @@ def main(args):
         os.makedirs(os.path.join(args.out, "overlays"), exist_ok=True)
         log_settings(args, world, device, amp, log_path)
 
-    # 3 s -> 300 frames x 64 mel bins (App. B.1); AVSBench's 1 s comes repeat-padded to 3 s
-    mel_fn = data.LogMel(frames=300).to(device)
+    mel_fn = log_mel(args).to(device)
     model = make_model(args, ckpt, args.data).to(device)
     if args.eval_only:
         return run_eval_only(model, eval_loaders, mel_fn, device, amp, args, log_path)
@@ -1202,6 +1219,13 @@ def main(args):
         log(f"done in {meter.elapsed():.0f} s; best {dict(miou='mIoU', mj='M_J')[run['metric']]} "
             f"{100 * run['best']:.2f}; run folder {args.out}", log_path)
     return res
+
+
+def log_mel(args):
+    """The audio front end: 3 s -> 3000 / --mel-hop frames x --mel-bands (App. B.1: 300 x 64);
+    AVSBench's 1 s comes repeat-padded to 3 s."""
+    return data.LogMel(frames=3000 // args.mel_hop, hop=data.SAMPLE_RATE // 1000 * args.mel_hop,
+                       bands=args.mel_bands)
 
 
 def make_model(args, ckpt, dataset):
@@ -1497,7 +1521,8 @@ def build_loaders(args, sets, twin_idx, rank, world, device):
 
 # taken from a checkpoint
 CKPT_KEYS = ("backbone", "output_stride", "fusion", "attn", "heads", "pos_enc", "audio_conv1",
-             "mono", "s4_labels")
+             "mono", "s4_labels", "mel_hop", "mel_bands")
+RELEASE_LOG_MEL = dict(mel_hop=10, mel_bands=64)  # a checkpoint that names no log-mel used this
 
 
 def load_checkpoint(path):
@@ -1515,6 +1540,7 @@ def load_checkpoint(path):
             else ""
         raise data.DataError(f"{path}: not a cavp.py checkpoint{by}; pass a last.pt/best.pt "
                              "written by cavp.py")
+    ckpt["args"] = {**RELEASE_LOG_MEL, **ckpt["args"]}
     missing = [k for k in CKPT_KEYS if k not in ckpt["args"]] + \
         [k for k in ("criterion",) if k not in ckpt["extra"]]
     if missing:

@@ -369,17 +369,18 @@ def load_clip(path, sample_rate=SAMPLE_RATE, seconds=3.0, centre=True, mono=Fals
 
 class LogMel(torch.nn.Module):
     """The audio front end of the released cyh-0/CAVP code: (B, C, N) waveform -> (B, C, frames,
-    64) scaled log-mel, per channel."""
+    bands) scaled log-mel, per channel; 25 ms windows every `hop` samples (160: 10 ms), 64 bands.
+    """
 
-    def __init__(self, sample_rate=SAMPLE_RATE, frames=None):
+    def __init__(self, sample_rate=SAMPLE_RATE, frames=None, hop=160, bands=64):
         super().__init__()
         self.frames = frames
         self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=sample_rate, n_fft=512, win_length=400, hop_length=160, n_mels=64,
+            sample_rate=sample_rate, n_fft=512, win_length=400, hop_length=hop, n_mels=bands,
             f_min=125.0, f_max=3800.0, power=2.0, window_fn=torch.hann_window)
 
     def forward(self, wave_):
-        x = self.mel(wave_.float()).transpose(-1, -2)  # (B, C, frames, 64)
+        x = self.mel(wave_.float()).transpose(-1, -2)  # (B, C, frames, bands)
         if self.frames is not None:
             x = x[..., :self.frames, :]
         return 20.0 * torch.log10(x.clamp_min(1e-5)) / 100.0  # 20*log10(max(x,1e-5))/100

@@ -41,6 +41,24 @@ def test_shapes(fusion, attn, mono):
         assert (z2[2] - z[0]).abs().max() > 0  # the audio matters
 
 
+@pytest.mark.parametrize("fusion", ["ca", "tpavi"])
+def test_fusion_of_several_clips_per_image_against_a_loop(fusion):
+    """Training fuses image i with clips i and b + i (its pair and its re-pair): the visual side,
+    computed once per image, gives what fusing every (image, clip) pair on its own gives, and the
+    same gradients."""
+    torch.manual_seed(0)
+    block = cavp.CrossAttention(32, 4, "sigmoid") if fusion == "ca" else cavp.AudioQueryFusion(32, 4)
+    u_v, u_a = torch.randn(3, 20, 32, requires_grad=True), torch.randn(6, 32, requires_grad=True)
+    z, a = block(u_v, u_a, (4, 5))
+    loop = [block(u_v[j % 3][None], u_a[j][None], (4, 5)) for j in range(6)]
+    torch.testing.assert_close(z, torch.cat([x for x, _ in loop]), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a, torch.cat([y for _, y in loop]), atol=1e-6, rtol=1e-5)
+    got = torch.autograd.grad(z.square().sum() + a.sum(), (u_v, u_a))
+    want = torch.autograd.grad(sum(x.square().sum() + y.sum() for x, y in loop), (u_v, u_a))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
 def test_attention_activations():
     s = torch.randn(2, 4, 30, 1) * 3
     for name, check in [("sigmoid", lambda a: torch.allclose(a, torch.sigmoid(s))),
@@ -158,6 +176,8 @@ def test_ddp_gloo_one_step(tiny_vpo, tmp_path):
     (["--eval-only", "--ckpt", "pytest.ini"], "pytest.ini: not a readable checkpoint"),
     (["--eval-audio", "silence"], "--eval-audio silence is for --eval-only"),
     (["--match", "side", "--mono"], "--match side compares stereo positions"),
+    (["--mel-hop", "30"], "--mel-hop must be 1..25 ms"),
+    (["--mel-bands", "96"], "--mel-bands must be 8..80"),
 ])
 def test_clear_errors(tiny_vpo, tmp_path, argv, needle):
     base = ["--data-root", tiny_vpo, "--out", tmp_path / "e", "--workers", "0"]
@@ -167,10 +187,17 @@ def test_clear_errors(tiny_vpo, tmp_path, argv, needle):
     assert needle in proc.stderr.strip().splitlines()[-1]
 
 
-def test_builtin_demo_evaluates_four_times(tiny_vpo, tmp_path):
-    """On the built-in VPO an 80-epoch run evaluates at epochs 20, 40, 60, 80 (evaluation costs about
-    an epoch there); elsewhere every 5 epochs; a given --eval-every wins."""
-    def eval_every(root, *argv):
+def test_builtin_demo_settings(tiny_vpo, tmp_path):
+    """On the built-in VPO an 80-epoch run evaluates at epochs 40 and 80 (an evaluation costs about
+    an epoch there), trains on crops of 3/4 the image side with 150 x 32 log-mels; elsewhere the
+    paper's values (every 5 epochs, crop 512, 300 x 64); a given flag wins."""
+    def settings(root, *argv):
         args = cavp.parse_args(["--data-root", str(root), *argv])
-        return cavp.resolve_defaults(args, args.given).eval_every
-    assert eval_every(tiny_vpo) == 20 and eval_every(tmp_path) == 5 and eval_every(tiny_vpo, "--eval-every", "1") == 1
+        args = cavp.resolve_defaults(args, args.given)
+        return args.eval_every, args.crop, args.mel_hop, args.mel_bands
+    assert settings(tiny_vpo) == (40, 48, 20, 32)
+    assert settings(tmp_path) == (5, 512, 10, 64)
+    assert settings(tiny_vpo, "--eval-every", "1", "--crop", "64", "--mel-hop", "10") == (1, 64, 10, 32)
+    assert cavp.log_mel(cavp.parse_args([]))(torch.zeros(1, 2, 48000)).shape == (1, 2, 300, 64)
+    assert cavp.log_mel(cavp.parse_args(["--mel-hop", "20", "--mel-bands", "32"]))(
+        torch.zeros(1, 2, 48000)).shape == (1, 2, 150, 32)

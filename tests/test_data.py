@@ -136,6 +136,13 @@ def test_logmel_silence_shape_and_floor():
     assert LogMel()(torch.zeros(1, 1, 48000)).shape == (1, 1, 301, 64)
 
 
+def test_logmel_hop_takes_every_other_frame():
+    """A 20 ms hop gives the 10 ms hop's even frames (same 25 ms windows at the same centres)."""
+    x = torch.randn(1, 2, 48000) * 0.1
+    torch.testing.assert_close(LogMel(frames=150, hop=320)(x), LogMel(frames=300)(x)[..., ::2, :])
+    assert LogMel(frames=150, hop=320, bands=32)(x).shape == (1, 2, 150, 32)
+
+
 def test_logmel_tone_bin_and_scale():
     t = torch.arange(48000) / 16000
     tone = 0.1 * torch.sin(2 * math.pi * 1000 * t)[None, None]

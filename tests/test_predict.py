@@ -85,7 +85,7 @@ def eval_path_shares(ckpt_path, image_path, wave_, model_size=None):
     small = rgb.resize(model_size[::-1], Image.BILINEAR) if model_size else rgb
     image = data.normalize(torch.from_numpy(np.array(small)).permute(2, 0, 1))
     with torch.no_grad():
-        logits = model(image[None], data.LogMel(frames=300)(wave_[None]))[0]
+        logits = model(image[None], cavp.log_mel(args)(wave_[None]))[0]
     logits = F.interpolate(logits, rgb.size[::-1], mode="bilinear", align_corners=False)
     return data.class_shares(logits.argmax(1)[0], data.VPO_CLASSES)
 
@@ -109,7 +109,7 @@ def test_cavp_predict_builtin_image(tiny_vpo, cavp_ckpt, tmp_path):
     assert (res["height"], res["width"]) == (h, w)
     assert res["image"] == image and res["audio"] == wav and res["audio_pos"] == float(pos)
     assert res["checkpoint"] == cavp_ckpt and res["audio_note"] is None
-    assert res["max_size"] == 64 and res["model_size"] == [h, w]  # default: the built-in run's crop, the image size
+    assert res["max_size"] == 64 and res["model_size"] == [h, w]  # default: the built-in image size
     k = -(-PANEL_MIN // h)  # the 64 px panels are upscaled by k
     assert Image.open(out + ".png").size[0] == panels_width(k * w, 3)  # image | prediction | attention
     assert res["classes"] == list(res["shares"]) and set(res["classes"]) <= set(data.VPO_CLASSES[1:])
@@ -130,6 +130,20 @@ def test_cavp_predict_silence_equals_eval_path(tiny_vpo, cavp_ckpt, tmp_path):
     assert res["audio_pos"] == 0.5
     assert_same_shares(res["shares"], eval_path_shares(cavp_ckpt, image, torch.zeros(2, 3 * SAMPLE_RATE)),
                        res["height"] * res["width"])
+
+
+def test_checkpoint_keeps_its_log_mel(cavp_ckpt, tmp_path):
+    """The built-in run's 150 x 32 log-mel comes back from its checkpoint (it overrides the flags); a
+    checkpoint that names no log-mel was trained on the release's 300 x 64."""
+    args = cavp.parse_args(["--mel-hop", "10", "--mel-bands", "64"])
+    cavp.use_checkpoint_args(args, cavp.load_checkpoint(cavp_ckpt))
+    assert (args.mel_hop, args.mel_bands) == (20, 32)
+    ckpt = torch.load(cavp_ckpt, weights_only=True)
+    for key in ("mel_hop", "mel_bands"):
+        del ckpt["args"][key]
+    torch.save(ckpt, tmp_path / "unnamed.pt")
+    cavp.use_checkpoint_args(args, cavp.load_checkpoint(str(tmp_path / "unnamed.pt")))
+    assert (args.mel_hop, args.mel_bands) == (10, 64)
 
 
 def test_cavp_predict_external_inputs(cavp_ckpt, tmp_path):
