@@ -1,0 +1,50 @@
+"""Cost of the README's demo step in fp32: cavp.py's training images/s on the built-in VPO-MSMI with
+the built-in settings against the paper's audio front end and whole-image crops, side by side.
+
+Modes (all --no-amp, so the figures hold for a CPU without native bf16):
+  builtin  the built-in defaults (150 x 32 log-mels, crops of 3/4 the image side)
+  paper    the same with --mel-hop 10 --mel-bands 64 (300 x 64, App. B.1) and --crop 64
+  before   (with --before DIR) DIR's cavp.py with its own defaults: another version of this
+           repository, e.g. `git worktree add /tmp/before <commit>`
+The modes alternate for --rounds rounds so that a background load hits all alike; each run's
+metrics.json train_images_per_s (training time only, the first step left out) is collected, and
+the medians and their ratios are printed.
+
+    python benchmarks/demo_cost.py --data-root data --rounds 3 --iters 40 [--before /tmp/before]
+"""
+import argparse
+import os
+import statistics
+import sys
+
+from step_cost import ROOT, alternate
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default="data",
+                   help="built-in VPO root (python vpo_make.py --synthetic --out data)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per mode")
+    p.add_argument("--iters", type=int, default=40,
+                   help="training iterations per run (the first is not timed)")
+    p.add_argument("--before", default=None,
+                   help="a checkout of another version whose cavp.py to compare with")
+    args = p.parse_args()
+    common = ["--data", "vpo_msmi", "--data-root", os.path.abspath(args.data_root), "--no-amp",
+              "--max-iters", str(args.iters), "--eval-every", "1000", "--overlays", "0",
+              "--log-every", "1000"]
+    script = os.path.join(ROOT, "cavp.py")
+    modes = {"builtin": [sys.executable, script, *common],
+             "paper": [sys.executable, script, *common, "--mel-hop", "10", "--mel-bands", "64",
+                       "--crop", "64"]}
+    if args.before:
+        modes["before"] = [sys.executable, os.path.join(args.before, "cavp.py"), *common]
+    speed = {k: statistics.median(v) for k, v in alternate(modes, args.rounds).items()}
+    print("median img/s: " + ", ".join(f"{k} {v:.2f}" for k, v in speed.items()))
+    print("step time vs builtin: " + ", ".join(f"{k} {speed['builtin'] / v:.2f}x"
+                                               for k, v in speed.items() if k != "builtin"))
+
+
+if __name__ == "__main__":
+    main()
