@@ -100,7 +100,9 @@ def test_eval_only_on_three_ranks_takes_the_default_batch_size(ddp_run):
 
 def test_ddp_training_metrics_are_those_of_the_saved_weights(ddp_run):
     """On 2 CPU ranks (no SyncBatchNorm) the metrics logged during training are --eval-only's of the
-    checkpoint written then, on 1 and on 3 ranks."""
+    checkpoint written then, on 1 and on 3 ranks, up to the last digits of a pixel score that
+    oneDNN computes with other kernels for another per-rank batch (a few pixels' argmax at a tie);
+    each rank's own BatchNorm statistics move them by far more."""
     _, out = ddp_run
     logged = read_json(os.path.join(out["train"], "metrics.json"))["final"]
     for name in ("eval1", "eval3"):
@@ -108,7 +110,7 @@ def test_ddp_training_metrics_are_those_of_the_saved_weights(ddp_run):
         numbers = [k for k, v in tested.items() if isinstance(v, float)]
         assert "miou" in numbers and "pixel_acc" in numbers
         for k in numbers:
-            assert tested[k] == pytest.approx(logged[k], abs=1e-6, nan_ok=True), (name, k)
+            assert tested[k] == pytest.approx(logged[k], abs=1e-4, nan_ok=True), (name, k)
 
 
 def test_overlays_do_not_depend_on_the_rank_count(ddp_run):
