@@ -8,17 +8,21 @@ travels through them:
   audio           clip crop / repeat-pad and resampling to 16 kHz, stereo panning (CAVP Fig. 3),
                   the log-mel front end of the released cyh-0/CAVP code
   images          resize, uint8 (3, H, W) tensors, ImageNet normalisation (in the step)
-  augmentation    the joint train augmentation of CAVP App. B.1: colour jitter, h-flip, scale, crop
+  augmentation    the joint train augmentation of CAVP App. B.1: colour jitter, h-flip, scale, crop;
+                  drawn in the loader, the image cut and jittered in the step (window_images)
   datasets        VPODataset (the layout of cyh-0/CAVP's VPO release), the audio alignment check
                   (CounterfactualAudio: silent or absent-class audio), AVSBenchDataset and
                   AVSBenchFrames (the layouts of OpenNLPLab/AVSBench's release)
-  collate         pad_collate, device_batch (the step's copy and normalisation)
+  collate         worker_init, pad_collate, device_batch (the step's copy, training windows and
+                  normalisation)
   pictures        overlays and panels of the saved figures
   --predict       the inputs of one prediction: any picture, any WAV
 
 Bad input data raises DataError, one line naming the file and what to do.
 """
 import colorsys
+import contextlib
+import ctypes
 import csv
 import functools
 import json
@@ -329,11 +333,50 @@ def pan(mono, alpha, stereo=True):
     return torch.cat([(1 - alpha) * mono, alpha * mono]) if stereo else mono
 
 
+class _Resampler:
+    """torchaudio's resampling (transforms.Resample: sinc, Hann window, 6 zero crossings) of (C, N)
+    signals. Where a block of input samples (`orig`) is longer than the filter, as from 44.1 kHz
+    to 16 kHz, it is computed block-sparse: output phase i of `new` reads only the input samples
+    within the filter's reach of its position, so each group of consecutive phases multiplies just
+    the taps where its kernels are non-zero (44.1 -> 16 kHz: a sixth of the products of
+    torchaudio's dense convolution); equal to torchaudio's result up to the order of float sums."""
+
+    GROUPS = 8  # phase groups: fewer products per group vs one matrix product each
+
+    def __init__(self, orig, new):
+        self.dense = torchaudio.transforms.Resample(orig, new)
+        g = math.gcd(orig, new)
+        self.orig, self.new, self.width = orig // g, new // g, self.dense.width
+        kernel = self.dense.kernel[:, 0]  # (new, 2 width + orig): phase i's taps
+        self.taps, self.groups = kernel.shape[1], []
+        step = -(-self.new // self.GROUPS)
+        for first in range(0, self.new, step):
+            block = kernel[first:first + step]
+            used = torch.nonzero(block.abs().sum(0)).flatten()
+            lo, hi = int(used.min()), int(used.max()) + 1
+            self.groups.append((first, lo, block[:, lo:hi].T.contiguous()))
+        if max(b.shape[0] for _, _, b in self.groups) > self.orig:  # overlapping reads: dense
+            self.groups = None
+
+    def __call__(self, x):
+        if self.groups is None:
+            return self.dense(x)
+        channels, length = x.shape
+        padded = torch.nn.functional.pad(x, (self.width, self.width + self.orig))
+        frames = (padded.shape[1] - self.taps) // self.orig + 1  # conv1d's output length
+        out = x.new_empty(channels, frames, self.new)
+        for c in range(channels):
+            for first, lo, block in self.groups:
+                rows = padded[c].as_strided((frames, block.shape[0]), (self.orig, 1),
+                                            padded[c].storage_offset() + lo)
+                out[c, :, first:first + block.shape[1]] = rows @ block
+        return out.reshape(channels, -1)[:, :-(-self.new * length // self.orig)]
+
+
 @functools.lru_cache(maxsize=None)
 def _resampler(orig, new):
-    """torchaudio's resampling (sinc, Hann window, 6 zero crossings) with its kernel built once per
-    rate pair."""
-    return torchaudio.transforms.Resample(orig, new)
+    """The _Resampler of a rate pair, built once."""
+    return _Resampler(orig, new)
 
 
 def load_clip(path, sample_rate=SAMPLE_RATE, seconds=3.0, centre=True, mono=False,
@@ -484,10 +527,11 @@ def _resize_mask(arr, size):
 
 
 def normalize(img):
-    """ImageNet normalisation of uint8 images (..., 3, H, W) on their own device: float32
-    (img / 255 - MEAN) / STD, computed as img * (1 / (255 STD)) - MEAN / STD."""
+    """ImageNet normalisation of images (..., 3, H, W) in levels 0..255 (uint8, or float from
+    window_images) on their own device: float32 (img / 255 - MEAN) / STD, computed as
+    img * (1 / (255 STD)) - MEAN / STD."""
     scale, shift = (1.0 / (255.0 * STD)).to(img.device), (MEAN / STD).to(img.device)
-    return img.float().mul_(scale).sub_(shift)
+    return img.float().mul(scale).sub_(shift)
 
 
 def _hwc(im):
@@ -516,33 +560,22 @@ SCALE = (0.5, 2.0)  # train random scale range
 
 
 _GREY = torch.tensor([0.2989, 0.587, 0.114])  # torchvision's rgb_to_grayscale weights
-
-
-def _jitter(win, full, bright, contrast, sat, out):
-    """Colour jitter of `win`, a crop of the PIL image `full`, into `out`, a uint8 (3, h, w)
-    tensor: torchvision's adjust_brightness, adjust_contrast and adjust_saturation formulas in that
-    order. The first two act on every value alike, so they are one uint8 lookup table (rounded to
-    the nearest level); contrast blends towards the mean grey of the whole brightness-adjusted
-    image (from its histogram), as if the whole image had been jittered before cropping.
-    Saturation blends each pixel with its own grey, one 3 x 3 colour matrix, which PIL applies in
-    float and rounds to the nearest level, clamped to 0..255."""
-    hist = np.asarray(full.histogram(), np.float64).reshape(3, 256)
-    levels = np.minimum(np.arange(256) * bright, 255.0)  # brightness: value * factor, clamped
-    mean = _GREY.double().numpy() @ (hist @ levels) / hist[0].sum()
-    lut = np.clip(contrast * levels + (1 - contrast) * mean, 0, 255).round()  # contrast
-    matrix = sat * torch.eye(3) + (1 - sat) * _GREY.expand(3, 3)  # row c: channel c's output
-    matrix = torch.cat([matrix, torch.zeros(3, 1)], 1).flatten().tolist()
-    return _rgb(win.point(lut.tolist() * 3).convert("RGB", matrix), out)
+# what a training sample's `window` holds: the step resamples and jitters its source image there
+WINDOW = ("left", "top", "right", "bottom", "width", "height", "crop_width", "crop_height",
+          "source_width", "source_height", "flip", "brightness", "contrast", "saturation")
 
 
 def augment(im, mask, crop, pan="csv"):
     """Joint train augmentation (CAVP App. B.1) of a PIL image and its PIL label map, drawn in this
     order: colour jitter factors, h-flip, scale s, then the offset (y, x) of a crop x crop window
-    (None: no crop) of the scaled image padded to crop (image MEAN_LEVELS, the mean colour, mask
-    255). Only that window is resized, from source coordinates, and jittered. Returns (image uint8
-    (3, h, w), mask uint8 (h, w), flipped, pos), pos(audio_pos) being where a source is panned: the
-    CSV position mirrored on a flip (pan 'csv') or its centre of mass moved with the crop
-    ('crop')."""
+    (None: no crop) of the scaled image padded to crop (image: the mean colour, mask 255). The mask
+    is cut here: the source pixel under each output pixel's centre. The image leaves as it was
+    decoded, with a `window`: the part of the source that the crop shows (PIL resize's box), its
+    size, the flip and the jitter factors (WINDOW); the step resamples, flips and jitters that part
+    on its device (window_images). Returns (source uint8 (3, H, W), stored (H, W, 3) as decoded,
+    window float64 (14,), mask uint8 (h, w), flipped, pos), pos(audio_pos) being where a source is
+    panned: the CSV position mirrored on a flip (pan 'csv') or its centre of mass moved with the
+    crop ('crop')."""
     bright, contrast, sat = (float(torch.empty(1).uniform_(1 - JITTER, 1 + JITTER))
                              for _ in range(3))
     flip = bool(torch.rand(1) < 0.5)
@@ -557,26 +590,89 @@ def augment(im, mask, crop, pan="csv"):
     vh, vw = min(h - y0, ch), min(w - x0, cw)  # the part of the crop inside the scaled image
     left = w - x0 - vw if flip else x0  # ... its first column in the unflipped scaled image
     sy, sx = h_src / h, w_src / w
-    box = (left * sx, y0 * sy, (left + vw) * sx, (y0 + vh) * sy)
-    win = im.resize((vw, vh), Image.BILINEAR, box=box)
+    window = torch.tensor([left * sx, y0 * sy, (left + vw) * sx, (y0 + vh) * sy, vw, vh, cw, ch,
+                           w_src, h_src, flip, bright, contrast, sat], dtype=torch.float64)
     # mask: the source pixel under each output pixel's centre, floor((y + 0.5) * h_src / h) in
     # integers
     rows = np.arange(2 * y0 + 1, 2 * (y0 + vh), 2) * h_src // (2 * h)
     cols = np.arange(2 * left + 1, 2 * (left + vw), 2) * w_src // (2 * w)
-    if flip:
-        win, cols = win.transpose(Image.FLIP_LEFT_RIGHT), cols[::-1]
-    image = torch.empty(3, ch, cw, dtype=torch.uint8)
-    labels = torch.empty(ch, cw, dtype=torch.uint8)
-    if (vh, vw) != (ch, cw):  # padded
-        image.copy_(MEAN_LEVELS.expand(3, ch, cw))
-        labels.fill_(255)
-    _jitter(win, im, bright, contrast, sat, image[:, :vh, :vw])
+    labels = torch.full((ch, cw), 255, dtype=torch.uint8)
+    cols = cols[::-1] if flip else cols
     labels[:vh, :vw] = torch.from_numpy(np.asarray(mask).take(rows, 0).take(cols, 1))
 
     def pos(alpha):  # audio_pos = centre of mass / W (pixel centres), so x = alpha * W maps exactly
         alpha = 1.0 - alpha if flip else alpha  # a flip mirrors the sound too (CAVP Sec. 3)
         return alpha if pan == "csv" else min(1.0, max(0.0, (alpha * w - x0) / cw))
-    return image, labels, flip, pos
+    return _hwc(im).permute(2, 0, 1), window, labels, flip, pos
+
+
+def _bilinear(lo, hi, n, size, n_src, length, flip):
+    """(B, size, length) matrices of PIL's bilinear resize (its precompute_coeffs) of the source
+    span [lo, hi) (B,), out of n_src (B,) valid samples, to n (B,) outputs, mirrored where flip:
+    the triangle filter, widened by the scale when it shrinks, each row normalised; rows past n
+    are 0."""
+    i = torch.arange(size, device=lo.device, dtype=lo.dtype)
+    scale = ((hi - lo) / n)[:, None]
+    at = torch.where(flip[:, None], n[:, None] - 1 - i, i)  # the output's column before the flip
+    centre = lo[:, None] + (at + 0.5) * scale
+    j = torch.arange(length, device=lo.device, dtype=lo.dtype)
+    w = (1 - ((j + 0.5 - centre[..., None]) / scale.clamp(min=1)[..., None]).abs()).clamp(min=0)
+    w = w * (j < n_src[:, None, None]) * (i < n[:, None])[..., None]
+    return w / w.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
+def window_images(src, window):
+    """Training images from their sources on the step's device: uint8 sources (B, 3, H, W) and
+    their augment windows (B, 14, on the host) -> float32 (B, 3, crop_h, crop_w) in levels 0..255. PIL's
+    bilinear resize of each window (float32 weights, no rounding between its passes), the flip,
+    then torchvision's brightness, contrast (towards the mean grey of the whole brightness-adjusted
+    source) and saturation formulas, in float; the crop's padding is the mean colour. Against the
+    uint8 pipeline of PIL (two roundings in the resize, one in the jitter table, one after
+    saturation) it differs by those roundings only."""
+    # the crop's size from the host's windows: no wait for the device
+    size = (int(window[:, WINDOW.index("crop_height")].max()),
+            int(window[:, WINDOW.index("crop_width")].max()))
+    win = dict(zip(WINDOW, window.to(src.device, torch.float64, non_blocking=True).unbind(1)))
+    flip = win["flip"] > 0
+    rows = _bilinear(win["top"], win["bottom"], win["height"], size[0], win["source_height"],
+                     src.shape[-2], torch.zeros_like(flip)).float()
+    cols = _bilinear(win["left"], win["right"], win["width"], size[1], win["source_width"],
+                     src.shape[-1], flip).float()
+    x = src.float()
+    with _ieee_matmul(x.device):
+        img = rows[:, None] @ x @ cols.transpose(1, 2)[:, None]
+    b, c, s = (win[k].float()[:, None, None, None] for k in ("brightness", "contrast",
+                                                             "saturation"))
+    grey = _GREY.to(x.device)
+    img = img.mul_(b).clamp_(max=255)                                    # brightness
+    whole = torch.einsum("c,bchw->bhw", grey, x.mul_(b).clamp_(max=255))
+    inside = _inside(x.shape[-2:], win["source_height"], win["source_width"])
+    mean = (whole * inside).sum((1, 2)) / inside.sum((1, 2))
+    img = img.mul_(c).add_((1 - c) * mean[:, None, None, None]).clamp_(0, 255)  # contrast
+    img_grey = torch.einsum("c,bchw->bhw", grey, img)[:, None]
+    img = img.mul_(s).add_((1 - s) * img_grey).clamp_(0, 255)                # saturation
+    shown = _inside(size, win["height"], win["width"])
+    return torch.where(shown[:, None], img, (255 * MEAN).to(x.device))
+
+
+def _inside(size, h, w):
+    """(B, *size) bool: the top-left h x w (B,) of each."""
+    rows, cols = (torch.arange(n, device=h.device) for n in size)
+    return (rows[:, None] < h[:, None, None]) & (cols < w[:, None, None])
+
+
+@contextlib.contextmanager
+def _ieee_matmul(device):
+    """float32 matrix products in full precision (no TF32) on CUDA, whatever the run allows."""
+    if device.type != "cuda":
+        yield
+        return
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
 # ---------------------------------------------------------------- datasets: VPO
@@ -761,8 +857,9 @@ class VPODataset(torch.utils.data.Dataset):
         s = self.samples[i]
         im = _open_image(s["image"], "RGB")
         mask = self._mask(s, im.size)
+        extra = {}
         if self.train:
-            img, mask, _, pos = augment(im, mask, self.crop, self.pan)
+            img, extra["window"], mask, _, pos = augment(im, mask, self.crop, self.pan)
         else:
             img, mask = _rgb(im), _hwc(mask)
             pos = float  # the CSV positions
@@ -775,7 +872,7 @@ class VPODataset(torch.utils.data.Dataset):
             audio_classes[cls], source_pos[cls] = 1.0, a
         audio_pos = torch.tensor(a if len(s["sources"]) == 1 else -1.0)
         out = dict(image=img, mask=mask, wave=wave_, audio_classes=audio_classes,
-                   audio_pos=audio_pos, source_pos=source_pos, name=s["name"])
+                   audio_pos=audio_pos, source_pos=source_pos, name=s["name"], **extra)
         if self.twins is not None and not self.train:
             twin = torch.zeros_like(mask)
             for cls, seg in self.twins.get(i, []):
@@ -1204,10 +1301,11 @@ class AVSBenchFrames(torch.utils.data.Dataset):
         second = clip["wave"][:, j * SAMPLE_RATE:(j + 1) * SAMPLE_RATE]
         # the frame's second, repeat-padded to `seconds` as any short clip is (fit_length)
         wave_ = fit_length(second, round(self.seconds * SAMPLE_RATE))
+        extra = {}
         if self.train:  # no source positions on AVSBench: the centre stays the centre
-            img, mask, flip, _ = augment(Image.fromarray(img.permute(1, 2, 0).numpy()),
-                                         Image.fromarray(mask.numpy().astype(np.uint8)),
-                                         self.crop, "csv")
+            img, extra["window"], mask, flip, _ = augment(
+                Image.fromarray(img.permute(1, 2, 0).numpy()),
+                Image.fromarray(mask.numpy().astype(np.uint8)), self.crop, "csv")
             if flip:
                 # stereo: left and right swap with the image (mono: unchanged)
                 wave_ = wave_.flip(0)
@@ -1216,15 +1314,31 @@ class AVSBenchFrames(torch.utils.data.Dataset):
         return dict(image=img, mask=mask.long(), wave=wave_, audio_classes=audio_classes,
                     audio_pos=torch.tensor(0.5 if len(classes) == 1 else -1.0),
                     source_pos=torch.where(audio_classes > 0, 0.5, -1.0),
-                    name=f"{clip['name']}_{j + (self.task != 'avss')}")
+                    name=f"{clip['name']}_{j + (self.task != 'avss')}", **extra)
 
 
 # ---------------------------------------------------------------- collate
+def worker_init(worker_id=0):
+    """DataLoader workers (worker_init_fn): glibc keeps freed memory for reuse (mmap threshold 32
+    MB, trim threshold 128 MB) instead of its defaults, which hand a sample's MB-sized buffers
+    (decoded image, audio) back to the system and take them again as fresh pages; that cost up to
+    2 ms per VPO sample at crop 512 in some worker processes and not in others (page faults).
+    Elsewhere than glibc: nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
+
+
 def pad_collate(batch, shared=None):
     """Stack sample dicts, padding every tensor to the largest shape in the batch.
 
     Fill: 255 for `mask`, the mean colour MEAN_LEVELS for `image`, 0 otherwise (AVSBench clips of
-    different length get silent audio / invalid frames). Strings -> list. shared: write the batch
+    different length get silent audio / invalid frames). Images stored channels last, as training
+    sources are (augment), stay so (B, 3, H, W) in the layout of (B, H, W, 3). Strings -> list.
+    shared: write the batch
     straight into shared memory, which carries it from a DataLoader worker to the main process
     (default: inside a worker), instead of copying it there afterwards.
     """
@@ -1236,6 +1350,9 @@ def pad_collate(batch, shared=None):
         if not torch.is_tensor(vals[0]):
             out[key] = vals
             continue
+        last = key == "image" and vals[0].dim() == 3 and vals[0].stride(0) == 1
+        if last:
+            vals = [v.permute(1, 2, 0) for v in vals]
         shape = (len(vals), *[max(v.shape[d] for v in vals) for d in range(vals[0].dim())])
         if shared:  # as torch's default_collate does in a worker
             storage = torch.UntypedStorage._new_shared(math.prod(shape) * vals[0].element_size())
@@ -1245,20 +1362,24 @@ def pad_collate(batch, shared=None):
         if all(v.shape == shape[1:] for v in vals):
             torch.stack(vals, out=padded)
         else:
-            padded[:] = {"mask": 255, "image": MEAN_LEVELS}.get(key, 0)
+            fill = MEAN_LEVELS.view(3) if last else MEAN_LEVELS
+            padded[:] = {"mask": 255, "image": fill}.get(key, 0)
             for j, v in enumerate(vals):
                 padded[(j, *[slice(0, n) for n in v.shape])] = v
-        out[key] = padded
+        out[key] = padded.permute(0, 3, 1, 2) if last else padded
     return out
 
 
 def device_batch(batch, device, keys=("image", "mask", "wave")):
     """The batch's `keys` on `device` as the model takes them, copied without waiting for the
-    device (from pinned memory on CUDA): uint8 images normalised there (normalize), label maps
-    (mask, twin) as int64, the rest as they are."""
+    device (from pinned memory on CUDA): uint8 images normalised there (normalize), training
+    images first cut from their sources there (window_images), label maps (mask, twin) as int64,
+    the rest as they are."""
     out = []
     for key in keys:
         x = batch[key].to(device, non_blocking=True)
+        if key == "image" and "window" in batch:
+            x = window_images(x, batch["window"])
         out.append(normalize(x) if key == "image" else x.long() if key in ("mask", "twin") else x)
     return out
 

@@ -1276,7 +1276,7 @@ def build_loaders(args, sets, twin_idx, rank, world, device):
         return torch.utils.data.DataLoader(
             dataset, batch_size, sampler=sampler, num_workers=args.workers,
             collate_fn=data.pad_collate, pin_memory=device.type == "cuda",
-            drop_last=sampler is not None,
+            worker_init_fn=data.worker_init, drop_last=sampler is not None,
             persistent_workers=args.workers > 0 and sampler is None,
             generator=torch.Generator().manual_seed(rank_seed(args.seed, rank)))
     evals = {split: loader(torch.utils.data.Subset(ds, range(rank, len(ds), world)),

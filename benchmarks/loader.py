@@ -8,8 +8,9 @@ under --root (default: a temporary folder):
   10 s clips alternately 44.1 kHz stereo and 16 kHz mono;
 - AVSBench S4 (train): 5 RGB PNG frames per clip at 224x224 (the release's frame size), the first
   frame's binary mask, a 5 s clip (44.1 kHz stereo / 16 kHz mono alternately).
-Then, in this process with one thread (as a DataLoader worker), it times rounds over all samples,
-alternating: decoding the images alone (PIL and torchvision.io, the faster counts) and producing the
+Then, in this process with one thread and data.worker_init (as a DataLoader worker of cavp.py /
+tpavi.py; --malloc-defaults: without it), it times rounds over all samples, alternating: decoding
+the images alone (PIL and torchvision.io, the faster counts) and producing the
 training samples (VPODataset train=True at --crop; AVSBenchDataset train split at --size, T = 5). Times
 are this process's CPU time (time.process_time), so other jobs on the machine slow them less than the
 wall clock. It prints the median ms per sample of each, images/s, the ratio sample / decode, the
@@ -198,8 +199,12 @@ def main():
     p.add_argument("--gpu-rate", type=float, default=300.0,
                    help="training images/s of one GPU to feed (a few hundred at crop 512 on an "
                    "H100)")
+    p.add_argument("--malloc-defaults", action="store_true",
+                   help="keep glibc's malloc settings (no data.worker_init)")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if not args.malloc_defaults:
+        data.worker_init()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or tmp
         rng = np.random.default_rng(0)

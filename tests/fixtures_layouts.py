@@ -120,3 +120,10 @@ def write_avss(root, clips, h=12, w=18):
                 _save(Image.fromarray(rgb), os.path.join(clip, "labels_rgb", f"{i}.png"))
         dc_wav(os.path.join(clip, "audio.wav"), 0.3, seconds=n)
     return base
+
+
+def shown(sample):
+    """A training sample's image as the step makes it from the source (data.window_images): float
+    (3, h, w) in levels 0..255, the padding the mean colour 255 MEAN."""
+    import data
+    return data.window_images(sample["image"][None], sample["window"][None])[0]

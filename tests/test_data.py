@@ -14,7 +14,7 @@ from PIL import Image
 import data
 from data import (AVSBenchDataset, DataError, LogMel, VPODataset, avss_palette, fit_length,
                   load_clip, pad_collate, read_wav, write_wav)
-from fixtures_layouts import AVSS_COLOURS, H, W, write_avss, write_ms3, write_s4, write_vpo
+from fixtures_layouts import AVSS_COLOURS, H, W, shown, write_avss, write_ms3, write_s4, write_vpo
 
 MALE, FEMALE, BABY, DOG, CAT, CAR = (data.VPO_CLASSES.index(c) for c in
                                      ("male", "female", "baby", "dog", "cat", "car"))
@@ -267,18 +267,20 @@ def test_flip_mirrors_mask_and_stereo(tmp_path, monkeypatch, flip):
     assert (s["wave"][1].mean() > s["wave"][0].mean()) == flip  # right louder iff flipped
     assert torch.allclose(s["wave"].mean(1), torch.tensor([0.1, 0.4] if flip else [0.4, 0.1]), atol=1e-3)
     assert s["audio_pos"].item() == pytest.approx(0.8 if flip else 0.2)
-    assert torch.equal(s["image"], ev["image"].flip(-1) if flip else ev["image"])
+    assert torch.equal(s["image"], ev["image"])  # the source; the step flips it (jitter forced to 1)
+    assert torch.allclose(shown(s), ev["image"].float().flip(-1) if flip else ev["image"].float(), atol=1e-3)
 
 
 def test_random_crop_pads_mask_255_and_image_mean(tmp_path, monkeypatch):
     _left_object(tmp_path)
     _force(monkeypatch, False)
     s = VPODataset(tmp_path, "ms", "train", train=True, crop=32)[0]
-    assert s["image"].shape == (3, 32, 32) and s["mask"].shape == (32, 32)
+    image = shown(s)
+    assert image.shape == (3, 32, 32) and s["mask"].shape == (32, 32)
     assert (s["mask"][H:] == 255).all() and (s["mask"][:, W:] == 255).all()
     assert (s["mask"][:H, :6] == MALE).all() and (s["mask"][:H, 6:W] == 0).all()
-    mean = data.MEAN_LEVELS
-    assert (s["image"][:, H:] == mean).all() and (s["image"][:, :, W:] == mean).all()
+    mean = 255 * data.MEAN
+    assert (image[:, H:] == mean).all() and (image[:, :, W:] == mean).all()
 
 
 def test_train_augmentation_seeded_and_scaled(tmp_path):
@@ -288,8 +290,9 @@ def test_train_augmentation_seeded_and_scaled(tmp_path):
     for seed in (0, 0, 1, 2, 3):
         torch.manual_seed(seed)
         outs.append(ds[0])
-    assert torch.equal(outs[0]["image"], outs[1]["image"]) and torch.equal(outs[0]["mask"], outs[1]["mask"])
-    assert any(o["image"].shape != outs[0]["image"].shape for o in outs[2:])
+    assert torch.equal(outs[0]["window"], outs[1]["window"]) and torch.equal(outs[0]["mask"], outs[1]["mask"])
+    assert torch.equal(shown(outs[0]), shown(outs[1]))
+    assert any(shown(o).shape != shown(outs[0]).shape for o in outs[2:])
     for o in outs:
         h, w = o["mask"].shape
         assert H // 2 <= h <= 2 * H and abs(w / h - W / H) < 0.2
@@ -297,7 +300,7 @@ def test_train_augmentation_seeded_and_scaled(tmp_path):
         assert "image_classes" not in o  # the sample dict carries no image class set
     torch.manual_seed(0)
     c = VPODataset(tmp_path, "ms", "train", train=True, crop=8)[1]
-    assert c["image"].shape == (3, 8, 8) and c["mask"].shape == (8, 8)
+    assert shown(c).shape == (3, 8, 8) and c["mask"].shape == (8, 8)
 
 
 # ---------------------------------------------------------------- counterfactual audio (audio alignment)

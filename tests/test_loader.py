@@ -10,7 +10,7 @@ from PIL import Image
 import cavp
 import data
 import tpavi
-from fixtures_layouts import write_vpo
+from fixtures_layouts import shown, write_vpo
 
 FH, FW, CROP = 60, 90, 48  # fixture image size; crop smaller than the image, larger than its 0.5x scale
 # (COCO id, name, rows, columns [c0, c1), DC level of its clip): a male left, a cat in the middle, a car right
@@ -84,11 +84,11 @@ def test_pans_follow_the_augmentation(root, mode):
         flip, h, w, y0, x0 = _draws(seed)
         torch.manual_seed(seed)
         x = ds[0]
-        mask = x["mask"].tolist()
-        assert x["image"].shape == (3, CROP, CROP) and x["mask"].shape == (CROP, CROP)
+        mask, image = x["mask"].tolist(), shown(x)
+        assert image.shape == (3, CROP, CROP) and x["mask"].shape == (CROP, CROP)
         assert (x["mask"][h - y0:] == 255).all() and (x["mask"][:, w - x0:] == 255).all()  # padding
-        mean = data.MEAN_LEVELS
-        assert (x["image"][:, h - y0:] == mean).all() and (x["image"][:, :, w - x0:] == mean).all()
+        mean = 255 * data.MEAN
+        assert (image[:, h - y0:] == mean).all() and (image[:, :, w - x0:] == mean).all()
         assert (x["mask"][:h - y0, :w - x0] != 255).all()
         left = right = 0.0
         for cid, name, _, (c0, c1), level in OBJECTS:
@@ -157,15 +157,16 @@ def _reference(ds, i, seed):
 
 def test_matches_whole_image_reference(root):
     """Same draws, same sample as jittering / resizing the whole image first: equal masks; images equal but
-    for rounding to uint8 levels (mean < 0.02 ~ 1 level) and where a jitter clamp meets the resampling filter
-    (jitter after the resize here)."""
+    for PIL's rounding in the reference's resize (mean < 0.02 ~ 1 level) and where a jitter clamp meets the
+    resampling filter (jitter after the resize here)."""
     ds = data.VPODataset(root, "ms", "train", train=True, crop=CROP)
     for seed in range(8):
         torch.manual_seed(seed)
         x = ds[0]
         image, mask = _reference(ds, 0, seed)
         assert torch.equal(x["mask"].long(), mask)
-        diff = (data.normalize(x["image"]) - image).abs()
+        diff = (data.device_batch(data.pad_collate([x]), torch.device("cpu"), ("image",))[0][0]
+                - image).abs()
         assert float(diff.mean()) < 0.02 and float((diff > 0.05).float().mean()) < 0.03
 
 
@@ -180,7 +181,8 @@ def test_flip_mirrors_image_mask_and_channels(root, monkeypatch):
             torch.manual_seed(seed)
             out.append(ds[0])
         plain, flipped = out
-        assert torch.equal(flipped["image"], plain["image"].flip(-1))
+        assert torch.equal(flipped["image"], plain["image"])  # the source
+        assert torch.allclose(shown(flipped), shown(plain).flip(-1), rtol=0, atol=1e-3)
         assert torch.equal(flipped["mask"], plain["mask"].flip(-1))
         assert torch.allclose(flipped["wave"], plain["wave"].flip(0), atol=1e-6)
         heard = plain["source_pos"] >= 0
@@ -204,6 +206,23 @@ def test_load_clip_cut_before_resampling(tmp_path, rate):
             assert torch.allclose(mono, want.mean(0, keepdim=True), atol=1e-4)
 
 
+@pytest.mark.parametrize("rate", [44100, 22050, 11025, 48000, 8000])
+def test_block_sparse_resampling_is_torchaudios(rate):
+    """data._resampler: torchaudio's output length, and its samples up to float sums: off the float64
+    resampling by at most twice torchaudio's own float32 error. 44.1 / 22.05 / 11.025 kHz go block-sparse,
+    48 / 8 kHz through torchaudio's convolution."""
+    rng = np.random.default_rng(rate)
+    resample = data._resampler(rate, 16000)
+    assert (resample.groups is None) == (rate in (48000, 8000))
+    for n in (1, 7, 1000, 3 * rate + 517):
+        x = torch.from_numpy(rng.uniform(-1, 1, (2, n)).astype(np.float32))
+        exact = torchaudio.functional.resample(x.double(), rate, 16000)
+        want = torchaudio.functional.resample(x, rate, 16000)
+        got = resample(x)
+        assert got.shape == want.shape
+        assert float((got - exact).abs().max()) <= 2 * float((want - exact).abs().max()) + 1e-7
+
+
 def test_pan_flag_reaches_the_datasets(tiny_vpo):
     for script, build in ((cavp, lambda a: cavp.build_datasets(a, ["train"])),
                           (tpavi, lambda a: tpavi.build_datasets(a, tpavi.DATASETS[a.data], ["train"]))):
@@ -214,9 +233,10 @@ def test_pan_flag_reaches_the_datasets(tiny_vpo):
 
 
 def _float_augment(im, mask, crop):
-    """The training augmentation with float images that the uint8 one replaces, as a reference: the
-    same draws in the same order, window, flip and brightness / contrast table; saturation and the
-    normalisation in float32 on the window, padding 0 (the mean) -> (image, mask long, flipped)."""
+    """The training augmentation with float images that the device windows replace, as a reference: the
+    same draws in the same order, PIL's resize of the window (uint8), flip and a brightness / contrast
+    table rounded to levels; saturation and the normalisation in float32 on the window, padding 0 (the
+    mean) -> (image, mask long, flipped, (brightness, contrast, saturation))."""
     bright, contrast, sat = (float(torch.empty(1).uniform_(1 - data.JITTER, 1 + data.JITTER))
                              for _ in range(3))
     flip = bool(torch.rand(1) < 0.5)
@@ -246,30 +266,76 @@ def _float_augment(im, mask, crop):
     image, labels = torch.zeros(3, ch, cw), torch.full((ch, cw), 255)
     image[:, :vh, :vw] = x.mul(1.0 / (255.0 * data.STD)).sub(data.MEAN / data.STD)
     labels[:vh, :vw] = torch.from_numpy(np.asarray(mask).take(rows, 0).take(cols, 1))
-    return image, labels, flip
+    return image, labels, flip, (bright, contrast, sat)
 
 
 @pytest.mark.parametrize("crop", [CROP, 200, None])
-def test_uint8_sample_is_the_float_one_rounded(root, crop):
-    """Same seed, same draws (the RNG ends in the same state), same crop, flip and mask as the float
-    path; the normalised uint8 image is the float one rounded to the nearest level: at most half a
-    level (0.5 / (255 STD) per channel) off, the padding's mean colour too. On the fixture's image
-    and on uniform noise, whose saturation often meets the clamps."""
+def test_device_window_is_the_float_path_without_its_roundings(root, crop):
+    """Same seed, same draws (the RNG ends in the same state), same crop, flip and mask as the float path.
+    The step's image (window_images, normalised) differs from it only by the float path's roundings to uint8
+    levels: PIL's resize (after each of its two passes, <= 1 level together), then the brightness / contrast
+    table (0.5), carried through the jitter: per pixel at most (brightness x contrast + 0.5) x (|s| + |1 - s|)
+    levels for saturation s; 0.4 level on average. Padding: 0 within float32. On the fixture's image and on
+    uniform noise, whose jitter often meets the clamps."""
     s = data.VPODataset(root, "ms", "train").samples[0]
     noise = np.random.default_rng(0).integers(0, 256, (FH, FW, 3), dtype=np.uint8)
     mask = data.read_vpo_mask(s["mask"])
-    half = 0.5 / (255 * data.STD) + 1e-6
+    level = 1 / (255 * data.STD)
     for im in (data._open_image(s["image"], "RGB"), Image.fromarray(noise)):
+        mean = []
         for seed in range(12):
             torch.manual_seed(seed)
-            image, labels, flip, _ = data.augment(im, mask, crop)
+            source, window, labels, flip, _ = data.augment(im, mask, crop)
             after = torch.get_rng_state()
             torch.manual_seed(seed)
-            ref, ref_labels, ref_flip = _float_augment(im, mask, crop)
+            ref, ref_labels, ref_flip, (b, c, sat) = _float_augment(im, mask, crop)
             assert torch.equal(torch.get_rng_state(), after) and flip == ref_flip
-            assert image.dtype == labels.dtype == torch.uint8 and image.shape == ref.shape
+            assert source.dtype == labels.dtype == torch.uint8 and torch.equal(source, data._rgb(im))
             assert torch.equal(labels.long(), ref_labels)
-            assert ((data.normalize(image) - ref).abs() <= half).all()
+            batch = data.pad_collate([dict(image=source, window=window)])
+            image = data.device_batch(batch, torch.device("cpu"), ("image",))[0][0]
+            assert image.shape == ref.shape
+            bound = (b * c + 0.5) * (abs(sat) + abs(1 - sat)) * level + 1e-5
+            assert ((image - ref).abs() <= bound).all()
+            mean.append(float(((image - ref).abs() / level).mean()))
+            padding = image[:, ref_labels == 255]
+            assert padding.numel() == 0 or float(padding.abs().max()) < 1e-6
+        assert np.mean(mean) < 0.4
+
+
+def test_window_resize_is_pils():
+    """_bilinear's matrices give PIL's bilinear resize of a box (shrinking, enlarging, sub-pixel boxes, a
+    flip, the image's edges) within PIL's own rounding: < 1 level (two roundings of its uint8 passes)."""
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    im = Image.fromarray(arr)
+    source = torch.from_numpy(arr).permute(2, 0, 1)[None]
+    for box, size, flip in [((0, 0, 53, 37), (53, 37), False), ((3.5, 2.25, 40.1, 30.7), (11, 9), False),
+                            ((3.5, 2.25, 40.1, 30.7), (70, 50), True), ((0, 0, 53, 37), (20, 64), True),
+                            ((41.2, 0.3, 53, 37), (5, 61), False)]:
+        want = im.resize(size, Image.BILINEAR, box=box)
+        want = np.asarray(want.transpose(Image.FLIP_LEFT_RIGHT) if flip else want)
+        window = torch.tensor([[*box, *size, *size, 53, 37, flip, 1, 1, 1]], dtype=torch.float64)
+        got = data.window_images(source, window)[0].permute(1, 2, 0)
+        diff = (got - torch.from_numpy(want.astype(np.float32))).abs()
+        assert float(diff.max()) < 1.0 and float(diff.mean()) < 0.4, (box, size, flip)
+
+
+def test_sources_of_two_sizes_collate_and_window_alone():
+    """Sources of different sizes in one batch (padded by pad_collate, channels last as decoded) give each
+    image what it gives alone; a crop larger than the scaled image pads with the mean colour."""
+    rng = np.random.default_rng(2)
+    torch.manual_seed(0)
+    samples = []
+    for h, w in ((30, 41), (47, 22)):
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        source, window, labels, _, _ = data.augment(im, Image.new("L", (w, h)), 36)
+        samples.append(dict(image=source, window=window, mask=labels))
+    batch = data.pad_collate(samples)
+    assert batch["image"].shape == (2, 3, 47, 41) and batch["image"].permute(0, 2, 3, 1).is_contiguous()
+    together = data.window_images(batch["image"], batch["window"])
+    for k, x in enumerate(samples):
+        assert torch.allclose(together[k], shown(x), rtol=0, atol=1e-3)
 
 
 def test_device_normalisation_equals_the_cpu_one():
