@@ -336,10 +336,12 @@ class CrossAttention(nn.Module):
         lo, hi = s.amin(2, keepdim=True), s.amax(2, keepdim=True)
         return (s - lo) / (hi - lo + 1e-6)
 
-    def forward(self, u_v, u_a, size):
+    def forward(self, u_v, u_a, size, keep=None):
         """u_v (b, N, D) visual tokens of an h x w grid (size), u_a (B, D) audio, B = r b: image i
         is fused with clips i, b + i, ... -> fused z (B, N, D), attention map (B, N). The visual
-        side (MLP, query) is computed once per image."""
+        side (MLP, query) is computed once per image. keep: the tokens (flat over the (r - 1) b
+        later fusions x N) whose z is used; the rest of those fusions' z is left 0, W_o and the
+        MLP run on the first b fusions and the kept tokens only."""
         b, n, d = u_v.shape
         r = u_a.shape[0] // b
         u_v = self.visual_mlp(u_v)
@@ -350,9 +352,15 @@ class CrossAttention(nn.Module):
         k = self.k(ka).view(r * b, self.heads, -1, 1)                    # B h d' 1
         v = self.v(ka).view(r * b, self.heads, 1, -1)                    # B h 1 d'
         a = self.activation(q @ k * q.shape[-1] ** -0.5)                 # B h N 1
-        x = u_v.repeat(r, 1, 1) + self.o((a * v).transpose(1, 2).reshape(r * b, n, d))  # (+) f_MHA
-        x = x + self.mlp(self.norm_mlp(x))
-        return self.norm_out(x), a.mean(1).squeeze(-1)
+        heads = (a * v).transpose(1, 2).reshape(r * b * n, d)            # f_MHA before W_o
+        if keep is None:
+            x = u_v.repeat(r, 1, 1).reshape(r * b * n, d) + self.o(heads)  # u_v (+) f_MHA
+        else:
+            rows = torch.cat([torch.arange(b * n, device=u_v.device), b * n + keep])
+            x = u_v.reshape(b * n, d)[rows % (b * n)] + self.o(heads[rows])
+        x = self.norm_out(x + self.mlp(self.norm_mlp(x)))
+        z = x if keep is None else x.new_zeros(r * b * n, d).index_copy(0, rows, x)
+        return z.view(r * b, n, d), a.mean(1).squeeze(-1)
 
 
 def sine_position_code(h, w, dim, temperature=10000.0, device=None):
@@ -385,8 +393,8 @@ class AudioQueryFusion(nn.Module):
         super().__init__()
         self.mha = nn.MultiheadAttention(dim, heads, batch_first=True)
 
-    def forward(self, u_v, u_a, size=None):
-        """As CrossAttention.forward; size is not used (no position code)."""
+    def forward(self, u_v, u_a, size=None, keep=None):
+        """As CrossAttention.forward; size and keep are not used (no position code, every z)."""
         u_v = u_v.repeat(u_a.shape[0] // u_v.shape[0], 1, 1)
         out, w = self.mha(u_a[:, None], u_v, u_v)  # audio query, softmax over the pixels
         return u_v + u_v * out, w[:, 0]
@@ -406,20 +414,23 @@ class CAVPModel(nn.Module):
             nn.Conv2d(256, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(True),
             nn.Conv2d(256, num_classes, 1))
 
-    def forward(self, image, mel, pairing=None):
+    def forward(self, image, mel, pairing=None, plan=None):
         """image (B,3,H,W), mel (B,C,T,F) -> logits (B,K,H,W), fused z (B,D,h,w), attention (B,h,w).
 
         Training (Eq. 1): `pairing` gives every image a second audio embedding (pair_embeddings), so
         image i is fused with its own clip and again with its re-pair's: z and the attention maps
         hold the B pairs, then the B re-pairs. Image features and clips are encoded once; the
-        classifier runs on the pairs only, the only ones with a CE term (Eq. 5).
+        classifier runs on the pairs only, the only ones with a CE term (Eq. 5). plan(h, w) -> the
+        re-pairs' tokens that the contrastive term reads (re_pair_tokens): the re-pairs' z is
+        computed there only.
         """
         feat = self.visual(image)
         b, d, h, w = feat.shape
         tokens = feat.flatten(2).transpose(1, 2)
         u_a = self.audio(mel)
         u_a = pair_embeddings(u_a, pairing) if pairing is not None else u_a
-        z, attn = self.fusion(tokens, u_a, (h, w))
+        keep = plan(h, w) if plan is not None else None
+        z, attn = self.fusion(tokens, u_a, (h, w), keep)
         z = z.transpose(1, 2).reshape(-1, d, h, w)
         logits = F.interpolate(self.classifier(z[:b]), size=image.shape[2:], mode="bilinear",
                                align_corners=False)
@@ -794,23 +805,41 @@ def info_nce(za, zc, pos, neg, tau):
 
 
 def contrastive_loss(z, y, t, match, mode, tau, cap, positives="set", unknown="mismatched",
-                     bg_groups="label", wrong_side=None, gen=None, rank=0, world=1, shards=1):
+                     bg_groups="label", wrong_side=None, gen=None, rank=0, world=1, shards=1,
+                     plan=None):
     """The contrastive term of Eq. (5): the mean of Eq. (4) over the anchors of plan_anchors that
     have a positive. z (2b,D,h,w): fused features of the b pairs then their b re-pairs; y (2B,H,W)
     labels, t (2B,K), match (2B,), wrong_side (2B,K): host labels of the batch, pairs then
     re-pairs. Under DDP (B = b * world) a rank computes the rows of its own anchors and returns its
-    share times `world` (see anchor_features); shards: plan_anchors'."""
+    share times `world` (see anchor_features); shards: plan_anchors'. plan: plan_anchors' result
+    when it was made before the forward pass (Criterion)."""
     h, w = z.shape[2:]
-    # labels nearest-downsampled to the feature size, as cyh-0/CAVP, loss/contrastive_aud.py
-    y = F.interpolate(y[:, None].float(), size=(h, w), mode="nearest")[:, 0].long().flatten(1)
-    idx, fg, key, kept = plan_anchors(y, t, match, mode, cap, gen, positives, unknown, bg_groups,
-                                      wrong_side, shards)
+    if plan is None:
+        plan = plan_anchors(labels_at(y, (h, w)), t, match, mode, cap, gen, positives, unknown,
+                            bg_groups, wrong_side, shards)
+    idx, fg, key, kept = plan
     feats, rows = anchor_features(z, idx, y.shape[0] // 2, rank, world)  # normalised z at idx
     if kept == 0:
         return z.sum() * 0
     fg, key = to_device(fg, z.device), to_device(key, z.device)
     pos, neg = positives_negatives(fg, key, rows)                      # Eq. (3)
     return info_nce(feats[rows], feats, pos, neg, tau) * world / kept  # Eq. (4)
+
+
+def labels_at(y, size):
+    """Labels (N,H,W) nearest-downsampled to the feature size (N, h*w), as cyh-0/CAVP,
+    loss/contrastive_aud.py."""
+    return F.interpolate(y[:, None].float(), size=size, mode="nearest")[:, 0].long().flatten(1)
+
+
+def re_pair_tokens(idx, pairs, b, size, rank):
+    """The tokens of this rank's b re-pairs (flat over b x h*w, sorted) among the anchors idx of
+    plan_anchors (the global batch's `pairs` pairs, then their re-pairs): the only re-pair features
+    the loss reads (anchor_features), so f_CA computes the re-pairs there only."""
+    n = size[0] * size[1]
+    pair, pixel = idx // n, idx % n
+    mine = (pair >= pairs) & (pair % pairs // b == rank)
+    return torch.unique((pair % pairs % b * n + pixel)[mine])
 
 
 class Criterion:
@@ -841,7 +870,7 @@ class Criterion:
         args, device = self.args, self.device
         image, mask, waves = data.device_batch(batch, device)
         labels = gather_labels(batch, self.host_group)
-        pairing = None
+        pairing, anchors, plan = None, {}, None
         if args.contrast != "none":
             re = re_pair(labels, self.bank, args.pos_share, epoch >= 1, self.gen, args.bank_sources,
                          args.match == "side", args.pos_share_of)                  # Eq. (1), App. B
@@ -850,22 +879,28 @@ class Criterion:
             # back
             self.bank.push(gather(waves), labels.audio_classes, labels.audio_pos)
             waves = waves if bank_clips is None else torch.cat([waves, bank_clips])
+            t = torch.cat([labels.audio_classes, re.audio_classes]).long()
+            match = torch.cat([torch.ones(len(re.perm), dtype=torch.bool), re.match])
+            wrong_side = torch.cat([torch.zeros_like(re.wrong_side), re.wrong_side])
+
+            def plan(h, w):  # the anchors of Eq. (2)-(3), on the host, once f_CA's size is known
+                y = gather(labels_at(batch["mask"], (h, w)), self.host_group)
+                anchors["y"] = torch.cat([y, y]).view(-1, h, w)
+                anchors["plan"] = plan_anchors(
+                    torch.cat([y, y]), t, match, args.contrast, args.anchors_per_group, self.gen,
+                    args.positives, args.unknown, args.bg_groups, wrong_side, args.cap_shards)
+                return to_device(re_pair_tokens(anchors["plan"][0], y.shape[0], image.shape[0],
+                                                (h, w), self.rank), device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits, z, _ = net(image, self.mel_fn(waves), pairing)
+            logits, z, _ = net(image, self.mel_fn(waves), pairing, plan)
         # Eq. (5), CE on the original pairs: the sum over the pixels / the labelled pixels
         loss_ce = F.cross_entropy(logits.float(), mask, ignore_index=255, reduction="sum") \
             * self.world / max(float(labels.labelled.sum()), 1.0)
         loss_cp = torch.zeros((), device=device)
         if args.contrast != "none":
-            y = F.interpolate(batch["mask"][:, None].float(), z.shape[2:], mode="nearest")[:, 0]
-            y = gather(y.long(), self.host_group)
-            t = torch.cat([labels.audio_classes, re.audio_classes]).long()
-            match = torch.cat([torch.ones(len(re.perm), dtype=torch.bool), re.match])
-            wrong_side = torch.cat([torch.zeros_like(re.wrong_side), re.wrong_side])
-            loss_cp = contrastive_loss(z, torch.cat([y, y]), t, match, args.contrast, args.tau,
-                                       args.anchors_per_group, args.positives, args.unknown,
-                                       args.bg_groups, wrong_side, self.gen, self.rank, self.world,
-                                       args.cap_shards)
+            loss_cp = contrastive_loss(z, anchors["y"], t, match, args.contrast, args.tau,
+                                       args.anchors_per_group, rank=self.rank, world=self.world,
+                                       plan=anchors["plan"])
         return loss_ce + loss_cp, dict(ce=loss_ce, cp=loss_cp)  # Eq. (5)
 
 

@@ -59,6 +59,31 @@ def test_fusion_of_several_clips_per_image_against_a_loop(fusion):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
 
+def test_re_pairs_fused_at_the_kept_tokens_only():
+    """keep (the anchors' tokens of the re-pairs): z of the pairs and at the kept re-pair tokens is the
+    full fusion's, every other re-pair token 0; the gradients of a loss on those tokens are the full
+    fusion's. re_pair_tokens picks this rank's re-pair anchors out of plan_anchors' global indices."""
+    torch.manual_seed(0)
+    block = cavp.CrossAttention(32, 4, "sigmoid")
+    u_v, u_a = torch.randn(3, 20, 32, requires_grad=True), torch.randn(6, 32, requires_grad=True)
+    keep = torch.tensor([0, 7, 19, 20, 44, 59])
+    full, _ = block(u_v, u_a, (4, 5))
+    part, _ = block(u_v, u_a, (4, 5), keep)
+    rows = torch.cat([torch.arange(60), 60 + keep])
+    full, part = full.reshape(120, 32), part.reshape(120, 32)
+    torch.testing.assert_close(part[rows], full[rows], atol=1e-6, rtol=1e-5)
+    assert (part[60:].abs().sum(1) > 0).sum() == keep.numel()
+    weight = torch.randn(rows.numel(), 32)
+    got = torch.autograd.grad((part[rows] * weight).sum(), (u_v, u_a, *block.parameters()))
+    want = torch.autograd.grad((full[rows] * weight).sum(), (u_v, u_a, *block.parameters()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    # 2 ranks x b = 2 pairs of 2 x 3 tokens: anchors (pair * 6 + pixel) over 4 pairs, then 4 re-pairs
+    idx = torch.tensor([1, 7, 26, 27, 33, 40, 47, 45, 26])
+    assert cavp.re_pair_tokens(idx, 4, 2, (2, 3), 0).tolist() == [2, 3, 9]  # re-pairs 0 and 1
+    assert cavp.re_pair_tokens(idx, 4, 2, (2, 3), 1).tolist() == [4, 9, 11]  # re-pairs 2 and 3
+
+
 def test_attention_activations():
     s = torch.randn(2, 4, 30, 1) * 3
     for name, check in [("sigmoid", lambda a: torch.allclose(a, torch.sigmoid(s))),

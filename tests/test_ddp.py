@@ -141,9 +141,10 @@ def test_bank_is_filled_after_the_repairs():
     a replaced re-pair gets a clip of its image's class stored by an earlier step."""
     seen = []
 
-    def net(image, mel, pairing):
+    def net(image, mel, pairing, plan):
         clips = cavp.pair_embeddings(mel.flatten(1), pairing)  # the 2b "embeddings" are the clips themselves
         seen.append(clips.view(-1, *mel.shape[1:]))
+        plan(4, 4)
         return torch.zeros(image.shape[0], 22, *image.shape[2:]), torch.randn(clips.shape[0], 8, 4, 4), None
     replaced = 0
     for seed in range(6):
