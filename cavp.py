@@ -283,9 +283,10 @@ def resolve_defaults(args, given):
         with open(summary) as f:
             info = json.load(f)
         if info.get("synthetic"):
-            # crops of 7/8 the image side: 0.77 of the pixels per training step; tested whole
+            # crops of the image side (padded where the scale shrinks the image): 7/8 of it, 0.77
+            # of the pixels per step, lost 1.7 mIoU over 4 seeds
             args.builtin, args.image_size = True, int(info["image_size"])
-            values = dict(BUILTIN, crop=args.image_size * 7 // 8)
+            values = dict(BUILTIN, crop=args.image_size)
     for key, value in values.items():
         if key not in given:
             setattr(args, key, value)
