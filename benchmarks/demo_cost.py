@@ -1,9 +1,9 @@
 """Cost of the README's demo step in fp32: cavp.py's training images/s on the built-in VPO-MSMI with
-the built-in settings against the paper's audio front end and whole-image crops, side by side.
+the built-in settings against the paper's audio front end, side by side.
 
 Modes (all --no-amp, so the figures hold for a CPU without native bf16):
-  builtin  the built-in defaults (150 x 32 log-mels, crops of 3/4 the image side)
-  paper    the same with --mel-hop 10 --mel-bands 64 (300 x 64, App. B.1) and --crop 64
+  builtin  the built-in defaults (150 x 32 log-mels, crops of the image side)
+  paper    the same with --mel-hop 10 --mel-bands 64 (300 x 64, App. B.1)
   before   (with --before DIR) DIR's cavp.py with its own defaults: another version of this
            repository, e.g. `git worktree add /tmp/before <commit>`
 The modes alternate for --rounds rounds so that a background load hits all alike; each run's
@@ -36,8 +36,7 @@ def main():
               "--log-every", "1000"]
     script = os.path.join(ROOT, "cavp.py")
     modes = {"builtin": [sys.executable, script, *common],
-             "paper": [sys.executable, script, *common, "--mel-hop", "10", "--mel-bands", "64",
-                       "--crop", "64"]}
+             "paper": [sys.executable, script, *common, "--mel-hop", "10", "--mel-bands", "64"]}
     if args.before:
         modes["before"] = [sys.executable, os.path.join(args.before, "cavp.py"), *common]
     speed = {k: statistics.median(v) for k, v in alternate(modes, args.rounds).items()}
