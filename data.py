@@ -720,7 +720,8 @@ class VPODataset(torch.utils.data.Dataset):
     root holds VPO-SS/, VPO-MS/, VPO-MSMI/; audio_root (default root/audio) holds {vgg_file}.wav
     (vgg_file may already end in .wav). SS: one sample per CSV row; MS/MSMI: one per image with
     one CSV row per sound source. train=True: colour jitter, h-flip (mirrors the stereo),
-    scale 0.5-2.0 and a random `crop` (None: no crop); all randomness drawn from torch's RNG.
+    scale 0.5-2.0 and a random `crop` (None: no crop); all randomness drawn from torch's RNG; the
+    image is then the decoded source with its `window` (augment), cut in the step.
     pan: where a training sample's sources are panned: "csv", at the CSV audio_pos, mirrored on a
     flip (the release); "crop", at their object's centre of mass (the CSV audio_pos) moved by the
     flip, scale and crop and clamped to [0, 1]. source_pos / audio_pos carry the positions used.
