@@ -623,12 +623,12 @@ def _bilinear(lo, hi, n, size, n_src, length, flip):
 
 def window_images(src, window):
     """Training images from their sources on the step's device: uint8 sources (B, 3, H, W) and
-    their augment windows (B, 14, on the host) -> float32 (B, 3, crop_h, crop_w) in levels 0..255. PIL's
-    bilinear resize of each window (float32 weights, no rounding between its passes), the flip,
-    then torchvision's brightness, contrast (towards the mean grey of the whole brightness-adjusted
-    source) and saturation formulas, in float; the crop's padding is the mean colour. Against the
-    uint8 pipeline of PIL (two roundings in the resize, one in the jitter table, one after
-    saturation) it differs by those roundings only."""
+    their augment windows (B, 14, on the host) -> float32 (B, 3, crop_h, crop_w) in levels
+    0..255. PIL's bilinear resize of each window (float32 weights, no rounding between its
+    passes), the flip, then torchvision's brightness, contrast (towards the mean grey of the whole
+    brightness-adjusted source) and saturation formulas, in float; the crop's padding is the mean
+    colour. Against the uint8 pipeline of PIL (two roundings in the resize, one in the jitter
+    table, one after saturation) it differs by those roundings only."""
     # the crop's size from the host's windows: no wait for the device
     size = (int(window[:, WINDOW.index("crop_height")].max()),
             int(window[:, WINDOW.index("crop_width")].max()))
