@@ -886,9 +886,9 @@ class Criterion:
 
             def plan(h, w):  # the anchors of Eq. (2)-(3), on the host, once f_CA's size is known
                 y = gather(labels_at(batch["mask"], (h, w)), self.host_group)
-                anchors["y"] = torch.cat([y, y]).view(-1, h, w)
-                anchors["plan"] = plan_anchors(
-                    torch.cat([y, y]), t, match, args.contrast, args.anchors_per_group, self.gen,
+                both = torch.cat([y, y])  # the pairs' labels, then their re-pairs'
+                anchors["y"], anchors["plan"] = both.view(-1, h, w), plan_anchors(
+                    both, t, match, args.contrast, args.anchors_per_group, self.gen,
                     args.positives, args.unknown, args.bg_groups, wrong_side, args.cap_shards)
                 return to_device(re_pair_tokens(anchors["plan"][0], y.shape[0], image.shape[0],
                                                 (h, w), self.rank), device)
