@@ -474,7 +474,8 @@ class ASPP(nn.Module):
     def __init__(self, cin, cout=256, rates=(6, 12, 18)):
         super().__init__()
         def branch(k, r):
-            conv = nn.Conv2d(cin, cout, k, padding=0 if k == 1 else r, dilation=r, bias=False)
+            conv = nn.Conv2d(cin, cout, 1, bias=False) if k == 1 else \
+                AtrousConv(cin, cout, 3, padding=r, dilation=r, bias=False)
             return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
         self.branches = nn.ModuleList([branch(1, 1)] + [branch(3, r) for r in rates])
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1, bias=False),
@@ -485,6 +486,17 @@ class ASPP(nn.Module):
     def forward(self, x):
         pooled = self.pool(x).expand(-1, -1, *x.shape[2:])
         return self.project(torch.cat([b(x) for b in self.branches] + [pooled], 1))
+
+
+class AtrousConv(nn.Conv2d):
+    """A 3x3 convolution at dilation = padding = r. On a map of at most r rows and columns every tap
+    but the centre reads the zero padding, so the centre tap alone (a 1x1 convolution, 1/9 of the
+    cost) gives the same output and gradients: the built-in VPO's 4 x 4 maps at rates 6 / 12 / 18."""
+
+    def forward(self, x):
+        if self.dilation[0] < max(x.shape[2:]):
+            return super().forward(x)
+        return F.conv2d(x, self.weight[:, :, 1:2, 1:2], self.bias)
 
 
 def dilated_resnet(name, output_stride):

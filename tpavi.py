@@ -343,13 +343,25 @@ class ASPP(nn.Module):
 
     def __init__(self, cin, cout):
         super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(cin, cout, 3, padding=r, dilation=r)
+        self.convs = nn.ModuleList(AtrousConv(cin, cout, 3, padding=r, dilation=r)
                                    for r in (3, 6, 12, 18))
         for conv in self.convs:
             nn.init.normal_(conv.weight, 0, 0.01)  # as released
 
     def forward(self, x):
         return sum(conv(x) for conv in self.convs)
+
+
+class AtrousConv(nn.Conv2d):
+    """A 3x3 convolution at dilation = padding = r. On a map of at most r rows and columns every tap
+    but the centre reads the zero padding, so the centre tap alone (a 1x1 convolution, 1/9 of the
+    cost) gives the same output and gradients: at 224 px, rate 18 on the 14 x 14 map and 12, 18 on
+    the 7 x 7 one."""
+
+    def forward(self, x):
+        if self.dilation[0] < max(x.shape[2:]):
+            return super().forward(x)
+        return F.conv2d(x, self.weight[:, :, 1:2, 1:2], self.bias)
 
 
 class ResidualConvUnit(nn.Module):

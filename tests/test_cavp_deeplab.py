@@ -5,6 +5,7 @@ import torch
 
 import cavp
 import data
+import tpavi
 
 RUN = ["--data", "vpo_msmi", "--workers", "0", "--batch-size", "4", "--limit", "8", "--no-amp"]
 
@@ -50,7 +51,8 @@ def test_aspp_is_torchvisions(output_stride):
     from torchvision.models.segmentation.deeplabv3 import ASPP
     rates = [6, 12, 18] if output_stride == 16 else [12, 24, 36]
     ours, ref = cavp.DeepLabV3Plus("resnet18", "none", output_stride).aspp, ASPP(512, rates)
-    kinds = [type(m) for m in ours.modules() if not list(m.children())]
+    kinds = [torch.nn.Conv2d if isinstance(m, torch.nn.Conv2d) else type(m)
+             for m in ours.modules() if not list(m.children())]
     assert kinds == [type(m) for m in ref.modules() if not list(m.children())]
     assert conv_geometry(ours) == conv_geometry(ref)
     assert [v.shape for v in ours.state_dict().values()] == \
@@ -59,6 +61,31 @@ def test_aspp_is_torchvisions(output_stride):
     ref.load_state_dict(dict(zip(ref.state_dict(), ours.state_dict().values())))
     x = torch.randn(2, 512, 5, 7)
     torch.testing.assert_close(ours(x), ref(x))
+
+
+@pytest.mark.parametrize("script", [cavp, tpavi])
+@pytest.mark.parametrize("size", [(1, 2), (4, 5), (6, 6), (4, 9), (7, 7)])
+def test_atrous_conv_on_small_maps_is_nn_conv2d(script, size):
+    """AtrousConv against nn.Conv2d with the same weights at rate 6, on maps smaller than, equal to
+    and larger than the rate (the centre-tap shortcut where the rate covers both sides): output and
+    the gradients of input, weight and bias; the off-centre taps get no gradient where it applies."""
+    torch.manual_seed(sum(size))
+    ours = script.AtrousConv(8, 5, 3, padding=6, dilation=6, bias=script is tpavi)
+    ref = torch.nn.Conv2d(8, 5, 3, padding=6, dilation=6, bias=script is tpavi)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 8, *size, requires_grad=True)
+    y, y_ref = ours(x), ref(x)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *ours.parameters()], g)
+    grads_ref = torch.autograd.grad(y_ref, [x, *ref.parameters()], g)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)
+    if max(size) <= 6:
+        assert grads[1][:, :, 1, 1].abs().sum() > 0
+        off_centre = grads[1].clone()
+        off_centre[:, :, 1, 1] = 0
+        assert not off_centre.any()
 
 
 def test_checkpoint_of_the_earlier_deeplab_is_one_line(tiny_vpo, tmp_path, capsys):
