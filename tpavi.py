@@ -128,6 +128,8 @@ def parse_args(argv=None):
     a("--coco-ann", default=None, help="COCO instances JSON of the test images for --eval-audio "
       "absent (default DATA_ROOT/sources/coco/annotations/instances_val2017.json)")
     a("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    a("--save-every", type=int, default=1,
+      help="write last.pt every N epochs and after the last (%(default)s; built-in VPO: 10)")
     a("--eval-batch-size", type=int, default=1,
       help="clips per evaluation step and rank (CAVP App. B.1: 1, VPO at original resolution)")
     a("--log-every", type=int, default=20, help="log every N iterations (as released: %(default)s)")
@@ -143,9 +145,9 @@ def parse_args(argv=None):
     a("--max-size", type=int, default=None, metavar="PX", help="with --predict: run at a long side "
       "of at most PX, predictions resized back (default the checkpoint's --crop)")
     args = p.parse_args(argv)
-    stages, positive = args.tpavi_stages, ("batch_size", "eval_every", "eval_batch_size",
-                                           "log_every", "epochs", "max_iters", "limit", "crop",
-                                           "max_size")
+    stages, positive = args.tpavi_stages, ("batch_size", "eval_every", "save_every",
+                                           "eval_batch_size", "log_every", "epochs", "max_iters",
+                                           "limit", "crop", "max_size")
     for bad, message in [
             *[(getattr(args, flag) is not None and getattr(args, flag) < 1,
                f"--{flag.replace('_', '-')} must be >= 1") for flag in positive],
@@ -198,6 +200,7 @@ BUILTIN = dict(
     pretrained="none",  # no download; the synthetic images are not ImageNet's
     crop=None,  # the built-in image size, from its vpo_summary.json
     workers=2,  # the CPU that trains also loads
+    save_every=10,  # last.pt (487 MB with Adam's moments) after every 10th epoch, not each
 )
 
 
@@ -998,8 +1001,9 @@ def main(args):
                                 run, meter, args, extra, world)
             write_metrics(main_rank, args, run, val_split, res if val_split == "test" else None,
                           meter)
-        save_checkpoint(main_rank and os.path.join(args.out, "last.pt"), model, optimizer, run,
-                        meter, args, extra, world)
+        if stop or (epoch + 1) % args.save_every == 0:
+            save_checkpoint(main_rank and os.path.join(args.out, "last.pt"), model, optimizer, run,
+                            meter, args, extra, world)
         if stop:
             break
     if world > 1:
@@ -1417,9 +1421,9 @@ def use_checkpoint_args(args, ckpt):
 
 # run control and paths: they may differ on --resume
 RESUME_FREE = ("out", "resume", "ckpt", "eval_only", "predict", "audio", "audio_pos", "max_size",
-               "workers", "log_every", "eval_every", "eval_batch_size", "overlays", "max_iters",
-               "device", "no_amp", "compile", "data_root", "audio_root", "coco_ann", "pretrained",
-               "vggish_weights", "eval_audio", "overwrite")
+               "workers", "log_every", "eval_every", "save_every", "eval_batch_size", "overlays",
+               "max_iters", "device", "no_amp", "compile", "data_root", "audio_root", "coco_ann",
+               "pretrained", "vggish_weights", "eval_audio", "overwrite")
 
 
 def check_resume_args(args, ckpt):

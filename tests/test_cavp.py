@@ -151,7 +151,8 @@ def test_train_eval_stereo_and_mono(tiny_vpo, tmp_path):
 
 def test_resume_after_epochs_and_sigkill_is_exact(tiny_vpo, tmp_path):
     """--workers 0, 2 iterations an epoch: 3 epochs straight == 1 epoch (--max-iters 2) + --resume == SIGKILL
-    during epoch 2 + --resume from the intact last.pt of epoch 1, bit for bit (memory bank included)."""
+    during epoch 3 + --resume from the intact last.pt of epoch 2 (--save-every 2: none after epoch 1), bit
+    for bit (memory bank included)."""
     straight, split, killed = tmp_path / "straight", tmp_path / "split", tmp_path / "killed"
 
     def argv(out, *extra):
@@ -161,8 +162,8 @@ def test_resume_after_epochs_and_sigkill_is_exact(tiny_vpo, tmp_path):
     add_a_day(split / "last.pt")
     run(*argv(split, "--resume", split / "last.pt"))
     assert_wall_time_over_a_day(split)  # the wall time carries over a resume
-    assert kill_after_first_epoch("cavp.py", argv(killed), killed)["iteration"] == 2
-    run(*argv(killed, "--resume", killed / "last.pt"))
+    assert kill_after_first_epoch("cavp.py", argv(killed, "--save-every", "2"), killed)["iteration"] == 4
+    run(*argv(killed, "--resume", killed / "last.pt", "--save-every", "2"))
     assert_same_run(straight, split)
     assert_same_run(straight, killed)
     with pytest.raises(data.DataError, match=r"last.pt was trained with --pan csv \(now crop\): pass the run's"):
@@ -215,15 +216,16 @@ def test_clear_errors(tiny_vpo, tmp_path, argv, needle):
 def test_builtin_demo_settings(tiny_vpo, tmp_path):
     """On the built-in VPO an 80-epoch run evaluates at epochs 40 and 80 (an evaluation costs about
     an epoch there), trains on crops of the image side with 150 x 32 log-mels, loading in the
-    training process; elsewhere the paper's values (every 5 epochs, crop 512, 300 x 64, 4 loader
-    workers); a given flag wins."""
+    training process, last.pt after every 10th epoch; elsewhere the paper's values (every 5 epochs, crop
+    512, 300 x 64, 4 loader workers, last.pt after each epoch); a given flag wins."""
     def settings(root, *argv):
         args = cavp.parse_args(["--data-root", str(root), *argv])
         args = cavp.resolve_defaults(args, args.given)
-        return args.eval_every, args.crop, args.mel_hop, args.mel_bands, args.workers
-    assert settings(tiny_vpo) == (40, 64, 20, 32, 0)
-    assert settings(tmp_path) == (5, 512, 10, 64, 4)
-    assert settings(tiny_vpo, "--eval-every", "1", "--crop", "48", "--mel-hop", "10") == (1, 48, 10, 32, 0)
+        return args.eval_every, args.crop, args.mel_hop, args.mel_bands, args.workers, args.save_every
+    assert settings(tiny_vpo) == (40, 64, 20, 32, 0, 10)
+    assert settings(tmp_path) == (5, 512, 10, 64, 4, 1)
+    assert settings(tiny_vpo, "--eval-every", "1", "--crop", "48", "--mel-hop", "10", "--save-every", "1") == \
+        (1, 48, 10, 32, 0, 1)
     assert cavp.log_mel(cavp.parse_args([]))(torch.zeros(1, 2, 48000)).shape == (1, 2, 300, 64)
     assert cavp.log_mel(cavp.parse_args(["--mel-hop", "20", "--mel-bands", "32"]))(
         torch.zeros(1, 2, 48000)).shape == (1, 2, 150, 32)

@@ -182,7 +182,8 @@ def test_vpo_train_eval_and_exact_resume(tiny_vpo, tmp_path):
 
 def test_resume_after_epochs_and_sigkill_is_exact(tiny_vpo, tmp_path):
     """--workers 0, 3 iterations an epoch: 3 epochs straight == 1 epoch (--max-iters 3) + --resume ==
-    SIGKILL during epoch 2 + --resume from the intact last.pt of epoch 1, bit for bit."""
+    SIGKILL during epoch 3 + --resume from the intact last.pt of epoch 2 (--save-every 2: none after
+    epoch 1), bit for bit."""
     straight, split, killed = tmp_path / "straight", tmp_path / "split", tmp_path / "killed"
 
     def argv(out, *extra):
@@ -192,8 +193,8 @@ def test_resume_after_epochs_and_sigkill_is_exact(tiny_vpo, tmp_path):
     add_a_day(split / "last.pt")
     run(*argv(split, "--resume", split / "last.pt"))
     assert_wall_time_over_a_day(split)  # the wall time carries over a resume
-    assert kill_after_first_epoch("tpavi.py", argv(killed), killed)["iteration"] == 3
-    run(*argv(killed, "--resume", killed / "last.pt"))
+    assert kill_after_first_epoch("tpavi.py", argv(killed, "--save-every", "2"), killed)["iteration"] == 6
+    run(*argv(killed, "--resume", killed / "last.pt", "--save-every", "2"))
     assert_same_run(straight, split)
     assert_same_run(straight, killed)
     with pytest.raises(data.DataError, match=r"last.pt was trained with --pan csv \(now crop\), --seed 0 \(now 1\)"):
