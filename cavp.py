@@ -494,7 +494,7 @@ class ASPP(nn.Module):
 class AtrousConv(nn.Conv2d):
     """A 3x3 convolution at dilation = padding = r. On a map of at most r rows and columns every tap
     but the centre reads the zero padding, so the centre tap alone (a 1x1 convolution, 1/9 of the
-    cost) gives the same output and gradients: the built-in VPO's 4 x 4 maps at rates 6 / 12 / 18."""
+    cost) gives the same output and gradients: the built-in VPO's 4 x 4 maps at rates 6, 12, 18."""
 
     def forward(self, x):
         if self.dilation[0] < max(x.shape[2:]):

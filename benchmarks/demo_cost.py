@@ -4,6 +4,9 @@ the built-in settings against the paper's audio front end, side by side.
 Modes (all --no-amp, so the figures hold for a CPU without native bf16):
   builtin  the built-in defaults (150 x 32 log-mels, crops of the image side)
   paper    the same with --mel-hop 10 --mel-bands 64 (300 x 64, App. B.1)
+  avx2     builtin with PyTorch's and oneDNN's AVX2 kernels only (ATEN_CPU_CAPABILITY=avx2
+           ONEDNN_MAX_CPU_ISA=AVX2): how a CPU without AVX-512 (such as an AMD EPYC before Zen 4)
+           computes the step, at this machine's clock and memory
   before   (with --before DIR) DIR's cavp.py with its own defaults: another version of this
            repository, e.g. `git worktree add /tmp/before <commit>`
 The modes alternate for --rounds rounds so that a background load hits all alike; each run's
@@ -36,7 +39,9 @@ def main():
               "--log-every", "1000"]
     script = os.path.join(ROOT, "cavp.py")
     modes = {"builtin": [sys.executable, script, *common],
-             "paper": [sys.executable, script, *common, "--mel-hop", "10", "--mel-bands", "64"]}
+             "paper": [sys.executable, script, *common, "--mel-hop", "10", "--mel-bands", "64"],
+             "avx2": ["env", "ATEN_CPU_CAPABILITY=avx2", "ONEDNN_MAX_CPU_ISA=AVX2", sys.executable,
+                      script, *common]}
     if args.before:
         modes["before"] = [sys.executable, os.path.join(args.before, "cavp.py"), *common]
     speed = {k: statistics.median(v) for k, v in alternate(modes, args.rounds).items()}
