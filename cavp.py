@@ -260,8 +260,8 @@ BUILTIN = dict(
     output_stride=16,        # layer3-4 and ASPP at a quarter of stride 8's cost
     lr=1e-2,                 # from scratch, a higher lr
     anchors_per_group=128,   # 64 px images: 1/64 of the paper's crop area
-    mel_hop=20,              # 150 x 32 log-mels: the audio encoder at ~0.3 of 300 x 64's cost;
-    mel_bands=32,            # the built-in sounds pulse at <= 20 Hz (Nyquist of a 20 ms hop)
+    mel_hop=20,              # 150 x 64 log-mels: the audio encoder at ~half of 300 x 64's cost;
+    mel_bands=64,            # the built-in sounds pulse at <= 20 Hz (Nyquist of a 20 ms hop)
     eval_batch_size=16,      # one image size: the batch does not change the result
     eval_every=40,           # an evaluation (450 images, L/R-swapped twins) ~ 1.3 epochs: 2 in 80
     save_every=10,           # last.pt (268 MB, 0.3-0.6 s to write) after every 10th epoch of ~6 s

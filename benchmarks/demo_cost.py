@@ -2,7 +2,7 @@
 the built-in settings against the paper's audio front end, side by side.
 
 Modes (all --no-amp, so the figures hold for a CPU without native bf16):
-  builtin  the built-in defaults (150 x 32 log-mels, crops of the image side)
+  builtin  the built-in defaults (150 x 64 log-mels, crops of the image side)
   paper    the same with --mel-hop 10 --mel-bands 64 (300 x 64, App. B.1)
   avx2     builtin with PyTorch's and oneDNN's AVX2 kernels only (ATEN_CPU_CAPABILITY=avx2
            ONEDNN_MAX_CPU_ISA=AVX2): how a CPU without AVX-512 (such as an AMD EPYC before Zen 4)

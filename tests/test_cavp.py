@@ -215,17 +215,17 @@ def test_clear_errors(tiny_vpo, tmp_path, argv, needle):
 
 def test_builtin_demo_settings(tiny_vpo, tmp_path):
     """On the built-in VPO an 80-epoch run evaluates at epochs 40 and 80 (an evaluation costs about
-    an epoch there), trains on crops of the image side with 150 x 32 log-mels, loading in the
+    an epoch there), trains on crops of the image side with 150 x 64 log-mels, loading in the
     training process, last.pt after every 10th epoch; elsewhere the paper's values (every 5 epochs, crop
     512, 300 x 64, 4 loader workers, last.pt after each epoch); a given flag wins."""
     def settings(root, *argv):
         args = cavp.parse_args(["--data-root", str(root), *argv])
         args = cavp.resolve_defaults(args, args.given)
         return args.eval_every, args.crop, args.mel_hop, args.mel_bands, args.workers, args.save_every
-    assert settings(tiny_vpo) == (40, 64, 20, 32, 0, 10)
+    assert settings(tiny_vpo) == (40, 64, 20, 64, 0, 10)
     assert settings(tmp_path) == (5, 512, 10, 64, 4, 1)
     assert settings(tiny_vpo, "--eval-every", "1", "--crop", "48", "--mel-hop", "10", "--save-every", "1") == \
-        (1, 48, 10, 32, 0, 1)
+        (1, 48, 10, 64, 0, 1)
     assert cavp.log_mel(cavp.parse_args([]))(torch.zeros(1, 2, 48000)).shape == (1, 2, 300, 64)
     assert cavp.log_mel(cavp.parse_args(["--mel-hop", "20", "--mel-bands", "32"]))(
         torch.zeros(1, 2, 48000)).shape == (1, 2, 150, 32)
