@@ -7,3 +7,6 @@ t .venv/bin/python cavp.py --data vpo_msmi --epochs 80 --no-amp --out /work/demo
 t env ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python cavp.py --data vpo_msmi \
   --epochs 80 --out /work/demo/avx2-q3-s0 --overwrite > /work/demo/avx2-q3-s0.out 2>&1
 .venv/bin/python benchmarks/results/demo/fe_cost.py 1 > /work/demo/fe_cost3.txt 2>&1
+# afterwards: the final program with the previous 150 x 32 log-mels, fp32, idle
+t .venv/bin/python cavp.py --data vpo_msmi --epochs 80 --no-amp --mel-bands 32 \
+  --out /work/demo/fp32-q3-m32-s0 --overwrite > /work/demo/fp32-q3-m32-s0.out 2>&1
