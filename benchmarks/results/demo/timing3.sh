@@ -10,3 +10,6 @@ t env ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python cavp.py 
 # afterwards: the final program with the previous 150 x 32 log-mels, fp32, idle
 t .venv/bin/python cavp.py --data vpo_msmi --epochs 80 --no-amp --mel-bands 32 \
   --out /work/demo/fp32-q3-m32-s0 --overwrite > /work/demo/fp32-q3-m32-s0.out 2>&1
+# then the defaults again, fp32, idle
+t .venv/bin/python cavp.py --data vpo_msmi --epochs 80 --no-amp --out /work/demo/fp32-q4-s0 \
+  --overwrite > /work/demo/fp32-q4-s0.out 2>&1
