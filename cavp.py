@@ -476,11 +476,11 @@ class ASPP(nn.Module):
 
     def __init__(self, cin, cout=256, rates=(6, 12, 18)):
         super().__init__()
-        def branch(k, r):
-            conv = nn.Conv2d(cin, cout, 1, bias=False) if k == 1 else \
-                AtrousConv(cin, cout, 3, padding=r, dilation=r, bias=False)
+        def branch(conv):
             return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-        self.branches = nn.ModuleList([branch(1, 1)] + [branch(3, r) for r in rates])
+        self.branches = nn.ModuleList(
+            [branch(nn.Conv2d(cin, cout, 1, bias=False))]
+            + [branch(AtrousConv(cin, cout, 3, padding=r, dilation=r, bias=False)) for r in rates])
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1, bias=False),
                                   nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
         self.project = nn.Sequential(nn.Conv2d(cout * (len(rates) + 2), cout, 1, bias=False),
