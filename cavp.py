@@ -76,7 +76,7 @@ def parse_args(argv=None):
            "its object's centre after flip, scale and crop (crop)")
     g("--crop", type=int, default=512,
       help="training crop (App. B.1: %(default)s; AVSBench resized: the frame size; built-in VPO: "
-           "7/8 of its image size)")
+           "its image size)")
     g("--s4-labels", default=None, choices=["category", "binary"],
       help="avsbench_s4 training classes: the CSV category (default; other categories are "
            "negatives in Eq. (1)-(3)) or binary (as cyh-0/CAVP); tested binary either way")
@@ -105,7 +105,7 @@ def parse_args(argv=None):
       help="log-mel hop in ms: 3 s -> 3000 / HOP frames (App. B.1: %(default)s, 300 frames; "
            "built-in VPO: 20)")
     g("--mel-bands", type=int, default=64,
-      help="log-mel bands, 125-3800 Hz (App. B.1: %(default)s; built-in VPO: 32)")
+      help="log-mel bands, 125-3800 Hz (App. B.1: %(default)s)")
     g("--audio-conv1", default="split", choices=["split", "mean"],
       help="stereo audio conv1 at init: an L + R filter and a fresh L - R one (split; this "
            "project's choice: it sees the side from the start, docs/RESULTS.md) or one (mean)")
@@ -260,8 +260,8 @@ BUILTIN = dict(
     output_stride=16,        # layer3-4 and ASPP at a quarter of stride 8's cost
     lr=1e-2,                 # from scratch, a higher lr
     anchors_per_group=128,   # 64 px images: 1/64 of the paper's crop area
-    mel_hop=20,              # 150 x 64 log-mels: the audio encoder at ~half of 300 x 64's cost;
-    mel_bands=64,            # the built-in sounds pulse at <= 20 Hz (Nyquist of a 20 ms hop)
+    mel_hop=20,              # 150 x 64 log-mels, the audio encoder at ~half of 300 x 64's cost:
+                             # the built-in sounds pulse at <= 20 Hz (Nyquist of a 20 ms hop)
     eval_batch_size=16,      # one image size: the batch does not change the result
     eval_every=40,           # an evaluation (450 images, L/R-swapped twins) ~ 1.3 epochs: 2 in 80
     save_every=10,           # last.pt (268 MB, 0.3-0.6 s to write) after every 10th epoch of ~6 s
@@ -286,8 +286,8 @@ def resolve_defaults(args, given):
         with open(summary) as f:
             info = json.load(f)
         if info.get("synthetic"):
-            # crops of the image side (padded where the scale shrinks the image): 7/8 of it, 0.77
-            # of the pixels per step, lost 1.7 mIoU over 4 seeds
+            # crops of the whole image side (padded where the scale shrinks the image); crops of
+            # 7/8 of it (0.77 of the pixels per step) lost 1.7 mIoU over 4 seeds
             args.builtin, args.image_size = True, int(info["image_size"])
             values = dict(BUILTIN, crop=args.image_size)
     for key, value in values.items():

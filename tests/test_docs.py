@@ -1,7 +1,9 @@
 """The documents point at things that exist: every relative link and every repository path named in
 README.md, docs/RESULTS.md and benchmarks/README.md exists (and every #anchor names a heading), and
 every command in README.md's code blocks runs a script that exists with flags its parser accepts
-(checked against the --help of the script's parse_args)."""
+(checked against the --help of the script's parse_args), and the built-in VPO's values named in the
+scripts' help are the ones they use."""
+import argparse
 import contextlib
 import functools
 import importlib.util
@@ -103,17 +105,23 @@ def commands(text):
 
 
 @functools.lru_cache(maxsize=None)
-def help_text(script):
-    """The --help of a script's parse_args, in this process (torch is imported once for all)."""
+def script_module(script):
+    """A script of the repository imported in this process (torch is imported once for all)."""
     name = os.path.splitext(os.path.basename(script))[0]
     module = sys.modules.get(name)
     if module is None or os.path.abspath(getattr(module, "__file__", "")) != os.path.join(ROOT, script):
         spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, script))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def help_text(script):
+    """The --help of a script's parse_args."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
-        module.parse_args(["--help"])
+        script_module(script).parse_args(["--help"])
     return out.getvalue()
 
 
@@ -129,3 +137,30 @@ def test_readme_commands_parse():
         known = set(re.findall(r"--[\w-]+", help_text(script)))
         bad += [f"{flag} ({line})" for flag in flags if flag not in known]
     assert not bad, "README.md passes flags its scripts do not accept:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("script", ["cavp.py", "tpavi.py"])
+def test_help_names_the_builtin_values(script, monkeypatch):
+    """Every "built-in VPO: X" of a flag's help is the value the built-in VPO gives it: BUILTIN's,
+    or the image size for the crop (and cavp's --predict scale)."""
+    module, parsers = script_module(script), []
+    real = argparse.ArgumentParser.parse_args
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
+                        lambda self, *a, **k: parsers.append(self) or real(self, *a, **k))
+    module.parse_args(["--data", "vpo_msmi"])
+    said = [(a.dest, text.strip()) for a in parsers[0]._actions
+            for text in re.findall(r"built-in VPO: ([^);]+)", " ".join((a.help or "").split()))]
+    assert len(said) >= 4, f"{script}: the help names too few built-in values (the parser is broken)"
+    wrong = []
+    for dest, text in said:
+        if dest in ("crop", "max_size"):
+            ok = text == "its image size"
+        else:
+            value = module.BUILTIN.get(dest, "<not in BUILTIN>")
+            first = text.split(",")[0]
+            ok = str(value) == first or (isinstance(value, (int, float)) and not isinstance(
+                value, bool) and re.fullmatch(r"[\d.e+-]+", first) and float(first) == value)
+        if not ok:
+            wrong.append(f"--{dest.replace('_', '-')}: help says {text!r}, "
+                         f"BUILTIN {module.BUILTIN.get(dest, '<none>')!r}")
+    assert not wrong, f"{script}: " + "; ".join(wrong)
