@@ -101,9 +101,11 @@ def parse_args(argv=None):
     g("--heads", type=int, default=4, help="f_CA attention heads (%(default)s)")
     g("--pos-enc", default="none", choices=["none", "sine"],
       help="f_CA query position code: none (the paper) or 2-D sine (ref. [55]); docs/RESULTS.md")
+    g("--clip-ms", type=int, default=3000,
+      help="ms of audio at the centre of the 3 s crop that the log-mel reads (App. B.1: "
+           "%(default)s; built-in VPO: 1500)")
     g("--mel-hop", type=int, default=10,
-      help="log-mel hop in ms: 3 s -> 3000 / HOP frames (App. B.1: %(default)s, 300 frames; "
-           "built-in VPO: 20)")
+      help="log-mel hop in ms: CLIP_MS / HOP frames (App. B.1: %(default)s, 300 frames)")
     g("--mel-bands", type=int, default=64,
       help="log-mel bands, 125-3800 Hz (App. B.1: %(default)s)")
     g("--audio-conv1", default="split", choices=["split", "mean"],
@@ -225,6 +227,9 @@ def parse_args(argv=None):
             (not 0 <= args.pos_share <= 1, "--pos-share must be in [0, 1]"),
             (not 1 <= args.mel_hop <= 25,
              "--mel-hop must be 1..25 ms, so that the 25 ms windows cover the clip"),
+            (not 32 * args.mel_hop <= args.clip_ms <= 3000,
+             f"--clip-ms must be {32 * args.mel_hop}..3000: at most the 3 s crop, at least 32 "
+             "frames of --mel-hop (the audio ResNet-18's stride)"),
             (not 8 <= args.mel_bands <= 80,
              "--mel-bands must be 8..80: a 512-point FFT leaves finer mel filters empty"),
             (args.batch_size % args.cap_shards,
@@ -260,8 +265,8 @@ BUILTIN = dict(
     output_stride=16,        # layer3-4 and ASPP at a quarter of stride 8's cost
     lr=1e-2,                 # from scratch, a higher lr
     anchors_per_group=128,   # 64 px images: 1/64 of the paper's crop area
-    mel_hop=20,              # 150 x 64 log-mels, the audio encoder at ~half of 300 x 64's cost:
-                             # the built-in sounds pulse at <= 20 Hz (Nyquist of a 20 ms hop)
+    clip_ms=1500,            # 150 x 64 log-mels of the centre 1.5 s, the audio encoder at half
+                             # of 300 x 64's cost: the built-in sounds are steady over the 3 s
     eval_batch_size=16,      # one image size: the batch does not change the result
     eval_every=40,           # an evaluation (450 images, L/R-swapped twins) ~ 1.3 epochs: 2 in 80
     save_every=10,           # last.pt (268 MB, 0.3-0.6 s to write) after every 10th epoch of ~6 s
@@ -1275,10 +1280,11 @@ def main(args):
 
 
 def log_mel(args):
-    """The audio front end: 3 s -> 3000 / --mel-hop frames x --mel-bands (App. B.1: 300 x 64);
-    AVSBench's 1 s comes repeat-padded to 3 s."""
-    return data.LogMel(frames=3000 // args.mel_hop, hop=data.SAMPLE_RATE // 1000 * args.mel_hop,
-                       bands=args.mel_bands)
+    """The audio front end: the centre --clip-ms of the 3 s -> clip / --mel-hop frames x --mel-bands
+    (App. B.1: all 3 s, 300 x 64); AVSBench's 1 s comes repeat-padded to 3 s."""
+    return data.LogMel(frames=args.clip_ms // args.mel_hop,
+                       hop=data.SAMPLE_RATE // 1000 * args.mel_hop, bands=args.mel_bands,
+                       centre=data.SAMPLE_RATE // 1000 * args.clip_ms)
 
 
 def make_model(args, ckpt, dataset):
@@ -1574,8 +1580,8 @@ def build_loaders(args, sets, twin_idx, rank, world, device):
 
 # taken from a checkpoint
 CKPT_KEYS = ("backbone", "output_stride", "fusion", "attn", "heads", "pos_enc", "audio_conv1",
-             "mono", "s4_labels", "mel_hop", "mel_bands")
-RELEASE_LOG_MEL = dict(mel_hop=10, mel_bands=64)  # a checkpoint that names no log-mel used this
+             "mono", "s4_labels", "clip_ms", "mel_hop", "mel_bands")
+RELEASE_LOG_MEL = dict(clip_ms=3000, mel_hop=10, mel_bands=64)  # where a checkpoint names none
 
 
 def load_checkpoint(path):

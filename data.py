@@ -413,16 +413,19 @@ def load_clip(path, sample_rate=SAMPLE_RATE, seconds=3.0, centre=True, mono=Fals
 class LogMel(torch.nn.Module):
     """The audio front end of the released cyh-0/CAVP code: (B, C, N) waveform -> (B, C, frames,
     bands) scaled log-mel, per channel; 25 ms windows every `hop` samples (160: 10 ms), 64 bands.
-    """
+    centre: read only that many samples at the middle of the N (None: all of them)."""
 
-    def __init__(self, sample_rate=SAMPLE_RATE, frames=None, hop=160, bands=64):
+    def __init__(self, sample_rate=SAMPLE_RATE, frames=None, hop=160, bands=64, centre=None):
         super().__init__()
-        self.frames = frames
+        self.frames, self.centre = frames, centre
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=sample_rate, n_fft=512, win_length=400, hop_length=hop, n_mels=bands,
             f_min=125.0, f_max=3800.0, power=2.0, window_fn=torch.hann_window)
 
     def forward(self, wave_):
+        if self.centre is not None:
+            start = (wave_.shape[-1] - self.centre) // 2
+            wave_ = wave_[..., start:start + self.centre]
         x = self.mel(wave_.float()).transpose(-1, -2)  # (B, C, frames, bands)
         if self.frames is not None:
             x = x[..., :self.frames, :]

@@ -204,6 +204,7 @@ def test_ddp_gloo_one_step(tiny_vpo, tmp_path):
     (["--match", "side", "--mono"], "--match side compares stereo positions"),
     (["--mel-hop", "30"], "--mel-hop must be 1..25 ms"),
     (["--mel-bands", "96"], "--mel-bands must be 8..80"),
+    (["--clip-ms", "200"], "--clip-ms must be 320..3000"),
 ])
 def test_clear_errors(tiny_vpo, tmp_path, argv, needle):
     base = ["--data-root", tiny_vpo, "--out", tmp_path / "e", "--workers", "0"]
@@ -215,17 +216,19 @@ def test_clear_errors(tiny_vpo, tmp_path, argv, needle):
 
 def test_builtin_demo_settings(tiny_vpo, tmp_path):
     """On the built-in VPO an 80-epoch run evaluates at epochs 40 and 80 (an evaluation costs about
-    an epoch there), trains on crops of the image side with 150 x 64 log-mels, loading in the
-    training process, last.pt after every 10th epoch; elsewhere the paper's values (every 5 epochs, crop
-    512, 300 x 64, 4 loader workers, last.pt after each epoch); a given flag wins."""
+    an epoch there), trains on crops of the image side with 150 x 64 log-mels of the audio's centre
+    1.5 s, loading in the training process, last.pt after every 10th epoch; elsewhere the paper's values
+    (every 5 epochs, crop 512, 300 x 64 over 3 s, 4 loader workers, last.pt after each epoch); a given
+    flag wins."""
     def settings(root, *argv):
         args = cavp.parse_args(["--data-root", str(root), *argv])
         args = cavp.resolve_defaults(args, args.given)
-        return args.eval_every, args.crop, args.mel_hop, args.mel_bands, args.workers, args.save_every
-    assert settings(tiny_vpo) == (40, 64, 20, 64, 0, 10)
-    assert settings(tmp_path) == (5, 512, 10, 64, 4, 1)
-    assert settings(tiny_vpo, "--eval-every", "1", "--crop", "48", "--mel-hop", "10", "--save-every", "1") == \
-        (1, 48, 10, 64, 0, 1)
+        return (args.eval_every, args.crop, args.clip_ms, args.mel_hop, args.mel_bands, args.workers,
+                args.save_every)
+    assert settings(tiny_vpo) == (40, 64, 1500, 10, 64, 0, 10)
+    assert settings(tmp_path) == (5, 512, 3000, 10, 64, 4, 1)
+    assert settings(tiny_vpo, "--eval-every", "1", "--crop", "48", "--clip-ms", "3000", "--save-every", "1") == \
+        (1, 48, 3000, 10, 64, 0, 1)
     assert cavp.log_mel(cavp.parse_args([]))(torch.zeros(1, 2, 48000)).shape == (1, 2, 300, 64)
-    assert cavp.log_mel(cavp.parse_args(["--mel-hop", "20", "--mel-bands", "32"]))(
+    assert cavp.log_mel(cavp.parse_args(["--clip-ms", "1500", "--mel-bands", "32"]))(
         torch.zeros(1, 2, 48000)).shape == (1, 2, 150, 32)

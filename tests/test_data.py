@@ -143,6 +143,16 @@ def test_logmel_hop_takes_every_other_frame():
     assert LogMel(frames=150, hop=320, bands=32)(x).shape == (1, 2, 150, 32)
 
 
+def test_logmel_centre_reads_the_middle_frames():
+    """centre=24000 of 3 s at a 10 ms hop: frame j is the full clip's frame 75 + j (same window at
+    the same sample), except at the two ends where the STFT pads the cut clip."""
+    x = torch.randn(1, 2, 48000) * 0.1
+    cut = LogMel(frames=150, centre=24000)(x)
+    assert cut.shape == (1, 2, 150, 64)
+    torch.testing.assert_close(cut[..., 2:148, :], LogMel()(x)[..., 77:223, :])
+    assert not torch.allclose(cut[..., :1, :], LogMel()(x)[..., 75:76, :])  # reflect-padded end
+
+
 def test_logmel_tone_bin_and_scale():
     t = torch.arange(48000) / 16000
     tone = 0.1 * torch.sin(2 * math.pi * 1000 * t)[None, None]

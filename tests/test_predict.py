@@ -133,17 +133,17 @@ def test_cavp_predict_silence_equals_eval_path(tiny_vpo, cavp_ckpt, tmp_path):
 
 
 def test_checkpoint_keeps_its_log_mel(cavp_ckpt, tmp_path):
-    """The built-in run's 150 x 64 log-mel comes back from its checkpoint (it overrides the flags); a
-    checkpoint that names no log-mel was trained on the release's 300 x 64."""
-    args = cavp.parse_args(["--mel-hop", "10", "--mel-bands", "32"])
+    """The built-in run's 150 x 64 log-mel of 1.5 s comes back from its checkpoint (it overrides the
+    flags); a checkpoint that names no log-mel was trained on the release's 300 x 64 of 3 s."""
+    args = cavp.parse_args(["--clip-ms", "3000", "--mel-hop", "20", "--mel-bands", "32"])
     cavp.use_checkpoint_args(args, cavp.load_checkpoint(cavp_ckpt))
-    assert (args.mel_hop, args.mel_bands) == (20, 64)
+    assert (args.clip_ms, args.mel_hop, args.mel_bands) == (1500, 10, 64)
     ckpt = torch.load(cavp_ckpt, weights_only=True)
-    for key in ("mel_hop", "mel_bands"):
+    for key in ("clip_ms", "mel_hop", "mel_bands"):
         del ckpt["args"][key]
     torch.save(ckpt, tmp_path / "unnamed.pt")
     cavp.use_checkpoint_args(args, cavp.load_checkpoint(str(tmp_path / "unnamed.pt")))
-    assert (args.mel_hop, args.mel_bands) == (10, 64)
+    assert (args.clip_ms, args.mel_hop, args.mel_bands) == (3000, 10, 64)
 
 
 def test_cavp_predict_external_inputs(cavp_ckpt, tmp_path):
